@@ -6,3 +6,34 @@ import torch
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A complete diffusers-layout tiny CogView4 folder (real classes, random weights)."""
+    from dreampainter_core.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "cogview4-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2_weights(tiny_model_dir, tmp_path_factory):
+    """A stage-2 DreamPainter file with non-zero gates and LoRA (so both have an effect)."""
+    from dreampainter_core.weights import write_random_dreampainter_weights
+
+    return write_random_dreampainter_weights(tiny_model_dir, tmp_path_factory.mktemp("dp") / "stage2.safetensors", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_weights(tiny_model_dir, tiny_stage2_weights, tmp_path_factory):
+    """The stage-1 branch of tiny_stage2_weights alone (what stage 2 started from)."""
+    from dreampainter_core.loading import load_transformer
+    from dreampainter_core.transformer import DreamPainterTransformer
+    from dreampainter_core.weights import build_from_weights, save_dreampainter_weights
+
+    stage2 = build_from_weights(load_transformer(tiny_model_dir / "transformer"), tiny_stage2_weights)
+    config = stage2.config
+    config.lora_rank = 0
+    stage1 = DreamPainterTransformer(load_transformer(tiny_model_dir / "transformer"), config)
+    stage1.control.load_state_dict(stage2.control.state_dict())
+    return save_dreampainter_weights(stage1, tmp_path_factory.mktemp("dp1") / "stage1.safetensors")

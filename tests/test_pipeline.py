@@ -1,0 +1,211 @@
+"""DreamPainterPipeline on the tiny model: equivalence with diffusers, controls, and input errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreampainter_core import CapabilityError, DreamPainterPipeline, InputError, ModelFilesError
+from dreampainter_core.pipeline import REAL_MODEL_SIZES, GenerationCancelled
+
+SIZE = 128
+PROMPT = "a red bottle on a white marble table, green leaves, soft light"
+
+
+def _product(batch=None, size=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (size, size, 3) if batch is None else (batch, size, size, 3)
+    image = torch.rand(shape, generator=g)
+    mask = torch.zeros(shape[:-1])
+    mask[..., size // 4 : size // 2 + 8, size // 3 : size // 2 + 16] = 1.0
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tiny_model_dir):
+    return DreamPainterPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def stage2_pipe(tiny_model_dir, tiny_stage2_weights):
+    return DreamPainterPipeline.from_pretrained(tiny_model_dir, dreampainter_weights=tiny_stage2_weights)
+
+
+@pytest.fixture(scope="module")
+def stage1_pipe(tiny_model_dir, tiny_stage1_weights):
+    return DreamPainterPipeline.from_pretrained(tiny_model_dir, dreampainter_weights=tiny_stage1_weights)
+
+
+def test_matches_diffusers_cogview4_pipeline(tiny_model_dir, base_pipe):
+    from diffusers import CogView4Pipeline
+
+    reference = CogView4Pipeline.from_pretrained(tiny_model_dir)
+    product, mask = _product()
+    for steps, guidance, neg in [(4, 3.5, ""), (3, 5.0, "blurry, dark"), (2, 1.0, "")]:
+        ours = base_pipe(PROMPT, product, mask, negative_prompt=neg, steps=steps, guidance_scale=guidance, seed=7, paste_back=False)
+        theirs = reference(
+            PROMPT, negative_prompt=neg, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(7), output_type="pt",
+        ).images.permute(0, 2, 3, 1)
+        assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert ours.std() > 0.01  # not a blank image: the comparison means something
+
+
+def test_seed_is_deterministic_and_matters(stage2_pipe):
+    product, mask = _product()
+    a = stage2_pipe(PROMPT, product, mask, steps=2, seed=3)
+    b = stage2_pipe(PROMPT, product, mask, steps=2, seed=3)
+    c = stage2_pipe(PROMPT, product, mask, steps=2, seed=4)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_paste_back_keeps_product_pixels_bit_identical(stage2_pipe):
+    product, mask = _product(batch=2)
+    out = stage2_pipe([PROMPT, "a blue cup"], product, mask, steps=2, seed=0, feather=3)
+    hard = mask > 0.5
+    assert torch.equal(out[hard], product[hard])
+    raw = stage2_pipe([PROMPT, "a blue cup"], product, mask, steps=2, seed=0, paste_back=False)
+    assert not torch.equal(raw[hard], product[hard])  # the model alone does not give them back exactly
+    outside = ~hard
+    outside[:, :, : SIZE // 3 - 4] = True
+    assert out.shape == (2, SIZE, SIZE, 3) and (out - raw).abs()[~hard].mean() < (out - raw).abs()[hard].mean()
+
+
+def test_lora_scale_zero_equals_stage1_model(stage1_pipe, stage2_pipe):
+    product, mask = _product()
+    kwargs = dict(steps=3, seed=5, paste_back=False)
+    stage1 = stage1_pipe(PROMPT, product, mask, **kwargs)
+    assert torch.equal(stage2_pipe(PROMPT, product, mask, lora_scale=0.0, **kwargs), stage1)
+    assert (stage2_pipe(PROMPT, product, mask, lora_scale=1.0, **kwargs) - stage1).abs().max() > 1e-4
+
+
+def test_reference_and_sliders_change_the_result(stage2_pipe):
+    product, mask = _product()
+    g = torch.Generator().manual_seed(9)
+    reference = torch.rand(96, 160, 3, generator=g)  # another size and aspect than the target
+    kwargs = dict(steps=2, seed=1, paste_back=False)
+    plain = stage2_pipe(PROMPT, product, mask, **kwargs)
+    with_ref = stage2_pipe(PROMPT, product, mask, reference=reference, **kwargs)
+    half = stage2_pipe(PROMPT, product, mask, reference=reference, attention_scale=0.5, **kwargs)
+    assert (with_ref - plain).abs().max() > 1e-3
+    assert (half - with_ref).abs().max() > 1e-4
+    cut = stage2_pipe(PROMPT, product, mask, reference=reference, attention_scale=0.0, renormalize_attention=True, **kwargs)
+    assert (cut - plain).abs().max() <= 1e-4  # renormalised scale 0 isolates the reference completely
+    guided = stage2_pipe(PROMPT, product, mask, mask_guidance=True, **kwargs)
+    assert (guided - plain).abs().max() > 1e-4
+
+
+def test_pil_inputs_batch_size_and_center_placement(stage2_pipe):
+    image, mask = _product()
+    pil_image = Image.fromarray((image.numpy() * 255).astype(np.uint8))
+    pil_mask = Image.fromarray((mask.numpy() * 255).astype(np.uint8))
+    out = stage2_pipe(PROMPT, pil_image, pil_mask, steps=1, batch_size=3, placement="center", width=160, height=128, return_dict=True)
+    assert out.images.shape == (3, 128, 160, 3)
+    assert out.mask.shape == (3, 128, 160)
+    assert torch.equal(out.images[out.mask > 0.5], out.foreground[out.mask > 0.5])
+
+
+def test_callback_progress_preview_and_cancel(stage2_pipe):
+    product, mask = _product()
+    seen = []
+    stage2_pipe(PROMPT, product, mask, steps=3, callback=lambda info: seen.append((info.step, info.total, info.denoised.shape)))
+    assert [s[:2] for s in seen] == [(0, 3), (1, 3), (2, 3)]
+    assert seen[0][2] == (1, 16, SIZE // 8, SIZE // 8)
+    calls = []
+    with pytest.raises(GenerationCancelled):
+        stage2_pipe(PROMPT, product, mask, steps=5, callback=lambda info: calls.append(info.step) or False)
+    assert calls == [0]
+
+
+def test_denoise_runs_the_tail_of_a_longer_schedule(stage2_pipe):
+    scheduler, timesteps = stage2_pipe.schedule(4, 64, denoise=0.5)
+    full_scheduler, full = stage2_pipe.schedule(8, 64)
+    assert torch.equal(timesteps, full[4:])
+    product, mask = _product()
+    a = stage2_pipe(PROMPT, product, mask, steps=2, denoise=0.3, paste_back=False)
+    b = stage2_pipe(PROMPT, product, mask, steps=2, denoise=1.0, paste_back=False)
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-3
+
+
+class _Boom(Exception):
+    pass
+
+
+def _forbid_heavy_work(pipe, monkeypatch):
+    def boom(*a, **k):
+        raise _Boom("heavy work started before input validation")
+
+    monkeypatch.setattr(pipe, "encode_prompt", boom)
+    monkeypatch.setattr(pipe, "encode_image", boom)
+
+
+@pytest.mark.parametrize(
+    "case,error,phrase",
+    [
+        ("mask_size", InputError, "size"),
+        ("empty_mask", InputError, "empty"),
+        ("full_mask", InputError, "background"),
+        ("bad_width", InputError, "width"),
+        ("nan_product", InputError, "NaN"),
+        ("nan_reference", InputError, "NaN"),
+        ("steps_zero", InputError, "steps"),
+        ("bad_placement", InputError, "placement"),
+        ("negative_attention", InputError, "attention_scale"),
+    ],
+)
+def test_bad_inputs_fail_clearly_before_heavy_work(stage2_pipe, monkeypatch, case, error, phrase):
+    _forbid_heavy_work(stage2_pipe, monkeypatch)
+    product, mask = _product()
+    kwargs = dict(steps=2)
+    if case == "mask_size":
+        mask = torch.ones(SIZE, SIZE + 16) * 0 + torch.nn.functional.pad(mask, (0, 16))
+    elif case == "empty_mask":
+        mask = torch.zeros_like(mask)
+    elif case == "full_mask":
+        mask = torch.ones_like(mask)
+    elif case == "bad_width":
+        kwargs["width"] = 100
+    elif case == "nan_product":
+        product = product.clone()
+        product[3, 3, 0] = float("nan")
+    elif case == "nan_reference":
+        kwargs["reference"] = torch.full((64, 64, 3), float("nan"))
+    elif case == "steps_zero":
+        kwargs["steps"] = 0
+    elif case == "bad_placement":
+        kwargs["placement"] = "left"
+    elif case == "negative_attention":
+        kwargs["attention_scale"] = -0.5
+    with pytest.raises(error, match=phrase):
+        stage2_pipe(PROMPT, product, mask, **kwargs)
+
+
+def test_reference_with_stage1_model_is_refused_before_heavy_work(stage1_pipe, base_pipe, monkeypatch):
+    product, mask = _product()
+    for pipe in (stage1_pipe, base_pipe):
+        _forbid_heavy_work(pipe, monkeypatch)
+        with pytest.raises(CapabilityError, match="no reference support"):
+            pipe(PROMPT, product, mask, reference=product, steps=2)
+
+
+def test_real_model_size_rule():
+    REAL_MODEL_SIZES.check(1024, 1024)
+    REAL_MODEL_SIZES.check(2048, 1024)
+    for w, h, phrase in [(1000, 1024, "divisible by 32"), (256, 1024, "outside"), (2048, 2048, "exceeds"), (4096, 512, "outside")]:
+        with pytest.raises(InputError, match=phrase) as info:
+            REAL_MODEL_SIZES.check(w, h)
+        assert "nearest allowed size" in str(info.value)
+    w, h = REAL_MODEL_SIZES.nearest(2048, 2048)
+    REAL_MODEL_SIZES.check(w, h)
+
+
+def test_missing_or_incomplete_model_folder(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelFilesError, match="not found|does not exist|missing"):
+        DreamPainterPipeline.from_pretrained(tmp_path / "nowhere")
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "transformer").mkdir()
+    with pytest.raises(ModelFilesError, match="vae|text_encoder|tokenizer|config"):
+        DreamPainterPipeline.from_pretrained(incomplete)
