@@ -1,0 +1,227 @@
+"""Turn user images and masks into checked tensors in ComfyUI's layout.
+
+IMAGE: float32 [B, H, W, 3] in 0..1. MASK: float32 [B, H, W] in 0..1, 1 = product.
+Every problem raises InputError naming the input, what was expected and what to do,
+before any model work starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+try:  # Pillow is a dependency, but keep tensor-only callers working without it.
+    from PIL import Image as _PILImage
+except ImportError:  # pragma: no cover
+    _PILImage = None
+
+__all__ = ["as_image_batch", "as_mask_batch", "check_product_and_mask"]
+
+# Values this far outside 0..1 are treated as rounding noise and clamped.
+_RANGE_TOLERANCE = 1e-3
+
+
+def _is_pil(x) -> bool:
+    return _PILImage is not None and isinstance(x, _PILImage.Image)
+
+
+def _to_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise InputError(f"{name}: expected a numeric array, got dtype {x.dtype}.")
+        # np.array copies: from_numpy would share (and warn about) read-only memory.
+        return torch.from_numpy(np.array(x, copy=True))
+    raise InputError(
+        f"{name}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}."
+    )
+
+
+def _to_unit_float(t: torch.Tensor, name: str, kind: str) -> torch.Tensor:
+    """float32 in 0..1 from a float tensor; rejects NaN/inf and out-of-range values."""
+    if t.is_complex():
+        raise InputError(f"{name}: expected real values, got a complex tensor.")
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise InputError(
+            f"{name}: contains NaN or infinite values; expected a {kind} with values in 0..1. "
+            "Check the step that produced it (e.g. a decode or a division by zero)."
+        )
+    low, high = float(t.min()), float(t.max())
+    if low < -_RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
+        raise InputError(
+            f"{name}: float values must lie in 0..1, got {low:.4g}..{high:.4g}; "
+            f"if your {kind} is 0..255, divide by 255."
+        )
+    return t.clamp(0.0, 1.0)
+
+
+def _check_not_empty(shape, name: str, layout: str) -> None:
+    if any(s == 0 for s in shape):
+        raise InputError(f"{name}: is empty (shape {list(shape)}, layout {layout}); give at least a 1x1 image.")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _pil_to_image_array(img) -> np.ndarray:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grayscale: convert("RGB") would clip it to 255.
+        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if img.mode == "F":
+        return np.repeat(np.asarray(img, dtype=np.float32)[..., None], 3, axis=-1)
+    # RGBA/LA/P: alpha dropped (the mask says what the product is), palette expanded.
+    return np.asarray(img.convert("RGB"))
+
+
+def as_image_batch(x, name: str = "product") -> torch.Tensor:
+    """A PIL image, numpy array or tensor -> float32 [B, H, W, 3] in 0..1 (ComfyUI IMAGE).
+
+    Arrays/tensors: [H, W, C] or [B, H, W, C] with C = 3, or 4 (alpha dropped); uint8 is
+    divided by 255, floats must already be 0..1. The device of a tensor is kept.
+    """
+    t = _to_tensor(_pil_to_image_array(x) if _is_pil(x) else x, name)
+    expected = "[H, W, 3] or [B, H, W, 3] (channels last, RGB)"
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4:
+        raise InputError(f"{name}: expected an image of shape {expected}, got {list(t.shape)}.")
+    if t.shape[-1] not in (3, 4):
+        hint = (
+            " It looks channels-first: permute it to [B, H, W, C]."
+            if t.shape[1] in (3, 4)
+            else " For a grayscale image, repeat it to 3 channels."
+        )
+        raise InputError(f"{name}: expected an image of shape {expected}, got {list(t.shape)}.{hint}")
+    _check_not_empty(t.shape, name, "[B, H, W, C]")
+    t = t[..., :3]
+
+    if t.dtype == torch.uint8:
+        t = t.to(torch.float32) / 255.0
+    elif t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
+        raise InputError(
+            f"{name}: expected uint8 (0..255) or float (0..1) pixel values, got {t.dtype}; "
+            "convert it to uint8 or divide by its maximum value."
+        )
+    else:
+        t = _to_unit_float(t, name, "image")
+    return t.contiguous()
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _uint8_mask_to_unit(t: torch.Tensor) -> torch.Tensor:
+    # 0/1-valued uint8 masks (common for segmentation PNGs) are labels, not 0..255 levels:
+    # read as 0..255 they would be all background and fail as "empty".
+    if int(t.max()) <= 1:
+        return t.to(torch.float32)
+    return t.to(torch.float32) / 255.0
+
+
+def _pil_to_mask_tensor(img) -> torch.Tensor:
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = np.asarray(img.getchannel("A"))
+        # A fully opaque alpha carries no mask: then the picture itself is the mask.
+        if alpha.min() < 255:
+            return _uint8_mask_to_unit(torch.from_numpy(alpha.copy()))
+        img = img.convert("L")
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 65535.0)
+    if img.mode == "I":
+        levels = np.asarray(img, dtype=np.int64)
+        return torch.from_numpy(levels.astype(np.float32) / (65535.0 if levels.max() > 255 else 255.0))
+    if img.mode == "F":
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    if img.mode != "L":
+        img = img.convert("L")  # "1", RGB, CMYK, ...: luminance
+    return _uint8_mask_to_unit(torch.from_numpy(np.asarray(img).copy()))
+
+
+def as_mask_batch(x, name: str = "mask") -> torch.Tensor:
+    """A PIL image, numpy array or tensor -> float32 [B, H, W] in 0..1, 1 = product.
+
+    PIL: "L"/"1" as is, RGBA/LA alpha (when not fully opaque, else luminance), RGB and
+    others by luminance. Arrays/tensors: [H, W], [B, H, W] or [B, 1, H, W]; bool; uint8
+    (0..255, or 0/1 when the maximum is 1); other integers must be 0/1; floats 0..1.
+    """
+    t = _pil_to_mask_tensor(x) if _is_pil(x) else _to_tensor(x, name)
+    expected = "[H, W], [B, H, W] or [B, 1, H, W]"
+    if t.ndim == 4 and t.shape[1] == 1:
+        t = t[:, 0]
+    elif t.ndim == 2:
+        t = t.unsqueeze(0)
+    if t.ndim != 3:
+        hint = (
+            " It looks like an image [B, H, W, C]: take one channel (e.g. alpha) or convert it to grayscale."
+            if t.ndim == 4 and t.shape[-1] in (3, 4)
+            else ""
+        )
+        raise InputError(f"{name}: expected a mask of shape {expected}, got {list(t.shape)}.{hint}")
+    _check_not_empty(t.shape, name, "[B, H, W]")
+
+    if t.dtype == torch.bool:
+        t = t.to(torch.float32)
+    elif t.dtype == torch.uint8:
+        t = _uint8_mask_to_unit(t)
+    elif not (t.is_floating_point() or t.is_complex()):
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high > 1:
+            raise InputError(
+                f"{name}: integer masks must hold only 0 and 1, got values {low}..{high}; "
+                "for a label map pick the product with (labels == product_id), "
+                "for a 0..255 mask convert it to uint8."
+            )
+        t = t.to(torch.float32)
+    else:
+        t = _to_unit_float(t, name, "mask")
+    return t.contiguous()
+
+
+def check_product_and_mask(product, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert and cross-check a product image and its mask (1 = product).
+
+    Returns (product [B, H, W, 3], mask [B, H, W]) on the product's device, with a batch of
+    1 broadcast to the other's batch size. Raises InputError when the sizes differ, the
+    batch sizes cannot be matched, or an item's mask (thresholded at 0.5) is empty or
+    covers the whole image.
+    """
+    product = as_image_batch(product, "product")
+    mask = as_mask_batch(mask, "mask").to(product.device)
+
+    (pb, ph, pw), (mb, mh, mw) = product.shape[:3], mask.shape
+    if (ph, pw) != (mh, mw):
+        raise InputError(
+            f"mask size {mw}x{mh} (WxH) does not match product image size {pw}x{ph}; "
+            "resize the mask to the product image, or use the product-prep step to produce both."
+        )
+    if pb != mb:
+        if pb == 1:
+            product = product.expand(mb, -1, -1, -1).contiguous()
+        elif mb == 1:
+            mask = mask.expand(pb, -1, -1).contiguous()
+        else:
+            raise InputError(
+                f"product batch has {pb} images but mask batch has {mb} masks; "
+                "give one mask per image, or a single mask for all of them."
+            )
+
+    product_pixels = (mask > 0.5).flatten(1).sum(dim=1)
+    for i, count in enumerate(product_pixels.tolist()):
+        if count == 0:
+            raise InputError(
+                f"mask for image {i} is empty: nothing marks the product; 1 = product, "
+                "0 = background to generate. Check that the mask is not inverted or all black."
+            )
+        if count == ph * pw:
+            raise InputError(
+                f"mask for image {i} covers the whole image: there is no background left to "
+                "generate. 1 = product, 0 = background; if your mask marks the background, invert it."
+            )
+    return product, mask
