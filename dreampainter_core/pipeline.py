@@ -350,13 +350,11 @@ class DreamPainterPipeline:
             raise InputError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
 
     # ---- the whole thing ------------------------------------------------------------------
-    def __call__(
+    def prepare_inputs(
         self,
-        prompt,
         product,
         mask,
         reference=None,
-        negative_prompt="",
         width: int | None = None,
         height: int | None = None,
         steps: int = 50,
@@ -378,15 +376,8 @@ class DreamPainterPipeline:
         reference_size: int | tuple[int, int] | None = None,
         box_ratio: tuple[float, float] = (0.6, 0.6),
         feather: int | None = None,
-        return_dict: bool = False,
-    ):
-        """Generate backgrounds; returns ``[B, H, W, 3]`` float 0..1 (or DreamPainterOutput).
-
-        All inputs are checked before any model runs. ``batch_size`` repeats a single
-        product; a batch of products gives one image each. ``denoise < 1`` starts from
-        ``init_image`` (default: the product on its blank canvas).
-        """
-        # 1. cheap checks first
+    ) -> "GenerationRequest":
+        """Check and convert every input (cheap: no model runs). Raises InputError/CapabilityError."""
         self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale)
         product_b, mask_b = check_product_and_mask(as_image_batch(product, "product"), as_mask_batch(mask, "mask"))
         batch = product_b.shape[0]
@@ -396,8 +387,6 @@ class DreamPainterPipeline:
             if batch == 1 and batch_size > 1:
                 product_b, mask_b = product_b.expand(batch_size, -1, -1, -1), mask_b.expand(batch_size, -1, -1)
                 batch = batch_size
-        prompts = _as_prompt_list(prompt, batch, "prompt")
-        negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
         ref_b = None
         if reference is not None:
             if not self.transformer.supports_reference:
@@ -410,51 +399,157 @@ class DreamPainterPipeline:
             if ref_b.shape[0] not in (1, batch):
                 raise InputError(f"reference: got {ref_b.shape[0]} images for a batch of {batch}; give 1 or {batch}")
             ref_b = ref_b.expand(batch, -1, -1, -1)
-        if width is None or height is None:
-            width = width or product_b.shape[2]
-            height = height or product_b.shape[1]
+        width = width or product_b.shape[2]
+        height = height or product_b.shape[1]
         self.size_rule.check(width, height)
+        init_b = None
         if init_image is not None:
             init_b = as_image_batch(init_image, "init_image")
-            if init_b.shape[1:3] != (height, width):
+            if tuple(init_b.shape[1:3]) != (height, width):
                 raise InputError(f"init_image is {init_b.shape[2]}x{init_b.shape[1]} but the output is {width}x{height}")
+            if init_b.shape[0] not in (1, batch):
+                raise InputError(f"init_image: got {init_b.shape[0]} images for a batch of {batch}")
+            init_b = init_b.expand(batch, -1, -1, -1)
+        if reference_size is not None:
+            sizes = (reference_size, reference_size) if isinstance(reference_size, int) else tuple(reference_size)
+            step = self.vae_scale_factor * self.transformer.patch_size
+            if any(s < step or s % step for s in sizes):
+                raise InputError(f"reference_size {reference_size} must be a positive multiple of {step} px")
+        return GenerationRequest(
+            product=product_b, mask=mask_b, reference=ref_b, width=int(width), height=int(height), steps=int(steps),
+            guidance_scale=float(guidance_scale), seed=int(seed), lora_scale=float(lora_scale),
+            attention_scale=float(attention_scale), mask_guidance=bool(mask_guidance), placement=placement,
+            paste_back=bool(paste_back), callback=callback, denoise=float(denoise), init_image=init_b,
+            shift=shift, control_scale=float(control_scale), renormalize_attention=bool(renormalize_attention),
+            reference_size=reference_size, box_ratio=tuple(box_ratio), feather=feather,
+        )
+
+    @torch.no_grad()
+    def generate(self, request: "GenerationRequest", prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None) -> DreamPainterOutput:
+        """Run a checked request with prompt embeddings ([1 or B, T, D]; negative may be None without CFG)."""
+        r = request
+        batch = r.product.shape[0]
+        prompt_embeds = self._batch_embeds(prompt_embeds, batch, "prompt_embeds")
+        if r.guidance_scale > 1.0:
+            if negative_embeds is None:
+                raise InputError("guidance_scale > 1 needs negative prompt embeddings (an empty negative prompt is fine)")
+            negative_embeds = self._batch_embeds(negative_embeds, batch, "negative_embeds")
+        else:
+            negative_embeds = None
         if self.transformer.control is None:
             logger.warning("no DreamPainter weights loaded: the base model paints the whole canvas; the product comes back only through paste-back")
 
-        # 2. the canvas
-        foreground, canvas_mask = place_product(product_b, mask_b, width, height, placement=placement, box_ratio=box_ratio)
-
-        # 3. conditioning
-        prompt_embeds = self.encode_prompt(prompts)
-        negative_embeds = self.encode_prompt(negatives) if guidance_scale > 1.0 else None
+        foreground, canvas_mask = place_product(r.product, r.mask, r.width, r.height, placement=r.placement, box_ratio=r.box_ratio)
         control = self.prepare_control(foreground, canvas_mask) if self.transformer.control is not None else None
         ref_latents = None
-        if ref_b is not None:
-            ref_latents = self.encode_reference(ref_b, reference_size or self.default_reference_size(width, height))
+        if r.reference is not None:
+            ref_latents = self.encode_reference(r.reference, r.reference_size or self.default_reference_size(r.width, r.height))
         token_mask = None
-        if mask_guidance and control is not None:
+        if r.mask_guidance and control is not None:
             p = self.vae_scale_factor * self.transformer.patch_size
-            token_mask = mask_to_token_grid(canvas_mask, height // p, width // p).to(self.device)
+            token_mask = mask_to_token_grid(canvas_mask, r.height // p, r.width // p).to(self.device)
         init_latents = None
-        if denoise < 1.0:
-            init_latents = self.encode_image(as_image_batch(init_image, "init_image").expand(batch, -1, -1, -1) if init_image is not None else foreground)
+        if r.denoise < 1.0:
+            init_latents = self.encode_image(r.init_image if r.init_image is not None else foreground)
 
-        # 4. noise (float32, from a CPU generator: same numbers on every device, as diffusers does)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        shape = (batch, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        # Noise in float32 from a CPU generator: the same numbers on every device, as diffusers does.
+        generator = torch.Generator("cpu").manual_seed(r.seed)
+        shape = (batch, self.transformer.in_channels, r.height // self.vae_scale_factor, r.width // self.vae_scale_factor)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-
-        mu = None if shift is None else float(shift)
         latents = self.sample(
-            noise, prompt_embeds, negative_embeds, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-            control_latents=control, reference_latents=ref_latents, init_latents=init_latents, denoise=denoise, mu=mu,
-            lora_scale=lora_scale, attention_scale=attention_scale, renormalize_attention=renormalize_attention,
-            token_mask=token_mask, control_scale=control_scale, callback=callback,
+            noise, prompt_embeds, negative_embeds, steps=r.steps, guidance_scale=r.guidance_scale, height=r.height,
+            width=r.width, control_latents=control, reference_latents=ref_latents, init_latents=init_latents,
+            denoise=r.denoise, mu=None if r.shift is None else float(r.shift), lora_scale=r.lora_scale,
+            attention_scale=r.attention_scale, renormalize_attention=r.renormalize_attention, token_mask=token_mask,
+            control_scale=r.control_scale, callback=r.callback,
         )
         images = self.decode(latents).cpu()
-        if paste_back:
-            radius = feather if feather is not None else max(1, round(min(width, height) / 256))
-            images = paste_back_product(images, foreground, canvas_mask, feather=radius)
-        if return_dict:
-            return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask)
-        return images
+        if r.paste_back:
+            images = paste_back_product(images, foreground, canvas_mask, feather=self.feather_radius(r))
+        return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask)
+
+    @staticmethod
+    def feather_radius(request: "GenerationRequest") -> int:
+        if request.feather is not None:
+            return int(request.feather)
+        return max(1, round(min(request.width, request.height) / 256))  # 4 px at 1024
+
+    def _batch_embeds(self, embeds: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+        if embeds.dim() != 3 or embeds.shape[0] not in (1, batch):
+            raise InputError(f"{name} must be [1 or {batch}, tokens, dim], got {tuple(embeds.shape)}")
+        expected = self.transformer.base.config.text_embed_dim
+        if embeds.shape[-1] != expected:
+            raise InputError(
+                f"{name} have width {embeds.shape[-1]} but this transformer expects {expected}: "
+                "the text encoder does not belong to this model (CogView4 needs GLM-4-9B)"
+            )
+        return embeds.expand(batch, -1, -1).to(device=self.device, dtype=self.transformer.dtype)
+
+    def __call__(
+        self,
+        prompt,
+        product,
+        mask,
+        reference=None,
+        negative_prompt="",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 3.5,
+        seed: int = 0,
+        lora_scale: float = 1.0,
+        attention_scale: float = 1.0,
+        mask_guidance: bool = False,
+        placement: str = "keep",
+        paste_back: bool = True,
+        callback: Callable[[StepInfo], object] | None = None,
+        *,
+        return_dict: bool = False,
+        **options,
+    ):
+        """Generate backgrounds; returns ``[B, H, W, 3]`` float 0..1 (or DreamPainterOutput).
+
+        All inputs are checked before any model runs. Keyword options (see
+        ``prepare_inputs``): batch_size (repeats a single product), denoise (< 1 starts
+        from init_image, default the product on its blank canvas), init_image, shift,
+        control_scale, renormalize_attention, reference_size, box_ratio, feather.
+        """
+        request = self.prepare_inputs(
+            product, mask, reference, width, height, steps, guidance_scale, seed, lora_scale, attention_scale,
+            mask_guidance, placement, paste_back, callback, **options,
+        )
+        batch = request.product.shape[0]
+        prompts = _as_prompt_list(prompt, batch, "prompt")
+        negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
+        prompt_embeds = self.encode_prompt(prompts)
+        negative_embeds = self.encode_prompt(negatives) if request.guidance_scale > 1.0 else None
+        out = self.generate(request, prompt_embeds, negative_embeds)
+        return out if return_dict else out.images
+
+
+@dataclass
+class GenerationRequest:
+    """Checked inputs of one generation (see DreamPainterPipeline.prepare_inputs)."""
+
+    product: torch.Tensor
+    mask: torch.Tensor
+    reference: torch.Tensor | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    lora_scale: float
+    attention_scale: float
+    mask_guidance: bool
+    placement: str
+    paste_back: bool
+    callback: Callable[[StepInfo], object] | None
+    denoise: float
+    init_image: torch.Tensor | None
+    shift: float | None
+    control_scale: float
+    renormalize_attention: bool
+    reference_size: int | tuple[int, int] | None
+    box_ratio: tuple[float, float]
+    feather: int | None
