@@ -436,7 +436,8 @@ class DreamPainterPipeline:
             negative_embeds = self._batch_embeds(negative_embeds, batch, "negative_embeds")
         else:
             negative_embeds = None
-        if self.transformer.control is None:
+        if self.transformer.control is None and not getattr(self, "_warned_no_weights", False):
+            self._warned_no_weights = True
             logger.warning("no DreamPainter weights loaded: the base model paints the whole canvas; the product comes back only through paste-back")
 
         foreground, canvas_mask = place_product(r.product, r.mask, r.width, r.height, placement=r.placement, box_ratio=r.box_ratio)

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Tests never touch a model hub: every model is written from code.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +44,16 @@ def tiny_stage1_weights(tiny_model_dir, tiny_stage2_weights, tmp_path_factory):
     stage1 = DreamPainterTransformer(load_transformer(tiny_model_dir / "transformer"), config)
     stage1.control.load_state_dict(stage2.control.state_dict())
     return save_dreampainter_weights(stage1, tmp_path_factory.mktemp("dp1") / "stage1.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_single_files(tmp_path_factory):
+    """The tiny model (seed 0) as a diffusers folder AND one safetensors file per component.
+
+    Returns {"folder": Path, "single": Path holding transformer/vae/text_encoder.safetensors}.
+    """
+    from dreampainter_core.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_single")
+    folder = write_tiny_model(root / "cogview4-tiny", seed=0, single_files_dir=root / "single")
+    return {"folder": folder, "single": root / "single"}

@@ -1,0 +1,375 @@
+"""Loading CogView4 from a diffusers folder and from single safetensors files; clear errors."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dreampainter_core.errors import InputError, ModelFilesError
+from dreampainter_core.loading import (
+    COGVIEW4_SCHEDULER_CONFIG,
+    CogView4Components,
+    default_scheduler,
+    load_cogview4,
+    load_text_encoder,
+    load_tokenizer,
+    load_transformer,
+    load_vae,
+    resolve_dtype,
+)
+
+
+
+@pytest.fixture(scope="module")
+def files(tiny_single_files):
+    return tiny_single_files
+
+
+@pytest.fixture(scope="module")
+def folder_parts(files):
+    return load_cogview4(files["folder"])
+
+
+@pytest.fixture(scope="module")
+def no_meta_dir(files, tmp_path_factory):
+    """The single files re-saved without the 'config' metadata (as the real model's would be)."""
+    out = tmp_path_factory.mktemp("nometa")
+    for name in ("transformer", "vae", "text_encoder"):
+        src = files["single"] / f"{name}.safetensors"
+        save_file(load_file(str(src)), str(out / f"{name}.safetensors"))
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as f:
+            assert "config" not in (f.metadata() or {})
+    return out
+
+
+_G = torch.Generator().manual_seed(123)
+_X = torch.randn(1, 16, 8, 8, generator=_G)
+_TEXT = torch.randn(1, 16, 32, generator=_G)
+_Z = torch.randn(1, 16, 4, 4, generator=_G)
+_SIZE = torch.tensor([[64.0, 64.0]])
+
+
+@torch.no_grad()
+def _transformer_out(tr):
+    return tr(_X, _TEXT, timestep=torch.tensor([500.0]), original_size=_SIZE, target_size=_SIZE,
+              crop_coords=torch.zeros(1, 2)).sample
+
+
+@torch.no_grad()
+def _vae_out(vae):
+    return vae.decode(_Z).sample
+
+
+@torch.no_grad()
+def _te_out(te, tokenizer):
+    ids = torch.tensor([tokenizer("一个红色瓶子 on a marble table").input_ids])
+    return te(ids, output_hidden_states=True).hidden_states[-2]
+
+
+def _assert_same_outputs(a: CogView4Components, b: CogView4Components):
+    assert torch.equal(_transformer_out(a.transformer), _transformer_out(b.transformer))
+    assert torch.equal(_vae_out(a.vae), _vae_out(b.vae))
+    assert torch.equal(_te_out(a.text_encoder, a.tokenizer), _te_out(b.text_encoder, a.tokenizer))
+
+
+def _copy_folder(files, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(files["folder"], dst)
+    return dst
+
+
+# ---- happy paths ------------------------------------------------------------------------------
+
+
+def test_folder_loads_and_matches_diffusers(files, folder_parts):
+    from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+
+    c = folder_parts
+    assert isinstance(c, CogView4Components)
+    assert isinstance(c.scheduler, FlowMatchEulerDiscreteScheduler)
+    for k, v in COGVIEW4_SCHEDULER_CONFIG.items():
+        assert c.scheduler.config[k] == v, k
+    for m in (c.transformer, c.vae, c.text_encoder):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in m.parameters())
+    pipe = CogView4Pipeline.from_pretrained(files["folder"], local_files_only=True)
+    for name in ("transformer", "vae", "text_encoder"):
+        a, b = getattr(c, name).state_dict(), getattr(pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert torch.equal(_te_out(c.text_encoder, c.tokenizer), _te_out(pipe.text_encoder, pipe.tokenizer))
+    assert c.tokenizer("红色 marble").input_ids == pipe.tokenizer("红色 marble").input_ids
+
+
+def test_single_files_with_config_metadata_match_folder(files, folder_parts):
+    s = files["single"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # config from metadata: no guessing, no warning
+        c = load_cogview4(
+            transformer_path=s / "transformer.safetensors",
+            vae_path=s / "vae.safetensors",
+            text_encoder_path=s / "text_encoder.safetensors",
+            tokenizer_path=files["folder"] / "tokenizer",
+        )
+    _assert_same_outputs(folder_parts, c)
+    assert c.scheduler.config["time_shift_type"] == "linear"  # CogView4's config, built in code
+
+
+def test_single_files_without_metadata_infer_config(files, folder_parts, no_meta_dir):
+    with pytest.warns(UserWarning, match="tiny test model"):  # head widths are not in the shapes
+        c = load_cogview4(
+            transformer_path=no_meta_dir / "transformer.safetensors",
+            vae_path=no_meta_dir / "vae.safetensors",
+            text_encoder_path=no_meta_dir / "text_encoder.safetensors",
+            tokenizer_path=files["folder"] / "tokenizer",
+        )
+    _assert_same_outputs(folder_parts, c)
+    t, ref = c.transformer.config, folder_parts.transformer.config
+    for k in ("num_layers", "num_attention_heads", "attention_head_dim", "text_embed_dim", "time_embed_dim",
+              "condition_dim", "in_channels", "out_channels", "patch_size"):
+        assert t[k] == ref[k], k
+    v, vref = c.vae.config, folder_parts.vae.config
+    for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "use_quant_conv",
+              "use_post_quant_conv", "mid_block_add_attention", "scaling_factor", "shift_factor"):
+        assert list(v[k]) == list(vref[k]) if isinstance(v[k], (list, tuple)) else v[k] == vref[k], k
+
+
+def test_single_files_with_comfy_style_prefixes(files, folder_parts, no_meta_dir, tmp_path):
+    tr = load_file(str(no_meta_dir / "transformer.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in tr.items()}, str(tmp_path / "t.safetensors"))
+    te = load_file(str(no_meta_dir / "text_encoder.safetensors"))
+    te = {"model." + k: v for k, v in te.items()}
+    te["lm_head.weight"] = torch.zeros(4, 4)  # a GlmForCausalLM export: lm_head is ignored
+    save_file(te, str(tmp_path / "te.safetensors"))
+    with pytest.warns(UserWarning):
+        t = load_transformer(tmp_path / "t.safetensors")
+        e = load_text_encoder(tmp_path / "te.safetensors")
+    assert torch.equal(_transformer_out(t), _transformer_out(folder_parts.transformer))
+    assert torch.equal(_te_out(e, folder_parts.tokenizer), _te_out(folder_parts.text_encoder, folder_parts.tokenizer))
+
+
+def test_sharded_folder(files, folder_parts, tmp_path):
+    sub = tmp_path / "transformer"
+    sub.mkdir()
+    shutil.copy(files["folder"] / "transformer" / "config.json", sub / "config.json")
+    sd = load_file(str(files["folder"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    keys = sorted(sd)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(sub / name))
+        weight_map.update({k: name for k in part})
+    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    t = load_transformer(sub)
+    assert torch.equal(_transformer_out(t), _transformer_out(folder_parts.transformer))
+    (sub / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match="00002-of-00002"):
+        load_transformer(sub)
+
+
+def test_override_one_part_and_skip_text_encoder(files, folder_parts):
+    c = load_cogview4(files["folder"], transformer_path=files["single"] / "transformer.safetensors")
+    assert torch.equal(_transformer_out(c.transformer), _transformer_out(folder_parts.transformer))
+    c2 = load_cogview4(transformer_path=files["single"] / "transformer.safetensors",
+                       vae_path=files["single"] / "vae.safetensors", load_text_encoder=False)
+    assert c2.text_encoder is None and c2.tokenizer is None
+
+
+def test_tokenizer_sources_and_round_trip(files, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = load_tokenizer(files["folder"] / "tokenizer")
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert load_tokenizer(files["folder"]).get_vocab() == tok.get_vocab()  # base folder -> tokenizer/
+    assert load_tokenizer(files["folder"] / "tokenizer" / "tokenizer.json")("红").input_ids == tok("红").input_ids
+    tok.save_pretrained(str(tmp_path / "again"))
+    again = load_tokenizer(tmp_path / "again")
+    text = "白色大理石台上的红色香水瓶, soft shadows"
+    assert again(text).input_ids == tok(text).input_ids
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in ids
+    assert ids[:4] == [tok.convert_tokens_to_ids(c) for c in "白色大理"]
+
+
+def test_default_scheduler():
+    s = default_scheduler()
+    assert s.config.use_dynamic_shifting and s.config.base_shift == 0.25 and s.config.max_shift == 0.75
+
+
+# ---- dtype --------------------------------------------------------------------------------------
+
+
+def test_bf16_load(files):
+    c = load_cogview4(files["folder"], dtype=torch.bfloat16)
+    for m in (c.transformer, c.vae, c.text_encoder):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert load_vae(files["single"] / "vae.safetensors", dtype="bf16").dtype == torch.bfloat16
+
+
+def test_fp16_refused_unless_allowed(files):
+    with pytest.raises(InputError, match="black"):
+        load_cogview4(files["folder"], dtype=torch.float16)
+    with pytest.raises(InputError, match="float16"):
+        load_transformer(files["folder"] / "transformer", dtype=torch.float16)
+    with pytest.warns(UserWarning, match="black"):
+        t = load_transformer(files["folder"] / "transformer", dtype=torch.float16, allow_fp16=True)
+    assert t.dtype == torch.float16
+    with pytest.raises(InputError):
+        resolve_dtype(torch.int8)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelFilesError, match="does not exist") as info:
+        load_cogview4(tmp_path / "nowhere")
+    msg = str(info.value)
+    assert "nowhere" in msg and "diffusers-layout" in msg and "THUDM/CogView4-6B" in msg
+    with pytest.raises(ModelFilesError, match="nowhere"):
+        load_transformer(tmp_path / "nowhere.safetensors")
+
+
+def test_folder_missing_subfolder(files, tmp_path):
+    model = _copy_folder(files, tmp_path)
+    shutil.rmtree(model / "vae")
+    shutil.rmtree(model / "tokenizer")
+    with pytest.raises(ModelFilesError, match=r"vae/.*tokenizer/|tokenizer/.*vae/") as info:
+        load_cogview4(model)
+    assert "vae_path=" in str(info.value)
+    (model / "transformer" / "config.json").unlink()
+    with pytest.raises(ModelFilesError, match="config.json"):
+        load_transformer(model / "transformer")
+
+
+def test_no_base_requires_every_part(files):
+    s = files["single"]
+    with pytest.raises(InputError, match="tokenizer_path") as info:
+        load_cogview4(transformer_path=s / "transformer.safetensors", vae_path=s / "vae.safetensors",
+                      text_encoder_path=s / "text_encoder.safetensors")
+    assert "no tokenizer" in str(info.value)
+    with pytest.raises(ModelFilesError, match="holds no tokenizer"):
+        load_tokenizer(s / "text_encoder.safetensors")
+    with pytest.raises(ModelFilesError, match="is a file"):
+        load_cogview4(s / "transformer.safetensors")
+
+
+def test_truncated_safetensors(files, tmp_path):
+    model = _copy_folder(files, tmp_path)
+    f = model / "vae" / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelFilesError, match="truncated or corrupt") as info:
+        load_cogview4(model)
+    assert str(f) in str(info.value)
+    assert info.value.__cause__ is not None  # the original error is chained
+    f.write_bytes(data[:5])
+    with pytest.raises(ModelFilesError, match="truncated"):
+        load_vae(f)
+
+
+def test_wrong_shape_missing_and_unexpected_keys(files, tmp_path):
+    src = files["single"] / "transformer.safetensors"
+    with safe_open(str(src), "pt") as fh:
+        meta = fh.metadata()
+    sd = load_file(str(src))
+
+    bad = dict(sd)
+    bad["proj_out.weight"] = torch.zeros(8, 64)
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ModelFilesError, match="wrong shape") as info:
+        load_transformer(tmp_path / "shape.safetensors")
+    msg = str(info.value)
+    assert "shape.safetensors" in msg and "proj_out.weight" in msg and "(64, 64)" in msg and "(8, 64)" in msg
+
+    missing = {k: v for k, v in sd.items() if k != "transformer_blocks.1.attn1.to_q.weight"}
+    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(ModelFilesError, match="missing key.*transformer_blocks.1.attn1.to_q.weight"):
+        load_transformer(tmp_path / "missing.safetensors")
+
+    extra = dict(sd, **{"some.other.weight": torch.zeros(2)})
+    save_file(extra, str(tmp_path / "extra.safetensors"), metadata=meta)
+    with pytest.raises(ModelFilesError, match="unexpected key.*some.other.weight"):
+        load_transformer(tmp_path / "extra.safetensors")
+
+    # a wrong-shaped tensor inside a diffusers folder, through load_cogview4
+    model = _copy_folder(files, tmp_path)
+    f = model / "text_encoder" / "model.safetensors"
+    te = load_file(str(f))
+    te["layers.0.mlp.down_proj.weight"] = torch.zeros(32, 65)
+    save_file(te, str(f))
+    with pytest.raises(ModelFilesError, match=r"layers.0.mlp.down_proj.weight expected \(32, 64\) found \(32, 65\)"):
+        load_cogview4(model)
+
+
+def test_file_in_the_wrong_slot(files):
+    s = files["single"]
+    with pytest.raises(ModelFilesError, match="vae.safetensors"):
+        load_transformer(s / "vae.safetensors")
+    with pytest.raises(ModelFilesError, match="not a VAE.*looks like a GLM text encoder"):
+        load_cogview4(transformer_path=s / "transformer.safetensors", vae_path=s / "text_encoder.safetensors",
+                      load_text_encoder=False)
+
+
+def test_pickle_formats_refused(files, tmp_path):
+    sub = tmp_path / "transformer"
+    sub.mkdir()
+    shutil.copy(files["folder"] / "transformer" / "config.json", sub / "config.json")
+    torch.save({"x": torch.zeros(1)}, sub / "diffusion_pytorch_model.bin")  # never loaded by us
+    with pytest.raises(ModelFilesError, match="pickle") as info:
+        load_transformer(sub)
+    assert "safetensors" in str(info.value)
+    with pytest.raises(ModelFilesError, match="convert them to .safetensors"):
+        load_vae(sub / "diffusion_pytorch_model.bin")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(ModelFilesError, match="pickle"):
+        load_text_encoder(tmp_path / "model.ckpt")
+    # a pickle renamed to .safetensors is recognised from its first bytes, not unpickled
+    torch.save({"x": torch.zeros(1)}, tmp_path / "renamed.safetensors")
+    with pytest.raises(ModelFilesError, match="pickle"):
+        load_transformer(tmp_path / "renamed.safetensors")
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError, match="dtype"):
+        resolve_dtype("int4")
+    with pytest.raises(InputError, match="device"):
+        load_cogview4("anything", device="not-a-device")
+
+
+def test_shape_inference_recovers_the_real_cogview4_configs():
+    """Built on meta (no memory): inferring from the real models' shapes gives their configs back."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, CogView4Transformer2DModel
+    from transformers import GlmConfig, GlmModel
+
+    from dreampainter_core.loading import _infer_glm_config, _infer_transformer_config, _infer_vae_config
+
+    real_t = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=28, attention_head_dim=128,
+                  num_attention_heads=32, text_embed_dim=4096, time_embed_dim=512, condition_dim=256)
+    real_v = dict(block_out_channels=[128, 512, 1024, 1024], layers_per_block=3, latent_channels=16,
+                  norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+    with init_empty_weights():
+        t = CogView4Transformer2DModel(**real_t)
+        v = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, **real_v)
+        g = GlmModel(GlmConfig())
+
+    def shapes(m):
+        return {k: tuple(x.shape) for k, x in m.state_dict().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tiny-model fallback for the real widths
+        ti = _infer_transformer_config(shapes(t), "t", "transformer")
+        vi = _infer_vae_config(shapes(v), "v", "vae")
+        gi = _infer_glm_config(shapes(g), "g", "text_encoder")
+    assert {k: ti[k] for k in real_t} == real_t
+    assert {k: vi[k] for k in real_v} == real_v
+    ref = GlmConfig()
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "attention_bias"):
+        assert gi[k] == getattr(ref, k), k
+    assert sum(x.numel() for x in t.parameters()) > 6.0e9  # it really is the 6B layout
