@@ -440,7 +440,11 @@ class DreamPainterPipeline:
             self._warned_no_weights = True
             logger.warning("no DreamPainter weights loaded: the base model paints the whole canvas; the product comes back only through paste-back")
 
-        foreground, canvas_mask = place_product(r.product, r.mask, r.width, r.height, placement=r.placement, box_ratio=r.box_ratio)
+        # `source` is the photo placed the same way, with its real pixels around the product:
+        # the paste-back feather blends those, not the blank fill (which would leave a halo).
+        foreground, canvas_mask, source = place_product(
+            r.product, r.mask, r.width, r.height, placement=r.placement, box_ratio=r.box_ratio, return_source=True
+        )
         control = self.prepare_control(foreground, canvas_mask) if self.transformer.control is not None else None
         ref_latents = None
         if r.reference is not None:
@@ -466,14 +470,15 @@ class DreamPainterPipeline:
         )
         images = self.decode(latents).cpu()
         if r.paste_back:
-            images = paste_back_product(images, foreground, canvas_mask, feather=self.feather_radius(r))
+            images = paste_back_product(images, foreground, canvas_mask, feather=self.feather_radius(r), source=source)
         return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask)
 
     @staticmethod
     def feather_radius(request: "GenerationRequest") -> int:
-        if request.feather is not None:
-            return int(request.feather)
-        return max(1, round(min(request.width, request.height) / 256))  # 4 px at 1024
+        # Default 1 px: an anti-aliasing ramp over the photo's own edge pixels. Wider ramps
+        # bring back a ring of the photo's old background (white on studio shots): use them
+        # for loose masks only.
+        return 1 if request.feather is None else int(request.feather)
 
     def _batch_embeds(self, embeds: torch.Tensor, batch: int, name: str) -> torch.Tensor:
         if embeds.dim() != 3 or embeds.shape[0] not in (1, batch):
