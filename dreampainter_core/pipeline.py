@@ -289,8 +289,13 @@ class DreamPainterPipeline:
         token_mask: torch.Tensor | None = None,
         control_scale: float = 1.0,
         callback: Callable[[StepInfo], object] | None = None,
+        merge_lora: bool = True,
     ) -> torch.Tensor:
-        """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents."""
+        """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents.
+
+        ``merge_lora``: merge the scaled LoRA into the weights for the run (fast; see
+        DreamPainterTransformer.lora_for_inference).
+        """
         model = self.transformer
         device, dtype = self.device, model.dtype
         batch = noise.shape[0]
@@ -303,8 +308,6 @@ class DreamPainterPipeline:
                 raise InputError("denoise < 1 needs starting latents (init_latents): there is nothing to partially denoise")
             sigma0 = sigmas[0].to(device)
             latents = sigma0 * latents + (1.0 - sigma0) * init_latents.to(device=device, dtype=torch.float32)
-        if model.has_lora:
-            model.set_lora_scale(lora_scale)
 
         size = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)
         crop = torch.zeros_like(size)
@@ -317,19 +320,20 @@ class DreamPainterPipeline:
             token_mask=token_mask,
             control_scale=control_scale,
         )
-        for i, t in enumerate(timesteps):
-            model_input = latents.to(dtype)
-            timestep = t.expand(batch).to(device)
-            v = model(model_input, prompt_embeds, timestep, size, size, crop, **extra)
-            if do_cfg:
-                v_uncond = model(model_input, negative_embeds, timestep, size, size, crop, **extra)
-                v = v_uncond + guidance_scale * (v - v_uncond)
-            sigma = float(sigmas[i])
-            denoised_estimate = latents - sigma * v.float() if callback is not None else None
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            if callback is not None:
-                if callback(StepInfo(i, len(timesteps), float(t), sigma, latents, denoised_estimate)) is False:
-                    raise GenerationCancelled(f"generation stopped by the callback after step {i + 1} of {len(timesteps)}")
+        with model.lora_for_inference(lora_scale, merge=merge_lora):
+            for i, t in enumerate(timesteps):
+                model_input = latents.to(dtype)
+                timestep = t.expand(batch).to(device)
+                v = model(model_input, prompt_embeds, timestep, size, size, crop, **extra)
+                if do_cfg:
+                    v_uncond = model(model_input, negative_embeds, timestep, size, size, crop, **extra)
+                    v = v_uncond + guidance_scale * (v - v_uncond)
+                sigma = float(sigmas[i])
+                denoised_estimate = latents - sigma * v.float() if callback is not None else None
+                latents = scheduler.step(v, t, latents, return_dict=False)[0]
+                if callback is not None:
+                    if callback(StepInfo(i, len(timesteps), float(t), sigma, latents, denoised_estimate)) is False:
+                        raise GenerationCancelled(f"generation stopped by the callback after step {i + 1} of {len(timesteps)}")
         return latents
 
     # ---- validation -------------------------------------------------------------------------

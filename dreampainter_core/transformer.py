@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -250,6 +251,49 @@ class DreamPainterTransformer(nn.Module):
         """``f_out = W x + scale * LoRA(x)``; scale 0 gives back the stage-1 model exactly."""
         for layer in self.lora_layers():
             layer.set_scale(LORA_ADAPTER, float(scale))
+
+    @contextmanager
+    def lora_for_inference(self, scale: float, merge: bool = True):
+        """LoRA at ``scale`` for a whole generation, without its per-layer cost.
+
+        scale 0 switches the adapters off (exactly the stage-1 model, and free); otherwise
+        the scaled LoRA is merged into the base weights for the duration and unmerged
+        afterwards, so training and later calls see the unmerged model. ``merge=False``
+        keeps the separate LoRA path (e.g. for fp8-stored weights, where merging is lossy).
+        """
+        layers = self.lora_layers()
+        if not layers:
+            yield
+            return
+        self.set_lora_scale(scale)
+        if scale == 0.0:
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+            return
+        if not merge:
+            yield
+            return
+        # peft's unmerge subtracts the delta again, which is not exact (and in bf16 would
+        # erode the base a little on every call); so back the weights up (on the CPU, as
+        # ComfyUI's ModelPatcher does) and copy them back afterwards: bit-exact.
+        backups = []
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                backups.append((weight, weight.detach().to("cpu", copy=True)))
+                layer.merge(adapter_names=[LORA_ADAPTER])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, (weight, saved) in zip(layers, backups):
+                    layer.unmerge()
+                    weight.copy_(saved)
 
     # ---- forward ----------------------------------------------------------------------
     def _run_block(self, block, hidden, text, temb, rope, attention_kwargs):

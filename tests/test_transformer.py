@@ -176,3 +176,24 @@ def test_config_validation_and_default_injection():
         DreamPainterConfig(control_blocks=2, injection_layers=[0, 9]).resolved(4)
     with pytest.raises(ValueError, match="one entry per"):
         DreamPainterConfig(control_blocks=2, injection_layers=[0]).resolved(4)
+
+
+@torch.no_grad()
+def test_lora_inference_modes_agree_and_restore_the_base_exactly(base):
+    x, e, t, size, crop, control = _inputs(base)
+    model = DreamPainterTransformer(copy.deepcopy(base), DreamPainterConfig(control_blocks=2, lora_rank=4))
+    _randomize(model.control, "gates")
+    _randomize(model.base, "lora_B", seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_lora_scale(0.7)
+    unmerged = model(x, e, t, size, size, crop, control_latents=control)
+    with model.lora_for_inference(0.7, merge=True):
+        merged = model(x, e, t, size, size, crop, control_latents=control)
+    with model.lora_for_inference(0.0):
+        off = model(x, e, t, size, size, crop, control_latents=control)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert (merged - off).abs().max() > 1e-3
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights restored bit for bit
+    model.set_lora_scale(0.7)
+    assert torch.equal(model(x, e, t, size, size, crop, control_latents=control), unmerged)  # adapters active again
