@@ -174,12 +174,16 @@ def random_reference_crop(
 
 
 def random_shift(
-    image: Image.Image, max_frac: float = 0.1, rng: np.random.Generator | None = None, mode: str = "reflect"
-) -> Image.Image:
+    image: Image.Image,
+    max_frac: float = 0.1,
+    rng: np.random.Generator | None = None,
+    mode: str = "reflect",
+    return_offset: bool = False,
+):
     """Shift the content by up to max_frac of each side, padding the gap ("reflect" or "edge").
 
     Same size out as in. Padding (rather than black) keeps the shift from teaching the model
-    that references have borders.
+    that references have borders. With return_offset, returns (image, (dx, dy)) in pixels.
     """
     if mode not in ("reflect", "edge", "symmetric"):
         raise ValueError(f"mode must be reflect, edge or symmetric, got {mode!r}")
@@ -190,8 +194,10 @@ def random_shift(
     dx = int(round(rng.uniform(-max_frac, max_frac) * W))
     dy = int(round(rng.uniform(-max_frac, max_frac) * H))
     if dx == 0 and dy == 0:
-        return Image.fromarray(a.copy())
-    pad = ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)), (0, 0))
-    p = np.pad(a, pad, mode=mode)
-    y0, x0 = max(-dy, 0), max(-dx, 0)
-    return Image.fromarray(np.ascontiguousarray(p[y0 : y0 + H, x0 : x0 + W]))
+        out = Image.fromarray(a.copy())
+    else:
+        pad = ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)), (0, 0))
+        p = np.pad(a, pad, mode=mode)
+        y0, x0 = max(-dy, 0), max(-dx, 0)
+        out = Image.fromarray(np.ascontiguousarray(p[y0 : y0 + H, x0 : x0 + W]))
+    return (out, (dx, dy)) if return_offset else out

@@ -44,7 +44,8 @@ class ManifestDataset(Dataset):
 
     Item: {"image": [3,H,W] 0..1, "mask": [1,H,W] in {0,1}, "foreground": image with the
     background set to 1.0 (white, as at inference), "prompt": str, "reference": [3,s,s] or
-    None, "line": manifest line, "id": str or None, "bucket": (W, H)}.
+    None, "reference_offset": (dx, dy) of its random shift or None, "line": manifest line,
+    "id": str or None, "bucket": (W, H)}.
 
     Bad samples: on_bad="stop" raises ManifestError naming the line and the reason;
     on_bad="skip" logs a warning naming them, records them in `bad_lines` (counted by
@@ -152,10 +153,12 @@ class ManifestDataset(Dataset):
         m = (_to_tensor(mask) > 0.5).float()
         foreground = image * m + (1.0 - m)  # background white, as the pipeline feeds I_f
         reference = None
+        offset = None
         if loaded.reference is not None:
             ref = random_reference_crop(loaded.reference, self.reference_sizes, rng)
+            offset = (0, 0)
             if self.reference_shift > 0:
-                ref = random_shift(ref, self.reference_shift, rng)
+                ref, offset = random_shift(ref, self.reference_shift, rng, return_offset=True)
             reference = _to_tensor(ref)
         prompt = sample.prompt_2 if (use_prompt_2 and sample.prompt_2) else sample.prompt
         return {
@@ -164,6 +167,7 @@ class ManifestDataset(Dataset):
             "foreground": foreground,
             "prompt": prompt,
             "reference": reference,
+            "reference_offset": offset,  # (dx, dy) pixels of the random shift, None without reference
             "line": line,
             "id": sample.id,
             "bucket": bucket,
@@ -272,6 +276,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "foreground": torch.stack([it["foreground"] for it in items]),
         "prompt": [it["prompt"] for it in items],
         "reference": None if all(r is None for r in refs) else refs,
+        "reference_offset": [it.get("reference_offset") for it in items],
         "line": torch.tensor([it["line"] for it in items], dtype=torch.long),
         "id": [it.get("id") for it in items],
         "bucket": items[0].get("bucket"),

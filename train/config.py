@@ -1,0 +1,489 @@
+"""Training configuration: typed sections, paper defaults, TOML/YAML files, CLI overrides.
+
+    cfg = load_config(stage=1, path="configs/stage1.toml", overrides=["optim.lr=1e-4", "train.batch_size=2"])
+
+A config file has one table per section (``[model]``, ``[data]``, ``[train]``, ``[optim]``,
+``[ema]``, ``[cache]``, ``[checkpoint]``, ``[validation]``, ``[log]``, ``[distributed]``) and
+optionally a top-level ``stage = 1|2`` that must match the command. Anything left out keeps
+its default; the defaults are the paper's section 5.1 where the paper gives a value:
+
+* stage 1: 6 control blocks (evenly spaced injection), constant learning rate 4e-5,
+  800x800 and 1024x1024 training images (aspect-ratio buckets around those areas);
+* stage 2: LoRA rank 256 on all linear layers of the base DiT blocks, cosine schedule
+  peaking at 8e-5 (after a linear warmup), reference used in 50% of samples, references
+  randomly resized/cropped to 512x512 or 800x800 and randomly shifted.
+
+Everything else (batch size, step counts, warmup length, betas, weight decay, gradient
+clipping, timestep sampling) the paper does not state; the defaults here are ordinary
+choices and are marked "(ours)" in the field comments.
+
+Command-line overrides are ``section.key=value``. The value is parsed by the field's declared
+type: ``bool`` (true/false/1/0/yes/no/on/off), ``int``, ``float``, ``str`` (as given), and
+lists (a JSON/TOML inline array such as ``[800,1024]``, or comma-separated ``800,1024``;
+``[]`` for empty). Unknown sections or keys are errors that list the valid names, in files
+as well as on the command line, so a typo never passes silently.
+
+Relative paths in a config are taken relative to the current working directory (run the
+commands from the repository root, as the examples in ``configs/`` assume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreampainter_core.errors import DreamPainterError
+from dreampainter_core.transformer import DEFAULT_LORA_TARGETS
+
+from .buckets import DEFAULT_RATIOS
+
+__all__ = ["ConfigError", "Config", "default_config", "load_config", "apply_overrides", "config_to_dict", "dump_toml"]
+
+
+class ConfigError(DreamPainterError, ValueError):
+    """A config file or override is malformed, unknown or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""  # CogView4 diffusers folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
+    transformer_path: str = ""  # optional single-file overrides of the parts of `base`
+    vae_path: str = ""
+    text_encoder_path: str = ""
+    tokenizer_path: str = ""
+    base_model_name: str = "CogView4-6B"  # written into the exported file's metadata
+    dtype: str = "bf16"  # storage dtype of the frozen weights (bf16 | fp32)
+    trainable_dtype: str = "fp32"  # master copy of the trained parameters (fp32 | bf16)
+    text_encoder_device: str = ""  # "" = the training device; "cpu" keeps GLM-4-9B off the GPU
+    # stage 1 (the paper: a 6-block branch initialised from base blocks, zero-initialised gates)
+    control_blocks: int = 6
+    injection_layers: list[int] = field(default_factory=list)  # [] = evenly spaced over the base blocks
+    init_from: list[int] = field(default_factory=list)  # [] = the first control_blocks base blocks
+    # stage 2
+    stage1_weights: str = ""  # the stage-1 DreamPainter file stage 2 starts from
+    lora_rank: int = 256
+    lora_alpha: float = 0.0  # 0 = rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # JSONL manifest (python -m train.data check MANIFEST validates it)
+    base_sizes: list[int] = field(default_factory=lambda: [800, 1024])  # bucket areas (paper: 800^2, 1024^2)
+    ratios: list[str] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    bucket_step: int = 32  # bucket sides divisible by this (VAE 8 x patch 2 x 2)
+    max_pixels: int = 0  # 0 = no cap on bucket area
+    on_bad: str = "skip"  # skip (warn, count, serve the next sample) | stop (raise naming the line)
+    reference_prob: float = 0.0  # stage 2 default 0.5 (paper: reference used in 50% of samples)
+    reference_sizes: list[int] = field(default_factory=lambda: [512, 800])  # paper: 512x512, 800x800
+    reference_shift: float = 0.1  # random spatial shift, fraction of the side (ours: the paper gives none)
+    second_prompt_prob: float = 0.5  # use prompt_2 (second language) when a sample has one
+    empty_prompt_prob: float = 0.0  # replace the prompt by "" (text dropout; paper silent, off)
+    num_workers: int = 2  # DataLoader workers per process (0 = load in the main process)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 1  # per process (ours)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 20000  # optimizer steps; sets the LR schedule's length (ours)
+    stop_after: int = 0  # stop (checkpoint + export) once this step is reached; 0 = max_steps
+    kill_at_step: int = 0  # TESTING: os._exit(137) right after this step, before any save (a simulated kill)
+    mixed_precision: str = "bf16"  # bf16 (autocast) | no
+    gradient_checkpointing: bool = True
+    timestep_sampling: str = "logit_normal"  # logit_normal | uniform: the sampler-space time s in (0, 1)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mu: str = "dynamic"  # time shift: "dynamic" = CogView4's mu for the image's token count, or a number
+    fixed_batch: bool = False  # overfit: reuse the first global batch every step (debugging, tests)
+    device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    lr: float = 4e-5  # paper: stage 1 4e-5 constant, stage 2 peak 8e-5 cosine
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # (ours)
+    max_grad_norm: float = 1.0  # 0 = no clipping (ours)
+    scheduler: str = "constant"  # constant | cosine (both after `warmup_steps` of linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = True  # effective decay min(decay, (1 + n) / (10 + n)) over the first updates
+    export: bool = True  # the exported file holds the EMA weights (the raw ones go to *-raw.safetensors)
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = False  # cache VAE latents and text embeddings; the text encoder is then unloaded
+    dir: str = ""  # "" = <output_dir>/cache
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/dreampainter"
+    every: int = 1000  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3
+    resume: str = "auto"  # auto = latest checkpoint in output_dir if any | none | a checkpoint folder
+    export_name: str = ""  # "" = dreampainter_stage<N>.safetensors in output_dir
+    export_dtype: str = "bf16"  # dtype of the exported DreamPainter file (bf16 | fp32)
+    export_every_checkpoint: bool = False  # also export a weight file into every checkpoint
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 1000  # steps between validation grids (0 = off)
+    at_start: bool = False  # also render before the first step (the untrained baseline)
+    manifest: str = ""  # "" = the training manifest
+    num: int = 4  # the first `num` samples of that manifest: fixed products/prompts/references
+    steps: int = 28
+    guidance_scale: float = 3.5
+    negative_prompt: str = ""
+    seed: int = 0
+    reference_size: int = 512
+    lora_scale: float = 1.0
+    cell: int = 256  # grid cell size in pixels
+    probe_batches: int = 1  # fixed-noise loss on the first batches, logged with each validation
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between log lines / CSV rows
+    tensorboard: bool = True  # used when installed; a CSV is written always
+    progress: bool = True  # tqdm bar when installed (plain lines otherwise)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp | fsdp (shards the base blocks; see train/README.md)
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    shard_control: bool = False  # fsdp: also shard the control-branch blocks
+    timeout_minutes: int = 30
+
+
+@dataclass
+class Config:
+    stage: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "stage")
+
+CHOICES = {
+    ("model", "dtype"): ("bf16", "fp32"),
+    ("model", "trainable_dtype"): ("fp32", "bf16"),
+    ("data", "on_bad"): ("skip", "stop"),
+    ("train", "mixed_precision"): ("bf16", "no"),
+    ("train", "timestep_sampling"): ("logit_normal", "uniform"),
+    ("optim", "optimizer"): ("adamw", "adamw8bit"),
+    ("optim", "scheduler"): ("constant", "cosine"),
+    ("checkpoint", "export_dtype"): ("bf16", "fp32"),
+    ("distributed", "strategy"): ("ddp", "fsdp"),
+    ("distributed", "backend"): ("auto", "nccl", "gloo"),
+}
+
+
+def default_config(stage: int) -> Config:
+    """The paper's section 5.1 defaults for a stage (see the module docstring)."""
+    if stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 or 2, got {stage!r}")
+    cfg = Config(stage=stage)
+    if stage == 1:
+        cfg.optim.lr = 4e-5
+        cfg.optim.scheduler = "constant"
+        cfg.data.reference_prob = 0.0
+        cfg.checkpoint.output_dir = "runs/stage1"
+    else:
+        cfg.optim.lr = 8e-5
+        cfg.optim.scheduler = "cosine"
+        cfg.optim.warmup_steps = 500  # (ours: the paper gives the peak and the shape only)
+        cfg.train.max_steps = 10000
+        cfg.data.reference_prob = 0.5
+        cfg.checkpoint.output_dir = "runs/stage2"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# typing helpers
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check/convert a value from a file (already parsed) to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(elem)}, got {value!r}")
+        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 4e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. train.mu = 1.2 in a file
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_scalar(text: str, tp, where: str) -> Any:
+    text = text.strip()
+    if tp is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    if tp is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            return text[1:-1]
+        return text
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _parse_value(text: str, tp, where: str) -> Any:
+    """Parse a command-line value by the field's declared type."""
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        s = text.strip()
+        if s.startswith("["):
+            parsed = None
+            for loader in (json.loads, lambda t: tomllib.loads(f"v = {t}")["v"]):
+                try:
+                    parsed = loader(s)
+                    break
+                except Exception:
+                    continue
+            if parsed is None:
+                raise ConfigError(f"{where}: cannot parse {text!r} as a list (write e.g. [1,2] or 1,2)")
+            return _coerce(parsed, tp, where)
+        if not s:
+            return []
+        return [_parse_scalar(part, elem, f"{where}[{i}]") for i, part in enumerate(s.split(","))]
+    return _parse_scalar(text, tp, where)
+
+
+def _check_key(section: str, key: str) -> tuple[Any, Any]:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}; sections: {', '.join(SECTIONS)}")
+    cls = type(getattr(Config(), section))
+    hints = _hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown key {section}.{key}; keys of [{section}]: {', '.join(hints)}")
+    return cls, hints[key]
+
+
+def _check_choice(section: str, key: str, value: Any) -> None:
+    allowed = CHOICES.get((section, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# files and overrides
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: config files must be .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot parse ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected tables/mappings at the top level")
+    return data
+
+
+def merge_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    for section, values in data.items():
+        if section == "stage":
+            if values != cfg.stage:
+                raise ConfigError(f"{source} is a stage-{values} config, but this is the stage-{cfg.stage} command")
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys")
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            _, tp = _check_key(section, key)
+            value = _coerce(value, tp, f"{source}: {section}.{key}")
+            _check_choice(section, key, value)
+            setattr(target, key, value)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write section.key=value (e.g. optim.lr=1e-4)")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: the key must be section.key (e.g. train.batch_size)")
+        section, key = parts
+        _, tp = _check_key(section, key)
+        value = _parse_value(text, tp, f"override {dotted}")
+        _check_choice(section, key, value)
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks (single fields are checked when set)."""
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    problems = []
+    for name, v, lo in (("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
+                        ("train.max_steps", t.max_steps, 1), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
+                        ("log.every", cfg.log.every, 1)):
+        if v < lo:
+            problems.append(f"{name} must be >= {lo}, got {v}")
+    if not 0.0 <= d.reference_prob <= 1.0:
+        problems.append(f"data.reference_prob must be in [0, 1], got {d.reference_prob}")
+    if not 0.0 <= d.empty_prompt_prob <= 1.0:
+        problems.append(f"data.empty_prompt_prob must be in [0, 1], got {d.empty_prompt_prob}")
+    if o.lr <= 0:
+        problems.append(f"optim.lr must be > 0, got {o.lr}")
+    if len(o.betas) != 2:
+        problems.append(f"optim.betas needs two values, got {o.betas}")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        problems.append(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    if t.mu != "dynamic":
+        try:
+            float(t.mu)
+        except ValueError:
+            problems.append(f"train.mu must be 'dynamic' or a number, got {t.mu!r}")
+    if cfg.model.dtype == "bf16" and t.mixed_precision != "bf16":
+        problems.append("model.dtype=bf16 needs train.mixed_precision=bf16 (the trained fp32 parameters meet bf16 weights)")
+    if cfg.stage == 2 and cfg.model.lora_rank < 1:
+        problems.append("stage 2 trains LoRA: model.lora_rank must be >= 1")
+    if cfg.stage == 1 and d.reference_prob > 0:
+        problems.append("stage 1 is text-only control: data.reference_prob must be 0")
+    if cfg.model.control_blocks < 1:
+        problems.append("model.control_blocks must be >= 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(stage: int, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = default_config(stage)
+    if path is not None:
+        merge_dict(cfg, read_config_file(path), source=str(path))
+    apply_overrides(cfg, list(overrides or []))
+    return validate(cfg)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def dump_toml(cfg: Config) -> str:
+    """The whole config as TOML (written next to checkpoints: what a run actually used)."""
+    d = config_to_dict(cfg)
+    lines = [f"stage = {d.pop('stage')}"]
+    for section, values in d.items():
+        lines.append("")
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"

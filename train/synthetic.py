@@ -1,0 +1,757 @@
+"""Synthetic e-commerce scenes with ground truth: a miniature DreamEcom.
+
+    python -m train.synthetic --out data/scenes --count 2000 --size 128 --seed 0 [--splits 0.8,0.1,0.1]
+
+Each scene is drawn procedurally (numpy + PIL, no model): a wall in one of a small named
+palette of colours with a pattern (plain, stripes, dots, checker, gradient), a display
+stand (a full-width table, or a round stand) in another palette colour, a product (bottle,
+box, can, ball, cup, jar) in a third colour with simple shading, and a soft shadow under
+the product cast away from the light. Edges are hard (no anti-aliasing): the product mask
+is exact and every product pixel is a shade of the product colour.
+
+Written per sample (``<id>`` = six digits):
+
+- ``images/<id>.png``  the target scene (RGB)
+- ``masks/<id>.png``   the product's instance mask (L, exactly 0/255)
+- ``refs/<id>.png``    the background reference: the SAME scene without the product and its
+  shadow (bit-identical to the target wherever the target has neither)
+
+and the manifest lines ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` (train.manifest
+format; paths relative to the manifest). Besides image / mask / prompt / prompt_2 /
+reference / id, each line carries the ground truth under ``"scene"`` (kept by the manifest
+reader in ``Sample.extra``): every parameter the renderer needs, so ``render_scene(scene)``
+redraws the sample exactly and ``scene_regions(scene)`` gives the wall / table / product /
+shadow regions the metrics measure on. ``dataset.json`` records the settings and palette.
+
+Prompts follow the paper's five components in order (product, display stand,
+environment, background, style; see train.prompts), in simple words, e.g.
+
+    a red bottle on a white table, soft shadow, blue striped background, studio photography
+    一个红色的瓶子放在白色的桌子上，柔和的影子，蓝色条纹背景，室内摄影
+
+Every English word and Chinese character used is in the tiny test tokenizer's vocabulary
+(dreampainter_core.tiny), so a miniature model never sees [UNK]. Pattern words: plain ->
+"simple", stripes -> "striped", dots -> "dotted", checker -> "square pattern",
+gradient -> "glow" (a radial glow).
+
+Deterministic: sample i is drawn from its own generator seeded by (seed, i), so the same
+seed gives byte-identical files whatever the count, and a larger count only appends
+samples. Splits are consecutive blocks (train first); samples are i.i.d., so that is an
+unbiased split. Every file is written atomically (temporary file + rename).
+
+The older toy dataset (one flat shape on a gradient; fixed-length prompts) used by the
+training tests stays available as ``write_synthetic_dataset`` / ``tiny_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+__all__ = [
+    "PALETTE",
+    "PALETTE_ZH",
+    "PATTERNS",
+    "PRODUCT_SHAPES",
+    "STAND_SHAPES",
+    "SCENE_VERSION",
+    "sample_scene",
+    "make_scene",
+    "render_scene",
+    "scene_regions",
+    "scene_prompt",
+    "write_scenes",
+    "write_synthetic_dataset",
+    "tiny_config",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE_VERSION = 1
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary
+
+#: Named colours (sRGB 0..255). Chosen far apart (every pair >= 37 CIELAB ΔE apart) so a
+#: region's mean colour is classified back to its name even through patterns and shading.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (200, 40, 40),
+    "orange": (240, 140, 30),
+    "yellow": (240, 210, 50),
+    "green": (50, 150, 70),
+    "blue": (40, 80, 200),
+    "purple": (160, 50, 160),
+    "pink": (240, 150, 190),
+    "brown": (120, 75, 40),
+    "white": (240, 240, 235),
+    "grey": (130, 130, 130),
+    "black": (30, 30, 30),
+}
+PALETTE_ZH = {
+    "red": "红色", "orange": "橙色", "yellow": "黄色", "green": "绿色", "blue": "蓝色", "purple": "紫色",
+    "pink": "粉色", "brown": "棕色", "white": "白色", "grey": "灰色", "black": "黑色",
+}
+PATTERNS = ("plain", "stripes", "dots", "checker", "gradient")
+# English: "{colour} background" with these words; Chinese: "{colour}{word}背景".
+PATTERN_WORDS = {
+    "plain": ("simple {c} background", "简约的{c}背景"),
+    "stripes": ("{c} striped background", "{c}条纹背景"),
+    "dots": ("{c} dotted background", "{c}圆点背景"),
+    "checker": ("{c} square pattern background", "{c}方形图案背景"),
+    "gradient": ("{c} glow background", "{c}柔光背景"),
+}
+PRODUCT_SHAPES = ("bottle", "box", "can", "ball", "cup", "jar")
+PRODUCT_ZH = {"bottle": "瓶子", "box": "盒子", "can": "柱形罐", "ball": "球", "cup": "杯子", "jar": "罐子"}
+STAND_SHAPES = ("table", "round")
+STAND_WORDS = {"table": ("table", "桌子"), "round": ("round stand", "圆形展台")}
+SHADOW_WORDS = {"short": ("soft shadow", "柔和的影子"), "long": ("long soft shadow", "长长的柔和影子")}
+STYLES = (
+    ("studio photography", "室内摄影"),
+    ("minimalist product photo", "简约商品照片"),
+    ("clean commercial photography", "清晰的商业摄影"),
+)
+STYLE_RATIO = 0.5  # the style component is optional (the paper samples components by ratio)
+LIGHTS = ("left", "right", "front")
+
+# Rendering constants (see render_scene).
+TINT = 0.22  # pattern secondary colour: this far towards white (dark colours) or black (light ones)
+FRONT_SHADE = 0.78  # the stand's front face
+SHADOW_STRENGTH = 0.55  # darkening at full shadow alpha
+PRODUCT_SHADE = (0.72, 1.08)  # product shading factors (cylinder / sphere / box faces)
+_PRODUCT_RULE_SHADE = (0.62, 1.15)  # what ColorShapeSegmenter accepts by default
+_SEPARATION = 0.24  # min distance (0..1 RGB) between any scene colour and the product's shade line
+
+
+def _luma(rgb) -> float:
+    r, g, b = (float(v) / 255.0 for v in rgb)
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def pattern_tint(rgb) -> tuple[int, int, int]:
+    """The secondary colour of a patterned wall: a mild tint (dark colours) or shade (light ones)."""
+    c = np.array(rgb, np.float64)
+    target = 255.0 if _luma(rgb) < 0.6 else 0.0
+    return tuple(int(round(v)) for v in c + TINT * (target - c))
+
+
+def _a(word: str) -> str:
+    """The indefinite article for a word: "an orange", "a red"."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+
+
+def _segment_distance(points: np.ndarray, rgb, shade=_PRODUCT_RULE_SHADE) -> np.ndarray:
+    """Distance (0..1 units) from colours [N, 3] (0..1) to the segment {k * rgb : k in shade}."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    k = np.clip(points @ c / max(float(c @ c), 1e-12), shade[0], shade[1])
+    return np.linalg.norm(points - k[:, None] * c[None, :], axis=1)
+
+
+def _scene_colours(bg: str, pattern: str, table: str) -> np.ndarray:
+    """Every colour the background layer can hold, times every shadow factor, 0..1 [N, 3]."""
+    base = np.array(PALETTE[bg], np.float64)
+    cols = [base, np.array(pattern_tint(PALETTE[bg]), np.float64)]
+    if pattern == "gradient":
+        for g in np.linspace(0.0, 1.0, 6):
+            cols.append(_glow_colour(base, g))
+    t = np.array(PALETTE[table], np.float64)
+    cols += [t, t * FRONT_SHADE]
+    cols = np.stack(cols) / 255.0
+    factors = np.linspace(1.0 - SHADOW_STRENGTH, 1.0, 12)
+    return (cols[None, :, :] * factors[:, None, None]).reshape(-1, 3)
+
+
+def _glow_colour(base: np.ndarray, g) -> np.ndarray:
+    """Wall colour at glow strength g (0 = edge, 1 = centre); works on arrays of g too."""
+    g = np.asarray(g, np.float64)[..., None]
+    if _luma(base) < 0.3:  # dark colours brighten towards white at the centre
+        out = base + 0.35 * g * (255.0 - base)
+    else:  # others: brighter at the centre, a little darker away from it
+        out = base * (0.895 + 0.3 * g)
+    return np.clip(out, 0.0, 255.0)
+
+
+def _r(x: float, nd: int = 1) -> float:
+    return round(float(x), nd)
+
+
+def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attempt: int = 0) -> dict[str, Any]:
+    """The parameters of scene `index` for `seed` (and `attempt`, see make_scene): a JSON-ready dict."""
+    width, height = (size, size) if isinstance(size, int) else size
+    s = float(min(width, height))
+    rng = np.random.default_rng([int(seed), int(index), SCENE_VERSION, int(attempt)])
+    names = list(PALETTE)
+    while True:  # redraw until the product colour is separable from the scene (rare)
+        bg = names[int(rng.integers(len(names)))]
+        table = names[int(rng.integers(len(names)))]
+        if table == bg:
+            continue
+        pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        scene_cols = _scene_colours(bg, pattern, table)
+        allowed = [
+            n for n in names
+            if n not in (bg, table) and _segment_distance(scene_cols, PALETTE[n]).min() > _SEPARATION
+        ]
+        if allowed:
+            product_colour = allowed[int(rng.integers(len(allowed)))]
+            break
+
+    # Wall pattern geometry.
+    period = int(rng.integers(max(4, round(s / 12)), max(6, round(s / 7)) + 1))
+    pat: dict[str, Any] = {}
+    if pattern == "stripes":
+        pat = {"orientation": ["vertical", "horizontal"][int(rng.integers(2))], "period": period,
+               "width": max(2, int(round(period * 0.4))), "phase": int(rng.integers(period))}
+    elif pattern == "dots":
+        pat = {"period": period, "radius": _r(max(1.5, period * rng.uniform(0.18, 0.26))),
+               "phase": [int(rng.integers(period)), int(rng.integers(period))]}
+    elif pattern == "checker":
+        pat = {"cell": period, "phase": [int(rng.integers(period)), int(rng.integers(period))]}
+    elif pattern == "gradient":
+        pat = {"center": [_r(rng.uniform(0.25, 0.75) * width), _r(rng.uniform(0.1, 0.4) * height)],
+               "radius": _r(rng.uniform(0.4, 0.65) * s)}
+
+    # Stand.
+    stand = STAND_SHAPES[int(rng.integers(len(STAND_SHAPES)))]
+    top = int(round(rng.uniform(0.55, 0.72) * height))
+
+    # Product size and aspect (width / height).
+    shape = PRODUCT_SHAPES[int(rng.integers(len(PRODUCT_SHAPES)))]
+    aspect = {"bottle": (0.36, 0.5), "box": (0.6, 1.1), "can": (0.5, 0.7), "ball": (1.0, 1.0),
+              "cup": (0.85, 1.1), "jar": (0.75, 1.0)}[shape]
+    ph = rng.uniform(0.26, 0.42) * s if shape != "ball" else rng.uniform(0.2, 0.3) * s
+    pw = ph * rng.uniform(*aspect)
+    pw = min(pw, 0.5 * width)
+
+    light = LIGHTS[int(rng.integers(len(LIGHTS)))]
+    shadow_len = ["short", "long"][int(rng.integers(2))]
+    margin = 0.08 * s
+    lo, hi = max(0.3 * width, pw / 2 + margin), min(0.7 * width, width - pw / 2 - margin)
+    cx = rng.uniform(lo, hi) if hi > lo else width / 2
+
+    if stand == "table":
+        depth = int(round(rng.uniform(0.13, 0.2) * height))
+        front = min(top + depth, height - 2)
+        base_y = top + rng.uniform(0.4, 0.8) * (front - top)
+        stand_geo = {"top": top, "front": front}
+    else:
+        a = max(pw * 1.15, rng.uniform(0.24, 0.36) * s)
+        b = a * rng.uniform(0.22, 0.3)
+        stand_geo = {"top": top, "center": [_r(cx + rng.uniform(-0.15, 0.15) * pw), _r(top + b)],
+                     "axes": [_r(a), _r(b)]}
+        base_y = top + b * rng.uniform(0.9, 1.3)
+    ph = min(ph, base_y - 0.06 * s)  # keep the product inside the canvas
+    style = None
+    if rng.random() < STYLE_RATIO:
+        style = int(rng.integers(len(STYLES)))
+
+    scene = {
+        "version": SCENE_VERSION,
+        "size": [int(width), int(height)],
+        "background": {"color": bg, "rgb": list(PALETTE[bg]), "pattern": pattern, "pattern_params": pat,
+                       "tint_rgb": list(pattern_tint(PALETTE[bg]))},
+        "table": {"color": table, "rgb": list(PALETTE[table]), "shape": stand, **stand_geo},
+        "product": {"shape": shape, "color": product_colour, "rgb": list(PALETTE[product_colour]),
+                    "center_x": _r(cx), "base_y": _r(base_y), "width": _r(pw), "height": _r(ph)},
+        "shadow": {"length": shadow_len, "light": light},
+        "style": None if style is None else STYLES[style][0],
+    }
+    return scene
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+
+def _draw(size: tuple[int, int], fn) -> np.ndarray:
+    im = Image.new("L", size, 0)
+    fn(ImageDraw.Draw(im))
+    return np.array(im) > 127
+
+
+def _wall(scene: dict, width: int, height: int) -> np.ndarray:
+    bgd = scene["background"]
+    base = np.array(bgd["rgb"], np.float64)
+    tint = np.array(bgd["tint_rgb"], np.float64)
+    p = bgd["pattern_params"]
+    yy, xx = np.mgrid[0:height, 0:width]
+    pattern = bgd["pattern"]
+    secondary = None
+    if pattern == "stripes":
+        coord = xx if p["orientation"] == "vertical" else yy
+        secondary = (coord + p["phase"]) % p["period"] < p["width"]
+    elif pattern == "dots":
+        per = p["period"]
+        # Centres on a grid shifted by phase; distance to the nearest centre (pixel centres).
+        dx = (xx + 0.5 + p["phase"][0]) % per - per / 2
+        dy = (yy + 0.5 + p["phase"][1]) % per - per / 2
+        secondary = dx * dx + dy * dy <= p["radius"] ** 2
+    elif pattern == "checker":
+        c = p["cell"]
+        secondary = ((xx + p["phase"][0]) // c + (yy + p["phase"][1]) // c) % 2 == 1
+    if pattern == "gradient":
+        cx, cy = p["center"]
+        d = np.sqrt((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2)
+        g = np.clip(1.0 - d / p["radius"], 0.0, 1.0)
+        wall = _glow_colour(base, g)
+    else:
+        wall = np.broadcast_to(base, (height, width, 3)).copy()
+        if secondary is not None:
+            wall[secondary] = tint
+    return wall
+
+
+def _stand(scene: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top surface, front face) boolean maps."""
+    t = scene["table"]
+    size = (width, height)
+    if t["shape"] == "table":
+        top = np.zeros((height, width), bool)
+        top[t["top"] : t["front"]] = True
+        front = np.zeros((height, width), bool)
+        front[t["front"] :] = True
+        return top, front
+    (cx, cy), (a, b) = t["center"], t["axes"]
+    ellipse = _draw(size, lambda d: d.ellipse([cx - a, cy - b, cx + a, cy + b], fill=255))
+    body = _draw(size, lambda d: d.rectangle([cx - a, cy, cx + a, height], fill=255))
+    return ellipse, body & ~ellipse
+
+
+def _product_parts(scene: dict, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, shading factor map) of the product."""
+    p = scene["product"]
+    shape, cx, by, pw, ph = p["shape"], p["center_x"], p["base_y"], p["width"], p["height"]
+    light = scene["shadow"]["light"]
+    size = (width, height)
+    lo_k, hi_k = PRODUCT_SHADE
+    yy, xx = np.mgrid[0:height, 0:width]
+    x = xx + 0.5
+    y = yy + 0.5
+    lx = {"left": -1.0, "right": 1.0, "front": 0.0}[light]
+    top = by - ph
+
+    def cylinder(cx_, half):
+        u = (x - cx_) / max(half, 1e-6)
+        v = np.clip(1.0 - ((u + 0.35 * lx) / 1.35) ** 2, 0.0, 1.0)
+        return lo_k + (hi_k - lo_k) * v
+
+    mask = np.zeros((height, width), bool)
+    k = np.ones((height, width))
+    if shape == "ball":
+        r = pw / 2
+        c = (cx, by - r)
+        mask = _draw(size, lambda d: d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=255))
+        hx, hy = c[0] + 0.35 * lx * r, c[1] - 0.35 * r
+        dist = np.sqrt((x - hx) ** 2 + (y - hy) ** 2) / (1.35 * r)
+        k = lo_k + (hi_k - lo_k) * np.clip(1.0 - dist**2, 0.0, 1.0)
+    elif shape == "box":
+        dpt = 0.22 * pw
+        fw = pw - dpt
+        x0 = cx - pw / 2
+        front = _draw(size, lambda d: d.rectangle([x0, top + dpt, x0 + fw, by], fill=255))
+        lid = _draw(size, lambda d: d.polygon([(x0, top + dpt), (x0 + dpt, top), (x0 + pw, top), (x0 + fw, top + dpt)], fill=255))
+        side = _draw(size, lambda d: d.polygon([(x0 + fw, top + dpt), (x0 + pw, top), (x0 + pw, by - dpt), (x0 + fw, by)], fill=255))
+        side &= ~front
+        lid &= ~front & ~side
+        mask = front | lid | side
+        face_front, face_side = (0.95, 0.76) if light != "right" else (0.86, 1.0)
+        k = np.where(front, face_front, np.where(side, face_side, hi_k))
+    elif shape == "bottle":
+        neck_w, cap_w = 0.36 * pw, 0.42 * pw
+        body_top = by - 0.62 * ph
+        shoulder = by - 0.74 * ph
+        neck_top = by - 0.9 * ph
+        rad = max(1, int(0.12 * pw))
+        body = _draw(size, lambda d: d.rounded_rectangle([cx - pw / 2, body_top, cx + pw / 2, by], radius=rad, fill=255))
+        sh = _draw(size, lambda d: d.polygon([(cx - pw / 2, body_top + rad), (cx + pw / 2, body_top + rad),
+                                               (cx + neck_w / 2, shoulder), (cx - neck_w / 2, shoulder)], fill=255))
+        neck = _draw(size, lambda d: d.rectangle([cx - neck_w / 2, neck_top, cx + neck_w / 2, shoulder], fill=255))
+        cap = _draw(size, lambda d: d.rectangle([cx - cap_w / 2, top, cx + cap_w / 2, neck_top], fill=255))
+        mask = body | sh | neck | cap
+        k = np.where(cap & ~body & ~sh, lo_k + 0.04, cylinder(cx, pw / 2))
+    elif shape == "can":
+        e = 0.12 * pw
+        body = _draw(size, lambda d: d.rectangle([cx - pw / 2, top + e, cx + pw / 2, by - e], fill=255))
+        bottom = _draw(size, lambda d: d.ellipse([cx - pw / 2, by - 2 * e, cx + pw / 2, by], fill=255))
+        lid = _draw(size, lambda d: d.ellipse([cx - pw / 2, top, cx + pw / 2, top + 2 * e], fill=255))
+        mask = body | bottom | lid
+        k = np.where(lid, hi_k, cylinder(cx, pw / 2))
+    elif shape == "cup":
+        bw = 0.74 * pw
+        bx0 = cx - pw / 2
+        bx1 = bx0 + bw
+        body = _draw(size, lambda d: d.polygon([(bx0, top), (bx1, top), (bx1 - 0.1 * bw, by), (bx0 + 0.1 * bw, by)], fill=255))
+        hr = 0.26 * pw
+        hcy = top + 0.45 * ph
+        handle = _draw(size, lambda d: d.ellipse([bx1 - hr, hcy - 1.2 * hr, bx1 + hr, hcy + 1.2 * hr], outline=255,
+                                                 width=max(2, int(0.09 * pw))))
+        mask = body | handle
+        k = np.where(handle & ~body, lo_k + 0.06, cylinder(bx0 + bw / 2, bw / 2))
+    elif shape == "jar":
+        lid_h = 0.16 * ph
+        rad = max(1, int(0.15 * pw))
+        body = _draw(size, lambda d: d.rounded_rectangle([cx - pw / 2, top + lid_h, cx + pw / 2, by], radius=rad, fill=255))
+        lid = _draw(size, lambda d: d.rectangle([cx - 0.42 * pw, top, cx + 0.42 * pw, top + lid_h], fill=255))
+        mask = body | lid
+        k = np.where(lid & ~body, lo_k + 0.04, cylinder(cx, pw / 2))
+    else:
+        raise ValueError(f"unknown product shape {shape!r}; known: {PRODUCT_SHAPES}")
+    return mask, np.where(mask, k, 1.0)
+
+
+def _shadow_alpha(scene: dict, width: int, height: int, surface: np.ndarray) -> np.ndarray:
+    """Soft shadow alpha (0..1, exactly 0 far from the product), clipped to the stand."""
+    p = scene["product"]
+    cx, by, pw = p["center_x"], p["base_y"], p["width"]
+    s = min(width, height)
+    lx = {"left": -1.0, "right": 1.0, "front": 0.0}[scene["shadow"]["light"]]
+    length = (0.25 if scene["shadow"]["length"] == "short" else 0.85) * pw
+    im = Image.new("L", (width, height), 0)
+    d = ImageDraw.Draw(im)
+    d.ellipse([cx - 0.6 * pw, by - 0.1 * pw, cx + 0.6 * pw, by + 0.1 * pw], fill=255)  # contact
+    # cast shadow, away from the light (straight back for frontal light)
+    sx = cx - lx * length * 0.6
+    sy = by - (0.08 * pw if lx else 0.18 * pw)
+    half_w = 0.5 * pw + 0.5 * length * abs(lx)
+    d.ellipse([sx - half_w, sy - 0.13 * pw, sx + half_w, sy + 0.09 * pw], fill=200)
+    im = im.filter(ImageFilter.GaussianBlur(radius=max(1.0, 0.025 * s)))
+    alpha = np.array(im, np.float64) / 255.0
+    return np.where(surface, alpha, 0.0)
+
+
+def render_scene(scene: dict) -> dict[str, np.ndarray]:
+    """Draw a scene from its parameters.
+
+    Returns uint8 "image" [H, W, 3] (target), "reference" [H, W, 3] (no product, no shadow),
+    bool "mask" [H, W] (product), float "shadow" [H, W] (alpha actually applied, 0..1) and
+    int "labels" [H, W]: 0 wall, 1 stand top surface, 2 stand front face, 3 product.
+    """
+    width, height = scene["size"]
+    wall = _wall(scene, width, height)
+    top, front = _stand(scene, width, height)
+    t = np.array(scene["table"]["rgb"], np.float64)
+    layer = wall
+    layer[top] = t
+    layer[front] = t * FRONT_SHADE
+    reference = np.clip(np.round(layer), 0, 255).astype(np.uint8)
+    labels = np.zeros((height, width), np.int64)
+    labels[top] = 1
+    labels[front] = 2
+
+    mask, k = _product_parts(scene, width, height)
+    alpha = _shadow_alpha(scene, width, height, top | front)
+    alpha = np.where(mask, 0.0, alpha)
+    shaded = reference.astype(np.float64) * (1.0 - SHADOW_STRENGTH * alpha)[..., None]
+    image = np.where(alpha[..., None] > 0, np.clip(np.round(shaded), 0, 255), reference.astype(np.float64))
+    prod = np.array(scene["product"]["rgb"], np.float64)[None, None, :] * k[..., None]
+    image = np.where(mask[..., None], np.clip(np.round(prod), 0, 255), image).astype(np.uint8)
+    labels[mask] = 3
+    return {"image": image, "reference": reference, "mask": mask, "shadow": alpha, "labels": labels}
+
+
+def _dilate(m: np.ndarray, r: int) -> np.ndarray:
+    if r <= 0:
+        return m.copy()
+    im = Image.fromarray(m.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * r + 1))
+    return np.array(im) > 127
+
+
+def _erode(m: np.ndarray, r: int) -> np.ndarray:
+    return ~_dilate(~m, r)
+
+
+def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None = None) -> dict[str, np.ndarray]:
+    """Boolean regions [H, W] for measuring a generated image of this scene.
+
+    "product" and "shadow" (alpha > 0.02) as drawn; "wall" and "table" (the stand's top
+    surface) eroded by 1 px and kept `margin` px (default size/32, at least 2) away from the
+    product and its shadow's core (alpha > 0.1, i.e. > 5% darker), so edges and the
+    product's surroundings (where a model may legitimately paint reflections and shadows)
+    do not count; "background" is everything that far from the product and shadow core.
+    """
+    r = rendered if rendered is not None else render_scene(scene)
+    width, height = scene["size"]
+    if margin is None:
+        margin = max(2, round(min(width, height) / 32))
+    near = _dilate(r["mask"] | (r["shadow"] > 0.1), margin)
+    labels = r["labels"]
+    return {
+        "product": r["mask"].copy(),
+        "shadow": r["shadow"] > 0.02,
+        "wall": _erode(labels == 0, 1) & ~near,
+        "table": _erode(labels == 1, 1) & ~near,
+        "background": ~near,
+    }
+
+
+MIN_WALL_FRACTION = 0.15
+MIN_TABLE_FRACTION = 0.01
+
+
+def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128) -> tuple[dict, dict, dict]:
+    """(scene, render_scene output, scene_regions) of sample `index`: the first attempt whose
+    wall and stand-top regions are large enough to measure (>= 15% and >= 1% of the image)."""
+    for attempt in range(100):
+        scene = sample_scene(seed, index, size, attempt)
+        r = render_scene(scene)
+        reg = scene_regions(scene, rendered=r)
+        n = r["mask"].size
+        if reg["wall"].sum() >= MIN_WALL_FRACTION * n and reg["table"].sum() >= max(16, MIN_TABLE_FRACTION * n):
+            if attempt:
+                scene["attempt"] = attempt
+            return scene, r, reg
+    raise RuntimeError(f"no measurable scene for seed {seed}, index {index} at size {size}")
+
+
+def scene_prompt(scene: dict) -> tuple[str, str]:
+    """(English, Chinese) prompt: product, stand, environment, background[, style]."""
+    p, t, b = scene["product"], scene["table"], scene["background"]
+    stand_en, stand_zh = STAND_WORDS[t["shape"]]
+    shadow_en, shadow_zh = SHADOW_WORDS[scene["shadow"]["length"]]
+    bg_en, bg_zh = PATTERN_WORDS[b["pattern"]]
+    en = f"{_a(p['color'])} {p['color']} {p['shape']} on {_a(t['color'])} {t['color']} {stand_en}, {shadow_en}, "
+    en += bg_en.format(c=b["color"])
+    zh = f"一个{PALETTE_ZH[p['color']]}的{PRODUCT_ZH[p['shape']]}放在{PALETTE_ZH[t['color']]}的{stand_zh}上，{shadow_zh}，"
+    zh += bg_zh.format(c=PALETTE_ZH[b["color"]])
+    if scene.get("style"):
+        style_zh = dict(STYLES)[scene["style"]]
+        en += f", {scene['style']}"
+        zh += f"，{style_zh}"
+    return en, zh
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _png_bytes(array: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    # Fixed settings (and no metadata) so the same pixels always give the same bytes.
+    im = Image.fromarray(np.ascontiguousarray(array))
+    if im.mode != mode:
+        raise ValueError(f"expected a {mode} image, got {im.mode}")
+    im.save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def _parse_splits(text) -> tuple[float, float, float]:
+    if isinstance(text, str):
+        try:
+            parts = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--splits: expected three numbers like 0.8,0.1,0.1, got {text!r}") from None
+    else:
+        parts = [float(v) for v in text]
+    if len(parts) != 3 or any(v < 0 for v in parts) or sum(parts) <= 0:
+        raise ValueError(f"--splits: expected three non-negative fractions (train,val,test), got {text!r}")
+    total = sum(parts)
+    return tuple(v / total for v in parts)  # type: ignore[return-value]
+
+
+def split_counts(count: int, splits) -> tuple[int, int, int]:
+    """(train, val, test) sample counts: val and test rounded, train gets the rest."""
+    fr = _parse_splits(splits)
+    n_val = int(round(count * fr[1]))
+    n_test = int(round(count * fr[2]))
+    if n_val + n_test > count:
+        n_test = count - n_val
+    return count - n_val - n_test, n_val, n_test
+
+
+def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.1,0.1",
+                 chinese: bool = True, references: bool = True, progress: bool = False) -> dict[str, Path]:
+    """Draw `count` scenes into `out`; returns {"train": path, "val": path, "test": path, "info": path}."""
+    out = Path(out)
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    if size < 32:
+        raise ValueError("size must be at least 32 pixels")
+    counts = split_counts(count, splits)
+    for sub in ("images", "masks", "refs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    for i in range(count):
+        sid = f"{i:06d}"
+        scene, r, _ = make_scene(seed, i, size)
+        _atomic_write_bytes(out / "images" / f"{sid}.png", _png_bytes(r["image"], "RGB"))
+        _atomic_write_bytes(out / "masks" / f"{sid}.png", _png_bytes(r["mask"].astype(np.uint8) * 255, "L"))
+        if references:
+            _atomic_write_bytes(out / "refs" / f"{sid}.png", _png_bytes(r["reference"], "RGB"))
+        en, zh = scene_prompt(scene)
+        ys, xs = np.nonzero(r["mask"])
+        scene["product"]["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        rec: dict[str, Any] = {"id": sid, "image": f"images/{sid}.png", "mask": f"masks/{sid}.png", "prompt": en}
+        if chinese:
+            rec["prompt_2"] = zh
+        if references:
+            rec["reference"] = f"refs/{sid}.png"
+        rec["scene"] = scene
+        lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=False))
+        if progress and (i + 1) % 500 == 0:
+            rate = (i + 1) / (time.perf_counter() - t0)
+            print(f"{i + 1}/{count} scenes ({rate:.0f}/s)", file=sys.stderr)
+
+    paths: dict[str, Path] = {}
+    start = 0
+    for name, n in zip(("train", "val", "test"), counts):
+        path = out / f"{name}.jsonl"
+        _atomic_write_bytes(path, "".join(line + "\n" for line in lines[start : start + n]).encode("utf-8"))
+        paths[name] = path
+        start += n
+    info = {
+        "generator": "train.synthetic", "scene_version": SCENE_VERSION, "seed": int(seed), "count": int(count),
+        "size": [int(size), int(size)], "splits": dict(zip(("train", "val", "test"), counts)),
+        "palette": {k: list(v) for k, v in PALETTE.items()}, "patterns": list(PATTERNS),
+        "product_shapes": list(PRODUCT_SHAPES), "stand_shapes": list(STAND_SHAPES),
+    }
+    paths["info"] = out / "dataset.json"
+    _atomic_write_bytes(paths["info"], (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------
+# The older toy dataset (used by the training tests): one flat shape on a vertical gradient.
+
+COLOURS = {
+    "red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
+    "purple": (140, 60, 180), "orange": (240, 140, 30), "pink": (240, 130, 180), "grey": (128, 128, 128),
+}
+SHAPES = ("ball", "box", "block")
+
+
+def _sample(rng: np.random.Generator, w: int, h: int):
+    names = list(COLOURS)
+    fg, bg = rng.choice(len(names), size=2, replace=False)
+    fg_name, bg_name = names[fg], names[bg]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    base = np.array(COLOURS[bg_name], np.float32)
+    ramp = np.linspace(0.75, 1.15, h, dtype=np.float32)[:, None, None]
+    background = np.clip(base[None, None, :] * ramp * np.ones((h, w, 1), np.float32), 0, 255).astype(np.uint8)
+    cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h
+    r = rng.uniform(0.18, 0.28) * min(w, h)
+    mask = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(mask)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "ball":
+        d.ellipse(box, fill=255)
+    elif shape == "box":
+        d.rectangle(box, fill=255)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    m = np.array(mask) >= 128
+    image = background.copy()
+    image[m] = COLOURS[fg_name]
+    prompt = f"a {fg_name} {shape} on a {bg_name} background"
+    return Image.fromarray(image), mask, Image.fromarray(background), prompt
+
+
+def write_synthetic_dataset(root, num: int = 8, size=(64, 64), seed: int = 0, references: bool = True,
+                            name: str = "train.jsonl") -> Path:
+    """The toy dataset: images, masks, references and one JSONL manifest under ``root``.
+
+    Every prompt has the same number of words (equal token counts within batches). Returns
+    the manifest path. For the richer scenes with ground truth use ``write_scenes``.
+    """
+    root = Path(root)
+    for sub in ("img", "mask", "ref"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    w, h = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(num):
+        image, mask, background, prompt = _sample(rng, w, h)
+        image.save(root / "img" / f"{i:04d}.png")
+        mask.save(root / "mask" / f"{i:04d}.png")
+        rec = {"id": f"{i:04d}", "image": f"img/{i:04d}.png", "mask": f"mask/{i:04d}.png", "prompt": prompt}
+        if references:
+            background.save(root / "ref" / f"{i:04d}.png")
+            rec["reference"] = f"ref/{i:04d}.png"
+        lines.append(json.dumps(rec))
+    manifest = root / name
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+def tiny_config(stage: int, model_dir, manifest, output_dir, overrides: list[str] | None = None):
+    """configs/tiny_stage<N>.toml pointed at the given tiny model, manifest and output folder."""
+    from .config import load_config
+
+    base = [f"model.base={model_dir}", f"data.manifest={manifest}", f"checkpoint.output_dir={output_dir}"]
+    return load_config(stage, REPO / "configs" / f"tiny_stage{stage}.toml", base + list(overrides or []))
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.synthetic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--count", "--num", dest="count", type=int, default=16, help="number of scenes (default 16)")
+    p.add_argument("--size", type=int, default=128, help="square image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
+    p.add_argument("--no-chinese", action="store_true", help="leave out prompt_2")
+    p.add_argument("--no-references", action="store_true", help="leave out the reference images")
+    p.add_argument("--legacy", action="store_true",
+                   help="write the older toy dataset (flat shapes; train.jsonl only) instead of scenes")
+    a = p.parse_args(argv)
+    if a.legacy:
+        print(write_synthetic_dataset(a.out, a.count, a.size, a.seed, not a.no_references))
+        return 0
+    try:
+        t0 = time.perf_counter()
+        paths = write_scenes(a.out, a.count, a.size, a.seed, a.splits, chinese=not a.no_chinese,
+                             references=not a.no_references, progress=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    n = split_counts(a.count, a.splits)
+    print(f"{a.count} scenes in {dt:.1f} s ({a.count / max(dt, 1e-9):.0f}/s): "
+          f"train {n[0]}, val {n[1]}, test {n[2]}")
+    for name in ("train", "val", "test"):
+        print(paths[name])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
