@@ -37,19 +37,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def per_step_seconds(run, steps_short, steps_long, repeats, device):
-    samples = []
-    run(1)  # warm-up
+def timed(run, steps, device):
+    sync(device)
+    start = time.perf_counter()
+    run(steps)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def per_step_seconds(variants, steps_short, steps_long, repeats, device):
+    """Median per-step time of each variant. Variants take turns within every repeat, so
+    a change in machine load hits all of them alike (this machine may be shared)."""
+    for _, run in variants:
+        run(1)  # warm-up
+    samples = {name: [] for name, _ in variants}
     for _ in range(repeats):
-        times = {}
-        for steps in (steps_short, steps_long):
-            sync(device)
-            start = time.perf_counter()
-            run(steps)
-            sync(device)
-            times[steps] = time.perf_counter() - start
-        samples.append((times[steps_long] - times[steps_short]) / (steps_long - steps_short))
-    return statistics.median(samples)
+        for name, run in variants:
+            short = timed(run, steps_short, device)
+            long = timed(run, steps_long, device)
+            samples[name].append((long - short) / (steps_long - steps_short))
+    return [(name, statistics.median(samples[name])) for name, _ in variants]
 
 
 def main(argv=None):
@@ -61,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--control-blocks", type=int, default=2)
     parser.add_argument("--reference-size", type=int, default=256)
     parser.add_argument("--steps-short", type=int, default=1)
-    parser.add_argument("--steps-long", type=int, default=3)
+    parser.add_argument("--steps-long", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -125,10 +132,8 @@ def main(argv=None):
           f"control branch {args.control_blocks} blocks (share {args.control_blocks / args.layers:.0%}); "
           f"reference {args.reference_size}px -> {(args.reference_size // 16) ** 2} tokens; device {device}, {args.dtype}, "
           f"threads {torch.get_num_threads()}")
-    results = []
     with torch.no_grad():
-        for name, run in variants:
-            results.append((name, per_step_seconds(run, args.steps_short, args.steps_long, args.repeats, device)))
+        results = per_step_seconds(variants, args.steps_short, args.steps_long, args.repeats, device)
     baseline = results[0][1]
     print(f"{'variant':<48} {'s/step':>9} {'ratio':>7}")
     for name, seconds in results:
