@@ -289,12 +289,14 @@ class DreamPainterPipeline:
         token_mask: torch.Tensor | None = None,
         control_scale: float = 1.0,
         callback: Callable[[StepInfo], object] | None = None,
-        merge_lora: bool = True,
+        merge_lora: bool | None = None,
     ) -> torch.Tensor:
         """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents.
 
-        ``merge_lora``: merge the scaled LoRA into the weights for the run (fast; see
-        DreamPainterTransformer.lora_for_inference).
+        ``merge_lora``: merge the scaled LoRA into the weights for the run (fast, and exact
+        afterwards: the weights are backed up on the CPU and restored; see
+        DreamPainterTransformer.lora_for_inference). None = the model's
+        ``merge_lora_at_inference`` setting.
         """
         model = self.transformer
         device, dtype = self.device, model.dtype
@@ -320,7 +322,8 @@ class DreamPainterPipeline:
             token_mask=token_mask,
             control_scale=control_scale,
         )
-        with model.lora_for_inference(lora_scale, merge=merge_lora):
+        merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)
+        with model.lora_for_inference(lora_scale, merge=merge):
             for i, t in enumerate(timesteps):
                 model_input = latents.to(dtype)
                 timestep = t.expand(batch).to(device)
@@ -380,6 +383,7 @@ class DreamPainterPipeline:
         reference_size: int | tuple[int, int] | None = None,
         box_ratio: tuple[float, float] = (0.6, 0.6),
         feather: int | None = None,
+        merge_lora: bool | None = None,
     ) -> "GenerationRequest":
         """Check and convert every input (cheap: no model runs). Raises InputError/CapabilityError."""
         self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale)
@@ -425,7 +429,7 @@ class DreamPainterPipeline:
             attention_scale=float(attention_scale), mask_guidance=bool(mask_guidance), placement=placement,
             paste_back=bool(paste_back), callback=callback, denoise=float(denoise), init_image=init_b,
             shift=shift, control_scale=float(control_scale), renormalize_attention=bool(renormalize_attention),
-            reference_size=reference_size, box_ratio=tuple(box_ratio), feather=feather,
+            reference_size=reference_size, box_ratio=tuple(box_ratio), feather=feather, merge_lora=merge_lora,
         )
 
     @torch.no_grad()
@@ -470,7 +474,7 @@ class DreamPainterPipeline:
             width=r.width, control_latents=control, reference_latents=ref_latents, init_latents=init_latents,
             denoise=r.denoise, mu=None if r.shift is None else float(r.shift), lora_scale=r.lora_scale,
             attention_scale=r.attention_scale, renormalize_attention=r.renormalize_attention, token_mask=token_mask,
-            control_scale=r.control_scale, callback=r.callback,
+            control_scale=r.control_scale, callback=r.callback, merge_lora=r.merge_lora,
         )
         images = self.decode(latents).cpu()
         if r.paste_back:
@@ -522,7 +526,7 @@ class DreamPainterPipeline:
         All inputs are checked before any model runs. Keyword options (see
         ``prepare_inputs``): batch_size (repeats a single product), denoise (< 1 starts
         from init_image, default the product on its blank canvas), init_image, shift,
-        control_scale, renormalize_attention, reference_size, box_ratio, feather.
+        control_scale, renormalize_attention, reference_size, box_ratio, feather, merge_lora.
         """
         request = self.prepare_inputs(
             product, mask, reference, width, height, steps, guidance_scale, seed, lora_scale, attention_scale,
@@ -563,3 +567,4 @@ class GenerationRequest:
     reference_size: int | tuple[int, int] | None
     box_ratio: tuple[float, float]
     feather: int | None
+    merge_lora: bool | None = None

@@ -30,6 +30,8 @@ Design choices (documented, stored in weight metadata):
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -96,6 +98,12 @@ class DreamPainterConfig:
     @classmethod
     def from_json(cls, text: str) -> "DreamPainterConfig":
         return cls(**json.loads(text))
+
+
+@functools.lru_cache(maxsize=None)
+def _block_takes_attention_kwargs(block_type: type) -> bool:
+    """Whether a CogView4 block's forward has an ``attention_kwargs`` parameter (diffusers >= 0.34)."""
+    return "attention_kwargs" in inspect.signature(block_type.forward).parameters
 
 
 def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -185,6 +193,9 @@ class DreamPainterTransformer(nn.Module):
         self.control = ControlBranch(base, self.config) if with_control else None
         self.gradient_checkpointing = False
         self.has_lora = False
+        # Merge LoRA into the weights for a generation (fast). Off for weights stored in
+        # fp8 (merging there is lossy/unsupported) or streamed from the CPU (block swap).
+        self.merge_lora_at_inference = True
         processor = DreamPainterAttnProcessor()
         for block in self.base.transformer_blocks:
             block.attn1.set_processor(processor)
@@ -297,9 +308,15 @@ class DreamPainterTransformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def _run_block(self, block, hidden, text, temb, rope, attention_kwargs):
+        # diffusers >= 0.34 takes the processor's extra arguments as one `attention_kwargs`
+        # dict; 0.33's CogView4TransformerBlock takes them as **kwargs.
+        if _block_takes_attention_kwargs(type(block)):
+            args, kwargs = (hidden, text, temb, rope, None, attention_kwargs), {}
+        else:
+            args, kwargs = (hidden, text, temb, rope, None), dict(attention_kwargs or {})
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, hidden, text, temb, rope, None, attention_kwargs, use_reentrant=False)
-        return block(hidden, text, temb, rope, None, attention_kwargs)
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def control_residuals(
         self,
