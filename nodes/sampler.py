@@ -1,0 +1,103 @@
+"""DreamPainterSampler: the core pipeline's prepare_inputs + generate, with ComfyUI around it."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..dreampainter_core.pipeline import DreamPainterPipeline
+from . import memory
+from .progress import SamplerProgress, fit_preview_map, previews_enabled
+from .sockets import (
+    CATEGORY,
+    DreamPainterConditioningType,
+    DreamPainterModelType,
+    DreamPainterReferenceType,
+    DreamPainterVAEType,
+)
+
+logger = logging.getLogger("DreamPainter")
+
+SCALE_SLIDER = dict(default=1.0, min=0.0, max=2.0, step=0.05, round=0.01, display_mode=io.NumberDisplay.slider)
+
+
+def run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
+                lora_scale, attention_scale, mask_guidance, paste_back, reference=None):
+    """Returns the core's DreamPainterOutput. All inputs are checked before any model is loaded."""
+    pipe = DreamPainterPipeline(None, None, vae.vae, model.transformer, model.scheduler)
+    progress = SamplerProgress(steps)
+    request = pipe.prepare_inputs(
+        product, mask,
+        reference=None if reference is None else reference.image,
+        steps=steps, guidance_scale=cfg, seed=seed, lora_scale=lora_scale, attention_scale=attention_scale,
+        mask_guidance=mask_guidance, placement="keep", paste_back=paste_back, callback=progress,
+        batch_size=None if batch_size <= 1 else batch_size, denoise=denoise,
+        shift=None if shift <= 0 else float(shift),
+        reference_size=None if reference is None else (reference.width, reference.height),
+    )
+    memory.load(model.patcher, vae.patcher)
+    try:
+        if previews_enabled():
+            if vae.preview_map is None:
+                try:
+                    vae.preview_map = fit_preview_map(pipe)
+                except Exception as exc:  # noqa: BLE001 - previews are a nicety, never a reason to fail
+                    logger.warning("DreamPainter: no step previews (fitting the latent->RGB map failed: %s)", exc)
+                    vae.preview_map = False
+            progress.preview_map = vae.preview_map or None
+        return pipe.generate(request, conditioning.prompt_embeds, conditioning.negative_embeds)
+    finally:
+        if model.swap is not None:
+            model.swap.drop_all()  # after a cancel a swapped block may still sit on the GPU
+
+
+class DreamPainterSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterSampler",
+            display_name="DreamPainter Sampler",
+            category=CATEGORY,
+            description="Paints a new background around the product (kept through the control branch and, with "
+                        "paste_back, pixel-exact). The output has the product image's size.",
+            inputs=[
+                DreamPainterModelType.Input("model"),
+                DreamPainterConditioningType.Input("conditioning"),
+                DreamPainterVAEType.Input("vae"),
+                io.Image.Input("product", tooltip="The product on its canvas (e.g. Product Prep's foreground); "
+                                                  "sets the output size."),
+                io.Mask.Input("mask", tooltip="1 = product (kept), 0 = background (generated); same size as product."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=50, min=1, max=10000),
+                io.Float.Input("cfg", default=3.5, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance; <= 1 disables the negative prompt pass."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, round=0.01,
+                               tooltip="Timestep shift (mu). 0 = auto: CogView4's resolution-dependent shift "
+                                       "(3.25 at 1024x1024)."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="< 1 starts from the product on its blank canvas instead of pure noise."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per product (a batch of products gives one image each)."),
+                io.Float.Input("lora_scale", tooltip="Strength of the stage-2 LoRA (reference following and "
+                               "harmonisation); 0 = the stage-1 model.", **SCALE_SLIDER),
+                io.Float.Input("attention_scale", tooltip="How strongly the image attends to the reference: "
+                               "0 ignores it, 1 = plain attention, > 1 follows it more.", **SCALE_SLIDER),
+                io.Boolean.Input("mask_guidance", default=False,
+                                 tooltip="Let the control branch act on product tokens only (fights extra objects "
+                                         "growing out of the product)."),
+                io.Boolean.Input("paste_back", default=True,
+                                 tooltip="Paste the original product pixels back (feathered edge)."),
+                DreamPainterReferenceType.Input("reference", optional=True,
+                                                tooltip="Optional reference image (needs a stage-2 model)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
+                     io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
+                lora_scale, attention_scale, mask_guidance, paste_back, reference=None) -> io.NodeOutput:
+        out = run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
+                          lora_scale, attention_scale, mask_guidance, paste_back, reference)
+        return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu())

@@ -1,0 +1,43 @@
+"""The pack's public node interface: ids, inputs (in widget order) and outputs.
+
+Workflows store node ids, input names and the order of widget values, so these are stable:
+change them only together with workflows/ and the web extension. test_comfy_server.py checks
+GET /object_info against this table.
+"""
+
+# node id: (required inputs, optional inputs, output types)
+NODES = {
+    "DreamPainterModelLoader": (
+        ["transformer", "dreampainter_weights", "weight_dtype", "memory_mode", "swap_blocks"], [],
+        ["DREAMPAINTER_MODEL"]),
+    "DreamPainterTextEncoderLoader": (
+        ["text_encoder", "tokenizer", "weight_dtype", "device"], [],
+        ["DREAMPAINTER_TEXT_ENCODER"]),
+    "DreamPainterTextEncode": (
+        ["text_encoder", "prompt", "negative_prompt"], [],
+        ["DREAMPAINTER_CONDITIONING"]),
+    "DreamPainterVAELoader": (
+        ["vae", "weight_dtype"], [],
+        ["DREAMPAINTER_VAE"]),
+    "DreamPainterReferenceEncode": (
+        ["image", "resolution", "policy"], [],
+        ["DREAMPAINTER_REFERENCE", "IMAGE"]),
+    "DreamPainterProductPrep": (
+        ["image", "mask", "width", "height", "placement", "box_ratio"], [],
+        ["IMAGE", "MASK"]),
+    "DreamPainterMaskRefine": (
+        ["mask", "close", "open", "dilate", "fill_holes", "min_area", "feather"], ["image"],
+        ["MASK", "IMAGE"]),
+    "DreamPainterAutoMask": (
+        ["image", "model", "threshold"], [],
+        ["MASK"]),
+    "DreamPainterSampler": (
+        ["model", "conditioning", "vae", "product", "mask", "seed", "steps", "cfg", "shift", "denoise",
+         "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"], ["reference"],
+        ["IMAGE", "LATENT", "MASK"]),
+    "DreamPainterComposite": (
+        ["generated", "product", "mask", "feather", "color_match", "color_ring"], [],
+        ["IMAGE"]),
+}
+
+CATEGORY = "DreamPainter"

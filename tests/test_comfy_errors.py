@@ -1,0 +1,125 @@
+"""Bad input through the API gives a readable execution error, and the server goes on serving;
+POST /interrupt stops a long sampling run within a step and the next prompt runs."""
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
+import comfy_harness as h  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    try:
+        return h.get_host()
+    except h.HostUnavailable as exc:
+        h.skip_or_fail(str(exc))
+
+
+def _error(comfy, graph):
+    entry = comfy.run(graph)
+    assert entry["status"]["status_str"] == "error", comfy.log_tail()
+    err = h.execution_error(entry)
+    assert err is not None, entry["status"]
+    assert comfy.alive() and comfy.get("/system_stats")
+    return err
+
+
+def test_mask_size_differs(comfy):
+    err = _error(comfy, h.graph("bad_mask", mask="mask_wrong_size.png"))
+    assert err["node_type"] == "DreamPainterSampler"
+    msg = err["exception_message"]
+    assert "mask size 56x64 (WxH) does not match product image size 64x64" in msg, msg
+
+
+def test_missing_model_files(comfy):
+    err = _error(comfy, h.graph("no_weights", weights="dreampainter-v1-stage2.safetensors"))
+    msg = err["exception_message"]
+    assert err["node_type"] == "DreamPainterModelLoader"
+    assert "dreampainter-v1-stage2.safetensors" in msg and str(comfy.base / "models" / "dreampainter") in msg, msg
+    assert "models/dreampainter/" in msg  # where to put it
+
+    err = _error(comfy, h.graph("no_vae", vae="ae.safetensors"))
+    msg = err["exception_message"]
+    assert "'ae.safetensors' not found" in msg and str(comfy.base / "models" / "vae") in msg, msg
+    assert "THUDM/CogView4-6B" in msg
+
+    err = _error(comfy, h.graph("incomplete", transformer=h.BROKEN))
+    msg = err["exception_message"]
+    assert str(comfy.base / "models" / "diffusers" / "incomplete-download" / "transformer") in msg, msg
+    assert "no .safetensors weights" in msg and "THUDM/CogView4-6B" in msg, msg
+
+
+def test_reference_with_stage1_model(comfy):
+    err = _error(comfy, h.graph("stage1_ref", weights=h.STAGE1, reference={"resolution": 32}))
+    assert err["node_type"] == "DreamPainterSampler"
+    assert "no reference support" in err["exception_message"] and "stage-2" in err["exception_message"]
+
+
+def test_auto_mask_without_rembg_names_what_to_install(comfy):
+    g = {"1": {"class_type": "LoadImage", "inputs": {"image": "bottle.png"}},
+         "2": {"class_type": "DPTestAutoMaskWithoutRembg", "inputs": {"image": ["1", 0]}}}
+    err = _error(comfy, g)
+    assert "needs the 'rembg' package" in err["exception_message"]
+    assert "-m pip install rembg" in err["exception_message"], err["exception_message"]
+
+
+async def _run_and_interrupt(comfy, graph, after: int):
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    seen = {"before": 0, "after": 0, "previews": 0, "last": 0, "max": None}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{comfy.url}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                assert r.status == 200, await r.text()
+                prompt_id = (await r.json())["prompt_id"]
+            interrupted_at = None
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), timeout=120)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    seen["previews"] += 1
+                    continue
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                data = json.loads(msg.data)
+                kind, body = data["type"], data.get("data", {})
+                if body.get("prompt_id") not in (None, prompt_id):
+                    continue
+                if kind == "progress" and body.get("node") == "7":
+                    seen["last"], seen["max"] = body["value"], body["max"]
+                    if interrupted_at is None:
+                        seen["before"] += 1
+                        if body["value"] >= after:
+                            async with session.post(f"{comfy.url}/interrupt", json={}) as r:
+                                assert r.status == 200
+                            interrupted_at = time.monotonic()
+                    else:
+                        seen["after"] += 1
+                elif kind == "execution_interrupted":
+                    seen["stop_s"] = time.monotonic() - interrupted_at
+                    return seen
+                elif kind in ("execution_success", "execution_error"):
+                    raise AssertionError(f"{kind} instead of an interrupt: {body}")
+
+
+def test_interrupt_stops_sampling_within_a_step_and_next_prompt_runs(comfy):
+    long_run = h.graph("long", steps=5000, cfg=1.0, seed=3)
+    long_run["12"] = {"class_type": "DreamPainterProductPrep",  # 192x192: ~0.05-0.2 s per step here
+                      "inputs": {"image": ["5", 0], "mask": ["6", 0], "width": 192, "height": 192,
+                                 "placement": "keep", "box_ratio": 0.6}}
+    long_run["7"]["inputs"].update(product=["12", 0], mask=["12", 1])
+    seen = asyncio.run(_run_and_interrupt(comfy, long_run, after=3))
+    print("interrupt:", seen)
+    assert seen["max"] == 5000 and seen["last"] < 5000
+    assert seen["after"] <= 1, seen  # no further step completed after the interrupt (at most one in flight)
+    assert seen["previews"] >= 3, seen  # a preview image per step
+    assert seen["stop_s"] < 10, seen
+    entry = comfy.run(h.graph("after_interrupt", steps=2))
+    assert entry["status"]["status_str"] == "success", h.execution_error(entry)
+    assert comfy.tensors("after_interrupt")["image"].shape == (1, h.SIZE, h.SIZE, 3)
