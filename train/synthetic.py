@@ -210,13 +210,13 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
             break
 
     # Wall pattern geometry.
-    period = int(rng.integers(max(4, round(s / 12)), max(6, round(s / 7)) + 1))
+    period = int(rng.integers(max(6, round(s / 12)), max(8, round(s / 7)) + 1))
     pat: dict[str, Any] = {}
     if pattern == "stripes":
         pat = {"orientation": ["vertical", "horizontal"][int(rng.integers(2))], "period": period,
                "width": max(2, int(round(period * 0.4))), "phase": int(rng.integers(period))}
     elif pattern == "dots":
-        pat = {"period": period, "radius": _r(max(1.5, period * rng.uniform(0.18, 0.26))),
+        pat = {"period": period, "radius": _r(max(2.0, period * rng.uniform(0.18, 0.26))),
                "phase": [int(rng.integers(period)), int(rng.integers(period))]}
     elif pattern == "checker":
         pat = {"cell": period, "phase": [int(rng.integers(period)), int(rng.integers(period))]}
@@ -463,10 +463,18 @@ def render_scene(scene: dict) -> dict[str, np.ndarray]:
 
 
 def _dilate(m: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)^2 square (pixels outside the image are ignored)."""
     if r <= 0:
         return m.copy()
-    im = Image.fromarray(m.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * r + 1))
-    return np.array(im) > 127
+    h = m.copy()
+    for d in range(1, r + 1):
+        h[:, d:] |= m[:, :-d]
+        h[:, :-d] |= m[:, d:]
+    v = h.copy()
+    for d in range(1, r + 1):
+        v[d:] |= h[:-d]
+        v[:-d] |= h[d:]
+    return v
 
 
 def _erode(m: np.ndarray, r: int) -> np.ndarray:
@@ -474,13 +482,21 @@ def _erode(m: np.ndarray, r: int) -> np.ndarray:
 
 
 def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None = None) -> dict[str, np.ndarray]:
-    """Boolean regions [H, W] for measuring a generated image of this scene.
+    """Boolean regions [H, W] of a scene, for measuring images generated for it.
 
-    "product" and "shadow" (alpha > 0.02) as drawn; "wall" and "table" (the stand's top
+    As drawn: "product", "shadow" (alpha > 0.02); "wall" and "table" (the stand's top
     surface) eroded by 1 px and kept `margin` px (default size/32, at least 2) away from the
-    product and its shadow's core (alpha > 0.1, i.e. > 5% darker), so edges and the
-    product's surroundings (where a model may legitimately paint reflections and shadows)
-    do not count; "background" is everything that far from the product and shadow core.
+    product and its shadow's core (alpha > 0.1, i.e. > 5% darker); "background": everything
+    that far from the product and the shadow core.
+
+    Layout-robust probes, for text-only generations whose stand may sit a little higher or
+    lower than in the ground truth (a model only knows that the product stands on it):
+    "wall_probe" is the wall above base_y - 0.2 * height (every scene's stand top lies below
+    that, the product's base being on the stand), away from the product; "table_probe" is
+    the stand's top surface in the rows within 3% of the height (at least 2 px) of the
+    product's base (round stands: within 0.9 product widths of its centre), the surface the
+    product stands on, minus the product grown by 1 px. The shadow falls in it too: measure
+    its brightest part (color_match(brightest=...)).
     """
     r = rendered if rendered is not None else render_scene(scene)
     width, height = scene["size"]
@@ -488,12 +504,22 @@ def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None 
         margin = max(2, round(min(width, height) / 32))
     near = _dilate(r["mask"] | (r["shadow"] > 0.1), margin)
     labels = r["labels"]
+    rows = np.arange(height)[:, None] + 0.5
+    base = scene["product"]["base_y"]
+    band = max(2.0, 0.03 * height)
+    wall = _erode(labels == 0, 1)
+    near_columns = np.ones((1, width), bool)
+    if scene["table"]["shape"] == "round":  # any round stand is wider than this (semi-axis >= 1.15 x width)
+        p = scene["product"]
+        near_columns = np.abs(np.arange(width)[None, :] + 0.5 - p["center_x"]) <= 0.9 * p["width"]
     return {
         "product": r["mask"].copy(),
         "shadow": r["shadow"] > 0.02,
-        "wall": _erode(labels == 0, 1) & ~near,
+        "wall": wall & ~near,
         "table": _erode(labels == 1, 1) & ~near,
         "background": ~near,
+        "wall_probe": wall & (rows < base - 0.2 * height) & ~_dilate(r["mask"], margin),
+        "table_probe": (labels == 1) & (np.abs(rows - base) <= band) & near_columns & ~_dilate(r["mask"], 1),
     }
 
 
@@ -503,13 +529,16 @@ MIN_TABLE_FRACTION = 0.01
 
 def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128) -> tuple[dict, dict, dict]:
     """(scene, render_scene output, scene_regions) of sample `index`: the first attempt whose
-    wall and stand-top regions are large enough to measure (>= 15% and >= 1% of the image)."""
+    wall regions and stand-top regions are large enough to measure (>= 15% of the image,
+    and >= 1% / 16 px)."""
     for attempt in range(100):
         scene = sample_scene(seed, index, size, attempt)
         r = render_scene(scene)
         reg = scene_regions(scene, rendered=r)
         n = r["mask"].size
-        if reg["wall"].sum() >= MIN_WALL_FRACTION * n and reg["table"].sum() >= max(16, MIN_TABLE_FRACTION * n):
+        small = max(16, MIN_TABLE_FRACTION * n)
+        if (reg["wall"].sum() >= MIN_WALL_FRACTION * n and reg["wall_probe"].sum() >= MIN_WALL_FRACTION * n
+                and reg["table"].sum() >= small and reg["table_probe"].sum() >= small):
             if attempt:
                 scene["attempt"] = attempt
             return scene, r, reg

@@ -1,0 +1,874 @@
+"""Evaluation metrics: object consistency (the paper's), product fidelity, scene adherence, CLIP.
+
+Pure numpy / torch (no ComfyUI). Images are [H, W, 3] or [B, H, W, 3], float in 0..1
+(torch or numpy) or uint8 0..255 (numpy); masks and regions are [H, W] or [B, H, W]
+(bool, or float thresholded at 0.5). A single image gives a float, a batch a numpy array
+(one value per item), unless said otherwise.
+
+Definitions (the evaluation report repeats them):
+
+- object_consistency (DreamPainter, section 5.1): ``1 - Σ(M_gen ∉ M_gt) / Σ M_gt``.
+- masked_psnr: PSNR over the product pixels only (inf when identical).
+- color_match / background_color_match / table_color_match: the region's per-channel
+  10%-trimmed mean colour, classified as the nearest palette colour (CIELAB distance); a match
+  when it is the expected name.
+- pattern_match: the region's pattern classified from variance / gradient features.
+- reference_similarity: histogram intersection of joint RGB histograms (8 bins per
+  channel) of the generated image and the reference over a region; 1 = same colours.
+- reference_pixel_similarity: 1 - RMSE (0..1 units) over the region, pixel-aligned.
+- palette_fit: image-quality proxy for palette-drawn scenes (see its docstring).
+- ClipScorer: CLIP-T = cos(image, prompt); CLIP-I = cos(image, reference with the product
+  composited on it), raw cosines of the projected embeddings (not x100, not clipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DreamPainterError, InputError
+
+__all__ = [
+    "MissingDependencyError",
+    "object_consistency",
+    "mask_agreement",
+    "Segmenter",
+    "ColorShapeSegmenter",
+    "RembgSegmenter",
+    "masked_psnr",
+    "masked_max_abs_error",
+    "region_color",
+    "srgb_to_lab",
+    "nearest_palette_color",
+    "ColorMatch",
+    "color_match",
+    "background_color_match",
+    "table_color_match",
+    "PatternMatch",
+    "PATTERN_CLASSES",
+    "pattern_features",
+    "classify_pattern",
+    "pattern_match",
+    "reference_similarity",
+    "reference_pixel_similarity",
+    "palette_fit",
+    "composite",
+    "ClipScorer",
+    "write_tiny_clip",
+]
+
+
+class MissingDependencyError(DreamPainterError, ImportError):
+    """An optional package a metric needs is not installed; the message says what to install."""
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy() if x.dtype != torch.bool else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _images(x, name: str = "image") -> tuple[np.ndarray, bool]:
+    """-> (float64 [B, H, W, 3] in 0..1, whether the input was a single image)."""
+    if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, (np.ndarray, torch.Tensor)):
+        x = np.asarray(x.convert("RGB"))  # a PIL image
+    a = _np(x)
+    if a.ndim == 3:
+        a, single = a[None], True
+    elif a.ndim == 4:
+        single = False
+    else:
+        raise InputError(f"{name}: expected [H, W, 3] or [B, H, W, 3], got shape {list(a.shape)}")
+    if a.shape[-1] != 3:
+        raise InputError(f"{name}: expected 3 colour channels last, got shape {list(a.shape)}")
+    if a.dtype == np.uint8:
+        a = a.astype(np.float64) / 255.0
+    else:
+        a = a.astype(np.float64)
+        if a.size and (a.min() < -1e-3 or a.max() > 1.0 + 1e-3):
+            raise InputError(f"{name}: float values must lie in 0..1 (got {a.min():.3g}..{a.max():.3g}); "
+                             "pass uint8 arrays for 0..255 data")
+    return np.clip(a, 0.0, 1.0), single
+
+
+def _masks(x, name: str = "mask") -> tuple[np.ndarray, bool]:
+    """-> (bool [B, H, W], single)."""
+    if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, (np.ndarray, torch.Tensor)):
+        x = np.asarray(x.convert("L")) >= 128
+    a = _np(x)
+    if a.ndim == 2:
+        a, single = a[None], True
+    elif a.ndim == 3:
+        single = False
+    else:
+        raise InputError(f"{name}: expected [H, W] or [B, H, W], got shape {list(a.shape)}")
+    if a.dtype == np.bool_:
+        return a, single
+    if a.dtype == np.uint8:
+        return a >= 128, single
+    return a.astype(np.float64) > 0.5, single
+
+
+def _out(values: np.ndarray, single: bool):
+    return float(values[0]) if single else values
+
+
+def _same_hw(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape[1:3] != b.shape[1:3]:
+        raise InputError(f"{name_a} is {a.shape[2]}x{a.shape[1]} but {name_b} is {b.shape[2]}x{b.shape[1]} (WxH); "
+                         "they must be the same size")
+
+
+def _batch(*arrays: np.ndarray) -> list[np.ndarray]:
+    n = max(a.shape[0] for a in arrays)
+    out = []
+    for a in arrays:
+        if a.shape[0] not in (1, n):
+            raise InputError(f"batch sizes differ ({[x.shape[0] for x in arrays]}); give equal batches or 1")
+        out.append(np.broadcast_to(a, (n,) + a.shape[1:]) if a.shape[0] != n else a)
+    return out
+
+
+# ----------------------------------------------------------------------------- object consistency
+
+
+def object_consistency(generated_mask, input_mask):
+    """The paper's Object Consistency (DreamPainter, section 5.1, quoted):
+
+        "we utilize GroundDINO and SAM for product detection and segmentation, we develop a
+        formula to measure shape consistency: 1 - Σ(M_gen ∉ M_gt) / Σ(M_gt). A value closer to
+        1 indicates that the product can be accurately blended on the generated background
+        without artifacts."
+
+    Here: ``1 - |M_gen ∩ ¬M_gt| / |M_gt|``, where M_gen is the product segmented from the
+    generated image (any Segmenter) and M_gt the input mask: the pixels segmented as product
+    that lie OUTSIDE the input mask, as a fraction of the input mask's area, subtracted from
+    1. Exactly as written, so: it is 1 whenever nothing product-like appears outside the
+    mask, even if part of the product is missing inside it (see mask_agreement's `recall`
+    for that), and it is NOT clipped: it goes below 0 when the outside pixels outnumber the
+    product's area. Masks: bool, or float/uint8 thresholded at 0.5/128. An empty input mask
+    raises InputError (the ratio is undefined).
+    """
+    gen, single_g = _masks(generated_mask, "generated_mask")
+    gt, single_t = _masks(input_mask, "input_mask")
+    _same_hw("generated_mask", gen, "input_mask", gt)
+    gen, gt = _batch(gen, gt)
+    area = gt.reshape(gt.shape[0], -1).sum(axis=1)
+    if (area == 0).any():
+        raise InputError("input_mask is empty for item(s) "
+                         f"{np.nonzero(area == 0)[0].tolist()}: object consistency divides by its area")
+    outside = (gen & ~gt).reshape(gen.shape[0], -1).sum(axis=1)
+    return _out(1.0 - outside / area, single_g and single_t)
+
+
+def mask_agreement(generated_mask, input_mask) -> dict[str, Any]:
+    """Diagnostics beside object_consistency: {"iou", "recall" (fraction of the input mask
+    segmented as product), "extra" (outside pixels / input area, i.e. 1 - consistency)}."""
+    gen, single_g = _masks(generated_mask, "generated_mask")
+    gt, single_t = _masks(input_mask, "input_mask")
+    _same_hw("generated_mask", gen, "input_mask", gt)
+    gen, gt = _batch(gen, gt)
+    flat_g, flat_t = gen.reshape(gen.shape[0], -1), gt.reshape(gt.shape[0], -1)
+    inter = (flat_g & flat_t).sum(1)
+    union = (flat_g | flat_t).sum(1)
+    area = np.maximum(flat_t.sum(1), 1)
+    single = single_g and single_t
+    return {
+        "iou": _out(np.where(union > 0, inter / np.maximum(union, 1), 1.0), single),
+        "recall": _out(inter / area, single),
+        "extra": _out((flat_g & ~flat_t).sum(1) / area, single),
+    }
+
+
+# ----------------------------------------------------------------------------- segmenters
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Finds the product in generated images: (images [B, H, W, 3] 0..1) -> masks [B, H, W] float 0/1."""
+
+    def __call__(self, images) -> torch.Tensor: ...
+
+
+def _shade_distance(pixels: np.ndarray, rgb: np.ndarray, shade: tuple[float, float]) -> np.ndarray:
+    """Distance of colours [..., 3] (0..1) to the segment {k * rgb : shade[0] <= k <= shade[1]}."""
+    denom = max(float(rgb @ rgb), 1e-12)
+    k = np.clip(pixels @ rgb / denom, shade[0], shade[1])
+    return np.linalg.norm(pixels - k[..., None] * rgb, axis=-1)
+
+
+class ColorShapeSegmenter:
+    """Product segmentation for synthetic scenes, where the product colour is known.
+
+    A pixel is product when its colour lies within `tolerance` (Euclidean, 0..1 RGB units)
+    of the product colour's shading line {k * product_rgb : shade[0] <= k <= shade[1]}
+    (the renderer shades products by multiplying their colour with k in 0.72..1.08). Then,
+    in order: holes are filled if `fill_holes` (off by default: a cup handle's hole is
+    background, and object consistency only counts pixels outside the mask), components
+    smaller than `min_area` pixels are dropped (default 0.05% of the image, at least 4 px:
+    speckle), and if `keep_largest` is an int only that many largest components are kept
+    (default None: all, so a duplicated product counts against object consistency, as a
+    detector would).
+
+    product_rgb: the colour in 0..255, one (r, g, b) for the whole batch or one per item.
+    """
+
+    def __init__(self, product_rgb, tolerance: float = 0.1, shade: tuple[float, float] = (0.62, 1.15),
+                 fill_holes: bool = False, min_area: int | None = None, keep_largest: int | None = None):
+        rgb = np.asarray(product_rgb, np.float64)
+        if rgb.ndim == 1:
+            rgb = rgb[None]
+        if rgb.ndim != 2 or rgb.shape[1] != 3 or (rgb < 0).any() or (rgb > 255).any():
+            raise InputError(f"product_rgb: expected (r, g, b) in 0..255 or a list of them, got {product_rgb!r}")
+        if not tolerance > 0:
+            raise InputError(f"tolerance must be > 0, got {tolerance!r}")
+        self.rgb = rgb / 255.0
+        self.tolerance = float(tolerance)
+        self.shade = (float(shade[0]), float(shade[1]))
+        self.fill_holes = bool(fill_holes)
+        self.min_area = min_area
+        self.keep_largest = keep_largest
+
+    def __call__(self, images) -> torch.Tensor:
+        from . import masks as mask_ops
+
+        x, _ = _images(images, "images")
+        rgb = self.rgb
+        if rgb.shape[0] not in (1, x.shape[0]):
+            raise InputError(f"ColorShapeSegmenter has {rgb.shape[0]} product colours for {x.shape[0]} images")
+        out = np.zeros(x.shape[:3], bool)
+        for i in range(x.shape[0]):
+            c = rgb[i if rgb.shape[0] > 1 else 0]
+            out[i] = _shade_distance(x[i], c, self.shade) <= self.tolerance
+        h, w = x.shape[1:3]
+        min_area = self.min_area if self.min_area is not None else max(4, round(0.0005 * h * w))
+        result = np.zeros(out.shape, np.float32)
+        for i in range(out.shape[0]):
+            ys, xs = np.nonzero(out[i])
+            if ys.size == 0:
+                continue
+            # The component operations run on the bounding box of the candidate pixels (fast).
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            m = torch.from_numpy(out[i, y0:y1, x0:x1].astype(np.float32))
+            if self.fill_holes:
+                m = mask_ops.fill_holes(m)
+            if min_area > 1:
+                m = mask_ops.remove_small_components(m, min_area)
+            if self.keep_largest is not None and bool(m.any()):
+                labels = mask_ops.connected_components(m)
+                areas = torch.bincount(labels.reshape(-1))
+                areas[0] = 0
+                order = torch.argsort(areas, descending=True)[: int(self.keep_largest)]
+                order = order[areas[order] > 0]
+                m = torch.isin(labels, order).to(torch.float32)
+            result[i, y0:y1, x0:x1] = m.numpy()
+        return torch.from_numpy(result)
+
+
+REMBG_HINT = (
+    "pip install rembg onnxruntime  (U²-Net weights: rembg downloads u2netp.onnx, ~4.7 MB, to "
+    "~/.u2net on first use; offline, put the file there or point U2NET_HOME at its folder)"
+)
+
+
+class RembgSegmenter:
+    """Salient-object segmentation with U²-Net through `rembg` (for real product photos).
+
+    model: a rembg model name ("u2netp", the small U²-Net, by default; "u2net", "isnet-general-use"...).
+    The alpha matte is thresholded at `threshold`. Raises MissingDependencyError naming what
+    to install when rembg (or its onnxruntime) is missing.
+    """
+
+    def __init__(self, model: str = "u2netp", threshold: float = 0.5, session=None):
+        try:
+            import rembg  # noqa: F401
+        except (ImportError, SystemExit) as e:  # rembg exits when it finds no onnxruntime
+            raise MissingDependencyError(f"RembgSegmenter needs the 'rembg' package ({e!r}); {REMBG_HINT}") from None
+        self.model = model
+        self.threshold = float(threshold)
+        self._session = session
+
+    def _get_session(self):
+        if self._session is None:
+            from rembg import new_session
+
+            try:
+                self._session = new_session(self.model)
+            except (ImportError, SystemExit) as e:
+                raise MissingDependencyError(f"rembg could not start ({e!r}); {REMBG_HINT}") from None
+        return self._session
+
+    def __call__(self, images) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+        from rembg import remove
+
+        x, _ = _images(images, "images")
+        session = self._get_session()
+        out = np.zeros(x.shape[:3], np.float32)
+        for i in range(x.shape[0]):
+            pil = Image.fromarray(np.round(x[i] * 255).astype(np.uint8))
+            res = remove(pil, session=session, only_mask=True)
+            if isinstance(res, (bytes, bytearray)):
+                res = Image.open(io.BytesIO(res))
+            if isinstance(res, np.ndarray):
+                res = Image.fromarray(res)
+            alpha = res.getchannel("A") if res.mode in ("RGBA", "LA") else res.convert("L")
+            if alpha.size != pil.size:
+                alpha = alpha.resize(pil.size, Image.BILINEAR)
+            out[i] = (np.asarray(alpha, np.float32) / 255.0) >= self.threshold
+        return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- product fidelity
+
+
+def _masked_errors(a, b, mask):
+    x, sa = _images(a, "a")
+    y, sb = _images(b, "b")
+    m, sm = _masks(mask, "mask")
+    _same_hw("a", x, "b", y)
+    _same_hw("a", x, "mask", m)
+    x, y, m = _batch(x, y, m)
+    if not m.reshape(m.shape[0], -1).any(axis=1).all():
+        raise InputError("mask is empty for some item: nothing to compare")
+    return x, y, m, sa and sb and sm
+
+
+def masked_psnr(a, b, mask, max_val: float = 1.0):
+    """PSNR (dB) between a and b over the mask's pixels (all 3 channels): 10 log10(max² / MSE).
+    Identical pixels give inf. Images in 0..1 (uint8 arrays are divided by 255)."""
+    x, y, m, single = _masked_errors(a, b, mask)
+    vals = []
+    for i in range(x.shape[0]):
+        mse = float(((x[i] - y[i])[m[i]] ** 2).mean())
+        vals.append(math.inf if mse == 0.0 else 10.0 * math.log10(max_val**2 / mse))
+    return _out(np.array(vals), single)
+
+
+def masked_max_abs_error(a, b, mask):
+    """Largest |a - b| (0..1 units) over the mask's pixels; 0 means the product pixels are exact."""
+    x, y, m, single = _masked_errors(a, b, mask)
+    return _out(np.array([float(np.abs(x[i] - y[i])[m[i]].max()) for i in range(x.shape[0])]), single)
+
+
+# ----------------------------------------------------------------------------- colour adherence
+
+
+def _palette_array(palette: Mapping[str, Sequence[int]]) -> tuple[list[str], np.ndarray]:
+    names = list(palette)
+    if not names:
+        raise InputError("palette is empty")
+    return names, np.array([palette[n] for n in names], np.float64) / 255.0
+
+
+REGION_TRIM = 0.1  # region_color drops this fraction of the darkest and of the brightest values per channel
+
+
+def region_color(image, region, trim: float = REGION_TRIM, brightest: float | None = None) -> np.ndarray | None:
+    """Trimmed mean colour (0..255 floats) of one image [H, W, 3] over region [H, W]: per
+    channel, the mean of the values left after dropping the lowest and highest `trim`
+    fraction (robust to stray pixels, and for a two-colour pattern it lies between the
+    two, where a median would jump to whichever is more common). brightest: first keep
+    only that fraction of the region's pixels with the highest luminance (a surface part
+    of which lies in shadow). None if the region is empty."""
+    x, single = _images(image, "image")
+    r, _ = _masks(region, "region")
+    if not single or r.shape[0] != 1:
+        raise InputError("region_color takes one image and one region")
+    _same_hw("image", x, "region", r)
+    px = x[0][r[0]]
+    if brightest is not None and px.shape[0]:
+        if not 0.0 < brightest <= 1.0:
+            raise InputError(f"brightest must be in (0, 1], got {brightest!r}")
+        lum = px @ np.array([0.299, 0.587, 0.114])
+        keep = max(1, int(math.ceil(brightest * px.shape[0])))
+        px = px[np.argsort(-lum, kind="stable")[:keep]]
+    n = px.shape[0]
+    if n == 0:
+        return None
+    srt = np.sort(px, axis=0)
+    cut = int(n * trim)
+    kept = srt[cut : n - cut] if n - 2 * cut > 0 else srt
+    return kept.mean(axis=0) * 255.0
+
+
+def srgb_to_lab(rgb) -> np.ndarray:
+    """sRGB (0..255, [..., 3]) -> CIELAB (D65 white), the space palette colours are compared in."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = lin @ np.array([[0.4124564, 0.2126729, 0.0193339],
+                          [0.3575761, 0.7151522, 0.1191920],
+                          [0.1804375, 0.0721750, 0.9503041]])
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def nearest_palette_color(rgb, palette: Mapping[str, Sequence[int]]) -> tuple[str, float]:
+    """(name, CIE76 ΔE) of the palette colour nearest to rgb (0..255), compared in CIELAB:
+    a darker or lighter version of a neutral colour stays neutral (dark grey is "black",
+    not "brown", as plain RGB distance would say)."""
+    names = list(palette)
+    if not names:
+        raise InputError("palette is empty")
+    lab = srgb_to_lab(np.array([palette[n] for n in names], np.float64))
+    d = np.linalg.norm(lab - srgb_to_lab(np.asarray(rgb, np.float64))[None], axis=1)
+    i = int(np.argmin(d))
+    return names[i], float(d[i])
+
+
+@dataclass
+class ColorMatch:
+    match: bool | None  # None: the region was empty (not measurable)
+    predicted: str | None  # nearest palette name (None without a palette)
+    expected: str | None
+    measured_rgb: list[float] | None  # 0..255
+    distance: float | None  # measured vs expected colour, 0..1 RGB units
+
+    def to_json(self) -> dict[str, Any]:
+        return {"match": self.match, "predicted": self.predicted, "expected": self.expected,
+                "measured_rgb": self.measured_rgb, "distance": self.distance}
+
+
+def color_match(image, region, expected_rgb=None, palette: Mapping[str, Sequence[int]] | None = None,
+                expected_name: str | None = None, max_distance: float = 0.2,
+                brightest: float | None = None) -> ColorMatch:
+    """Does the region's colour follow the prompt?
+
+    The region's colour is measured (region_color: per-channel 10%-trimmed mean, of the
+    `brightest` fraction of its pixels when given). With a palette, it is classified as
+    the nearest palette colour (CIELAB) and matches when that is `expected_name` (default: the
+    palette name whose colour is `expected_rgb`). Without one, it matches when it lies
+    within `max_distance` (0..1 RGB units) of `expected_rgb`.
+    """
+    measured = region_color(image, region, brightest=brightest)
+    if expected_name is None and palette is not None and expected_rgb is not None:
+        for n, c in palette.items():
+            if tuple(int(v) for v in c) == tuple(int(round(float(v))) for v in expected_rgb):
+                expected_name = n
+                break
+    if expected_rgb is None and palette is not None and expected_name is not None:
+        expected_rgb = palette[expected_name]
+    if measured is None:
+        return ColorMatch(None, None, expected_name, None, None)
+    dist = None if expected_rgb is None else float(np.linalg.norm(measured - np.asarray(expected_rgb, np.float64)) / 255.0)
+    if palette is not None:
+        predicted, _ = nearest_palette_color(measured, palette)
+        if expected_name is None:
+            raise InputError("color_match with a palette needs expected_name or an expected_rgb from the palette")
+        match = predicted == expected_name
+    else:
+        if expected_rgb is None:
+            raise InputError("color_match needs expected_rgb (or a palette and expected_name)")
+        predicted, match = None, dist <= max_distance
+    return ColorMatch(bool(match), predicted, expected_name, [round(float(v), 2) for v in measured],
+                      None if dist is None else round(dist, 5))
+
+
+def background_color_match(image, region, expected_rgb=None, palette=None, expected_name=None, **kw) -> ColorMatch:
+    """color_match on the background (wall) region: the prompt's background colour."""
+    return color_match(image, region, expected_rgb, palette, expected_name, **kw)
+
+
+def table_color_match(image, region, expected_rgb=None, palette=None, expected_name=None, **kw) -> ColorMatch:
+    """color_match on the display stand's top surface: the prompt's table colour."""
+    return color_match(image, region, expected_rgb, palette, expected_name, **kw)
+
+
+# ----------------------------------------------------------------------------- pattern adherence
+
+PATTERN_CLASSES = ("plain", "stripes", "dots", "checker", "gradient")
+# Thresholds of classify_pattern (luminance 0..1), set on the synthetic renderer's patterns.
+PLAIN_MAX_STD = 0.015  # below: flat
+GRADIENT_MAX_ROUGHNESS = 0.3  # RMS pixel-to-pixel step / std below: smooth (a glow / gradient)
+NOISE_MIN_ROUGHNESS = 1.25  # above: unstructured pixel noise (read as plain), not a pattern
+STRIPES_MAX_ISOTROPY = 0.2  # min/max of horizontal vs vertical step energy below: stripes
+CHECKER_MIN_MINORITY = 0.42  # share of the less common level above: checker (else dots)
+
+
+def pattern_features(image, region) -> dict[str, float] | None:
+    """Variance features of the luminance over a region (None if under 64 pixels).
+
+    std: luminance standard deviation. roughness: RMS difference between horizontally and
+    vertically neighbouring region pixels (pixels k = round(size / 128) apart, at least 1,
+    so the features do not depend on the resolution), over std (~0 for smooth gradients, ~1 for hard
+    patterns, ~1.4 for noise). isotropy: min/max of the horizontal and vertical step
+    energies (~0 for stripes, ~1 for dots / checkers). minority: share of pixels on the
+    less common side of the midpoint between the 5th and 95th luminance percentiles
+    (~0.5 for checkers, ~0.1-0.37 for dots).
+    """
+    x, single = _images(image, "image")
+    r, _ = _masks(region, "region")
+    if not single or r.shape[0] != 1:
+        raise InputError("pattern_features takes one image and one region")
+    _same_hw("image", x, "region", r)
+    lum = x[0] @ np.array([0.299, 0.587, 0.114])
+    m = r[0]
+    if m.sum() < 64:
+        return None
+    vals = lum[m]
+    std = float(vals.std())
+    k = max(1, round(min(m.shape) / 128))  # step between compared pixels: same features at any size
+    mh = m[:, k:] & m[:, :-k]
+    mv = m[k:, :] & m[:-k, :]
+    dh = (lum[:, k:] - lum[:, :-k])[mh]
+    dv = (lum[k:, :] - lum[:-k, :])[mv]
+    eh = float((dh**2).mean()) if dh.size else 0.0
+    ev = float((dv**2).mean()) if dv.size else 0.0
+    rough = math.sqrt((eh + ev) / 2.0) / max(std, 1e-9)
+    iso = min(eh, ev) / max(eh, ev, 1e-12)
+    lo, hi = np.percentile(vals, [5, 95])
+    above = float((vals > (lo + hi) / 2).mean())
+    return {"std": std, "roughness": rough, "isotropy": iso, "minority": min(above, 1.0 - above)}
+
+
+def classify_pattern(image, region) -> tuple[str | None, dict[str, float] | None]:
+    """(pattern class, features) of one image over a region; (None, None) if too small.
+
+    plain if std < PLAIN_MAX_STD; else gradient if roughness < GRADIENT_MAX_ROUGHNESS; else
+    plain if roughness > NOISE_MIN_ROUGHNESS (neighbouring pixels uncorrelated: noise on a
+    flat wall, not a drawn pattern); else stripes if isotropy < STRIPES_MAX_ISOTROPY; else
+    checker if minority >= CHECKER_MIN_MINORITY; else dots.
+    """
+    f = pattern_features(image, region)
+    if f is None:
+        return None, None
+    if f["std"] < PLAIN_MAX_STD:
+        return "plain", f
+    if f["roughness"] < GRADIENT_MAX_ROUGHNESS:
+        return "gradient", f
+    if f["roughness"] > NOISE_MIN_ROUGHNESS:
+        return "plain", f
+    if f["isotropy"] < STRIPES_MAX_ISOTROPY:
+        return "stripes", f
+    return ("checker" if f["minority"] >= CHECKER_MIN_MINORITY else "dots"), f
+
+
+@dataclass
+class PatternMatch:
+    match: bool | None
+    predicted: str | None
+    expected: str
+    features: dict[str, float] | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"match": self.match, "predicted": self.predicted, "expected": self.expected,
+                "features": None if self.features is None else {k: round(v, 5) for k, v in self.features.items()}}
+
+
+def pattern_match(image, region, expected: str) -> PatternMatch:
+    """Is the region's pattern the expected class (one of PATTERN_CLASSES)?"""
+    if expected not in PATTERN_CLASSES:
+        raise InputError(f"expected pattern must be one of {PATTERN_CLASSES}, got {expected!r}")
+    predicted, f = classify_pattern(image, region)
+    return PatternMatch(None if predicted is None else predicted == expected, predicted, expected, f)
+
+
+# ----------------------------------------------------------------------------- reference similarity
+
+
+def _region_pair(generated, reference, region):
+    x, sx = _images(generated, "generated")
+    y, _ = _images(reference, "reference")
+    if y.shape[1:3] != x.shape[1:3]:  # bring the reference to the generated size (cover + centre crop)
+        y = _resize_cover(y, x.shape[1], x.shape[2])
+    if region is None:
+        r, sr = np.ones(x.shape[:3], bool), True
+    else:
+        r, sr = _masks(region, "region")
+        _same_hw("generated", x, "region", r)
+    x, y, r = _batch(x, y, r)
+    return x, y, r, sx
+
+
+def _resize_cover(y: np.ndarray, h: int, w: int) -> np.ndarray:
+    t = torch.from_numpy(y).permute(0, 3, 1, 2).float()
+    scale = max(h / t.shape[-2], w / t.shape[-1])
+    nh, nw = max(h, round(t.shape[-2] * scale)), max(w, round(t.shape[-1] * scale))
+    t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return t[:, :, top : top + h, left : left + w].clamp(0, 1).permute(0, 2, 3, 1).double().numpy()
+
+
+def reference_similarity(generated, reference, region=None, bins: int = 8):
+    """Colour-distribution similarity to the reference: Σ_b min(p_b, q_b) over the joint RGB
+    histograms p (generated) and q (reference) with `bins` bins per channel, each normalised
+    to sum 1, computed over `region` (default: the whole image; pass the background away
+    from the product). 1 = identical colour distributions, 0 = disjoint. Insensitive to
+    where things are (a shifted pattern scores the same), like the paper's references,
+    which are shifted and cropped. The reference is resized (cover + centre crop) to the
+    generated size first. NaN for an empty region."""
+    x, y, r, single = _region_pair(generated, reference, region)
+    vals = []
+    for i in range(x.shape[0]):
+        px, py = x[i][r[i]], y[i][r[i]]
+        if px.shape[0] == 0:
+            vals.append(math.nan)
+            continue
+        qx = np.minimum((px * bins).astype(np.int64), bins - 1)
+        qy = np.minimum((py * bins).astype(np.int64), bins - 1)
+        hx = np.bincount((qx[:, 0] * bins + qx[:, 1]) * bins + qx[:, 2], minlength=bins**3) / px.shape[0]
+        hy = np.bincount((qy[:, 0] * bins + qy[:, 1]) * bins + qy[:, 2], minlength=bins**3) / py.shape[0]
+        vals.append(float(np.minimum(hx, hy).sum()))
+    return _out(np.array(vals), single)
+
+
+def reference_pixel_similarity(generated, reference, region=None):
+    """1 - RMSE (0..1 units, all channels) between generated and reference over `region`:
+    pixel-aligned (1 = identical, 0 = maximally different). NaN for an empty region."""
+    x, y, r, single = _region_pair(generated, reference, region)
+    vals = []
+    for i in range(x.shape[0]):
+        d = (x[i] - y[i])[r[i]]
+        vals.append(math.nan if d.size == 0 else 1.0 - math.sqrt(float((d**2).mean())))
+    return _out(np.array(vals), single)
+
+
+# ----------------------------------------------------------------------------- image-quality proxy
+
+
+def palette_fit(image, palette: Mapping[str, Sequence[int]], region=None, tolerance: float = 0.1,
+                shade: tuple[float, float] = (0.4, 1.25), tint: float = 0.35):
+    """Image-quality proxy for palette-drawn scenes (not IR / PickScore): how much of the
+    image is made of colours a synthetic scene can contain.
+
+    Per pixel, d = distance (0..1 RGB units) to the nearest "palette line": for each palette
+    colour c, the shades {k c : k in shade} (shadows, shading, darker pattern tints) and the
+    tints {c + t (1 - c) : 0 <= t <= tint} (lighter pattern tints, glows). Score = mean over
+    the region of max(0, 1 - d / tolerance): 1 when every pixel is a clean scene colour,
+    lower for noise, washed-out or off-palette colours and broad blur between areas.
+    Ground-truth synthetic scenes score about 0.92-1 (mean ~0.99).
+    """
+    x, single = _images(image, "image")
+    if region is None:
+        r = np.ones(x.shape[:3], bool)
+    else:
+        r, _ = _masks(region, "region")
+        _same_hw("image", x, "region", r)
+    x, r = _batch(x, r)
+    _, cols = _palette_array(palette)
+    vals = []
+    for i in range(x.shape[0]):
+        px = x[i][r[i]]
+        if px.shape[0] == 0:
+            vals.append(math.nan)
+            continue
+        best = np.full(px.shape[0], np.inf)
+        for c in cols:
+            best = np.minimum(best, _shade_distance(px, c, shade))
+            # tint segment from c to c + tint (1 - c)
+            direction = tint * (1.0 - c)
+            dd = max(float(direction @ direction), 1e-12)
+            t = np.clip((px - c) @ direction / dd, 0.0, 1.0)
+            best = np.minimum(best, np.linalg.norm(px - (c + t[:, None] * direction), axis=1))
+        vals.append(float(np.clip(1.0 - best / tolerance, 0.0, 1.0).mean()))
+    return _out(np.array(vals), single)
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def composite(product, mask, background) -> torch.Tensor:
+    """The product (where mask) over the background resized (cover + centre crop) to the
+    product's size: [B, H, W, 3] float 0..1 (the paper's CLIP-I composite)."""
+    x, _ = _images(product, "product")
+    m, _ = _masks(mask, "mask")
+    y, _ = _images(background, "background")
+    _same_hw("product", x, "mask", m)
+    if y.shape[1:3] != x.shape[1:3]:
+        y = _resize_cover(y, x.shape[1], x.shape[2])
+    x, m, y = _batch(x, m, y)
+    return torch.from_numpy(np.where(m[..., None], x, y).astype(np.float32))
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipScorer:
+    """CLIP-T and CLIP-I from a local CLIP folder (transformers' CLIPModel; no network).
+
+    model_path: a folder saved with save_pretrained (config.json + weights) holding the
+    tokenizer too (needed for CLIP-T only). Preprocessing follows CLIPImageProcessor:
+    shortest side resized to the vision tower's image_size (bicubic, antialiased), centre
+    crop, normalised with the folder's preprocessor_config.json mean/std when present,
+    else OpenAI CLIP's. Scores are raw cosines of the projected, L2-normalised embeddings.
+    """
+
+    def __init__(self, model_path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        try:
+            from transformers import CLIPModel
+        except ImportError as e:  # pragma: no cover - transformers is a dependency
+            raise MissingDependencyError(f"ClipScorer needs transformers ({e}): pip install transformers") from None
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise InputError(f"CLIP model folder {path} has no config.json (save one with CLIPModel.save_pretrained)")
+        self.path = path
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(self.device, dtype).eval()
+        self.dtype = dtype
+        vcfg = self.model.config.vision_config
+        self.image_size = int(vcfg.image_size)
+        self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        crop = self.image_size
+        pp = path / "preprocessor_config.json"
+        if pp.is_file():
+            cfg = json.loads(pp.read_text(encoding="utf-8"))
+            self.mean = tuple(cfg.get("image_mean", self.mean))
+            self.std = tuple(cfg.get("image_std", self.std))
+            cs = cfg.get("crop_size")
+            crop = int(cs.get("height", crop) if isinstance(cs, dict) else (cs or crop))
+        self.crop = crop
+        self._tokenizer = None
+        self.max_length = int(getattr(self.model.config.text_config, "max_position_embeddings", 77))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise InputError(f"CLIP folder {self.path} has no usable tokenizer ({e}); CLIP-T needs one "
+                                 "(save it next to the model with tokenizer.save_pretrained)") from None
+        return self._tokenizer
+
+    def preprocess(self, images) -> torch.Tensor:
+        x, _ = _images(images, "images")
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+        h, w = t.shape[-2:]
+        scale = self.image_size / min(h, w)
+        nh, nw = max(self.crop, round(h * scale)), max(self.crop, round(w * scale))
+        t = F.interpolate(t, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = (nh - self.crop) // 2, (nw - self.crop) // 2
+        t = t[:, :, top : top + self.crop, left : left + self.crop]
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return ((t - mean) / std).to(self.device, self.dtype)
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:
+        # transformers 4 returns the projected tensor; 5 a model output with it in pooler_output.
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def image_embeds(self, images) -> torch.Tensor:
+        f = self._features(self.model.get_image_features(pixel_values=self.preprocess(images)))
+        return F.normalize(f.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: Sequence[str] | None = None, input_ids: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of prompts (tokenised here), or of pre-tokenised input_ids."""
+        if input_ids is None:
+            if prompts is None:
+                raise InputError("text_embeds needs prompts or input_ids")
+            enc = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            input_ids, attention_mask = enc["input_ids"], enc.get("attention_mask")
+        kwargs = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        f = self._features(self.model.get_text_features(**kwargs))
+        return F.normalize(f.float(), dim=-1)
+
+    def clip_t(self, images, prompts: Sequence[str] | str | None = None, **token_kw) -> np.ndarray:
+        """CLIP-T per image: cos(image, its prompt). One prompt or one per image."""
+        img = self.image_embeds(images)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        txt = self.text_embeds(prompts, **token_kw)
+        if txt.shape[0] == 1:
+            txt = txt.expand(img.shape[0], -1)
+        if txt.shape[0] != img.shape[0]:
+            raise InputError(f"{txt.shape[0]} prompts for {img.shape[0]} images; give 1 or one per image")
+        return (img * txt).sum(-1).cpu().numpy()
+
+    def clip_i(self, images, references) -> np.ndarray:
+        """cos(image, reference) per image (references: 1 or one per image, any size)."""
+        a = self.image_embeds(images)
+        b = self.image_embeds(references)
+        if b.shape[0] == 1:
+            b = b.expand(a.shape[0], -1)
+        return (a * b).sum(-1).cpu().numpy()
+
+    def clip_i_composited(self, images, reference, product, mask) -> np.ndarray:
+        """The paper's CLIP-I: cos(generated image, reference with the product composited on it)."""
+        return self.clip_i(images, composite(product, mask, reference))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: byte -> printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tiny_clip(out_dir, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIP folder (model + byte-level BPE tokenizer + preprocessor config),
+    built offline, to exercise ClipScorer's code path (tests, CI). Scores are meaningless.
+
+    The tokenizer's vocabulary is the 256 byte-level characters, each also with the "</w>"
+    end-of-word suffix, plus <|startoftext|> / <|endoftext|>, and no merges: every word is
+    spelled out character by character, any text (Chinese too) tokenises without [UNK].
+    """
+    import inspect
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    tok_dir = out / ".tokenizer_src"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    params = inspect.signature(CLIPTokenizer.__init__).parameters
+    if "vocab_file" in params:  # transformers 4
+        tok = CLIPTokenizer(vocab_file=str(tok_dir / "vocab.json"), merges_file=str(tok_dir / "merges.txt"))
+    else:  # transformers 5
+        tok = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}, indent=2), encoding="utf-8")
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out

@@ -1,0 +1,110 @@
+"""train.evaluate end to end on the tiny random model and a few synthetic scenes (CPU, 64 px, 2 steps)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from dreampainter_core.metrics import write_tiny_clip
+from train import evaluate as ev
+from train import synthetic as syn
+
+
+def _strict_json(path):
+    def bad(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_scenes")
+    return syn.write_scenes(root, 3, size=64, seed=9, splits="0,0,1")["test"]
+
+
+def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_weights, scenes, tmp_path):
+    clip_dir = write_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "eval" / "report.json"
+    rc = ev.main([
+        "--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
+        "--out", str(out), "--steps", "2", "--limit", "2", "--sweep", "attention_scale",
+        "--sweep-values", "0,1", "--clip", str(clip_dir), "--plot", "pil",
+    ])
+    assert rc == 0
+    report = _strict_json(out)
+    assert report["n_samples"] == 2 and report["resolution"] == [64, 64] and report["steps"] == 2
+    assert set(report["modes"]) == {"t2i", "tr2i"}
+    for mode in ("t2i", "tr2i"):
+        body = report["modes"][mode]
+        summary, rows = body["summary"], body["samples"]
+        assert summary["n"] == len(rows) == 2
+        # Paste-back restores the product exactly; without it the random model does not.
+        assert summary["product_exact_pasted"] == 1.0 and summary["product_psnr_pasted"] == ev.PSNR_CAP
+        assert summary["product_psnr_raw"] < ev.PSNR_CAP
+        for row in rows:
+            assert row["segmenter"] == "color"
+            assert row["object_consistency"] <= 1.0
+            for key in ("background_color", "table_color", "pattern", "prompt_adherence"):
+                assert isinstance(row[key], bool)
+            assert 0.0 <= row["reference_similarity"] <= 1.0 and 0.0 <= row["quality"] <= 1.0
+            assert -1.0 <= row["clip_t"] <= 1.0 and -1.0 <= row["clip_i"] <= 1.0
+    assert "reference_similarity" in report["comparison"]
+    sweep = report["sweeps"]["attention_scale"]
+    assert [p["value"] for p in sweep["points"]] == [0.0, 1.0]
+    assert all(p["n"] == 2 and p["reference_similarity"] is not None and p["quality"] is not None
+               for p in sweep["points"])
+    # attention_scale 1 is the plain TR2I run: same numbers as the tr2i mode
+    assert sweep["points"][1]["reference_similarity"] == pytest.approx(
+        report["modes"]["tr2i"]["summary"]["reference_similarity"])
+    assert set(ev.DEFINITIONS) <= set(report["definitions"])
+    assert report["plot_backend"] == "pil"
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.size[0] >= 640 and im.size[1] > 300
+    with Image.open(out.with_name("report_samples.png")) as im:
+        assert im.size == (64 * 4, 18 + 64 * 2)
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_text_only_evaluation_of_a_plain_manifest(tiny_model_dir, tiny_stage2_weights, tmp_path):
+    # The toy dataset has no scene ground truth: no adherence, no segmenter without rembg.
+    manifest = syn.write_synthetic_dataset(tmp_path / "toy", num=2, size=32, seed=0)
+    out = tmp_path / "toy_report.json"
+    rc = ev.main([
+        "--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(manifest),
+        "--out", str(out), "--steps", "1", "--reference-mode", "none", "--segmenter", "none", "--sheet", "0",
+        "--sweep", "lora_scale", "--sweep-values", "0.5",
+    ])
+    assert rc == 0
+    report = _strict_json(out)
+    assert list(report["modes"]) == ["t2i"]
+    summary = report["modes"]["t2i"]["summary"]
+    assert "object_consistency" not in summary and "prompt_adherence" not in summary
+    assert summary["product_exact_pasted"] == 1.0 and 0.0 <= summary["reference_similarity"] <= 1.0
+    assert report["sweeps"]["lora_scale"]["points"][0]["value"] == 0.5
+    assert out.with_suffix(".png").is_file() and not out.with_name("toy_report_samples.png").exists()
+
+
+def test_reference_mode_manifest_needs_a_stage2_model(tiny_model_dir, scenes, tmp_path, capsys):
+    rc = ev.main(["--model", str(tiny_model_dir), "--manifest", str(scenes), "--out", str(tmp_path / "r.json"),
+                  "--steps", "1", "--reference-mode", "manifest"])
+    assert rc == 1 and "stage-2" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_summary_and_png_from_a_report_dict(tmp_path):
+    rows = [{"id": "a", "object_consistency": 1.0, "product_psnr_raw": float("inf"), "background_color": True},
+            {"id": "b", "object_consistency": 0.5, "product_psnr_raw": 20.0, "background_color": False,
+             "reference_similarity": None}]
+    s = ev.summarize(rows)
+    assert s["object_consistency"] == 0.75 and s["background_color"] == 0.5
+    assert s["product_psnr_raw"] == pytest.approx((ev.PSNR_CAP + 20.0) / 2)
+    assert "reference_similarity" not in s
+    report = {"n_samples": 2, "resolution": [64, 64], "steps": 2, "guidance_scale": 1.0, "segmenter": "auto",
+              "modes": {"t2i": {"summary": s}},
+              "sweeps": {"lora_scale": {"fixed": "attention_scale=1", "points": [
+                  {"value": v, "reference_similarity": v / 2, "quality": 1 - v / 3, "prompt_adherence": None,
+                   "object_consistency": 1.0} for v in (0.0, 0.5, 1.0)]}}}
+    assert ev.write_report_png(report, tmp_path / "t.png", backend="pil") == "pil"
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.mode == "RGB"

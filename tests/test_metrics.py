@@ -1,0 +1,285 @@
+"""dreampainter_core.metrics: object consistency, segmenters, PSNR, scene adherence, CLIP (CPU)."""
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dreampainter_core import metrics as M
+from dreampainter_core.errors import InputError
+from train import synthetic as syn
+
+
+def _box_mask(h=20, w=20, box=(5, 15, 5, 15)):
+    m = np.zeros((h, w), bool)
+    m[box[0] : box[1], box[2] : box[3]] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- object consistency
+
+
+def test_object_consistency_follows_the_paper_formula():
+    gt = _box_mask()  # 100 px
+    assert M.object_consistency(gt, gt) == 1.0
+    extra = gt.copy()
+    extra[0:2, 0:5] = True  # 10 product pixels outside the input mask
+    assert M.object_consistency(extra, gt) == pytest.approx(1 - 10 / 100)
+    # Missing product pixels inside the mask do not count (the formula only sees the outside).
+    shrunk = _box_mask(box=(7, 13, 7, 13))
+    assert M.object_consistency(shrunk, gt) == 1.0
+    assert M.mask_agreement(shrunk, gt)["recall"] == pytest.approx(36 / 100)
+    # Not clipped: more outside pixels than the product's area gives a negative value.
+    everything = np.ones_like(gt)
+    assert M.object_consistency(everything, gt) == pytest.approx(1 - 300 / 100)
+    # Empty generated mask: nothing outside.
+    assert M.object_consistency(np.zeros_like(gt), gt) == 1.0
+
+
+def test_object_consistency_inputs_and_batches():
+    gt = _box_mask()
+    extra = gt.copy()
+    extra[0, :] = True  # 20 outside
+    batch = np.stack([gt, extra])
+    np.testing.assert_allclose(M.object_consistency(batch, gt), [1.0, 0.8])
+    # torch float, uint8 0/255 and bool agree
+    assert M.object_consistency(torch.from_numpy(extra.astype(np.float32)), gt.astype(np.uint8) * 255) == pytest.approx(0.8)
+    agree = M.mask_agreement(extra, gt)
+    assert agree["extra"] == pytest.approx(0.2) and agree["recall"] == 1.0
+    assert agree["iou"] == pytest.approx(100 / 120)
+    with pytest.raises(InputError, match="empty"):
+        M.object_consistency(gt, np.zeros_like(gt))
+    with pytest.raises(InputError):
+        M.object_consistency(gt, np.zeros((10, 10), bool))
+
+
+# ----------------------------------------------------------------------------- segmenters
+
+
+def test_color_shape_segmenter_recovers_the_product_mask():
+    shapes = set()
+    for i in range(14):
+        scene, r, _ = syn.make_scene(2, i, 128)
+        shapes.add(scene["product"]["shape"])
+        seg = M.ColorShapeSegmenter(scene["product"]["rgb"])
+        assert isinstance(seg, M.Segmenter)
+        img = torch.from_numpy(r["image"].astype(np.float32) / 255.0)
+        pred = seg(img[None])
+        assert pred.shape == (1, 128, 128) and pred.dtype == torch.float32
+        iou = M.mask_agreement(pred[0], r["mask"])["iou"]
+        assert iou > 0.95, (i, scene["product"], iou)
+        assert M.object_consistency(pred[0], r["mask"]) > 0.99
+    assert len(shapes) >= 4
+    # A colour that is not in the image finds nothing (uint8 input is fine too).
+    assert M.ColorShapeSegmenter((0, 255, 255))(r["image"]).sum() == 0
+
+
+def test_color_shape_segmenter_components_and_batches():
+    img = np.full((2, 40, 40, 3), 0.9, np.float32)
+    img[:, 5:25, 5:25] = (0.8, 0.1, 0.1)  # the product
+    img[0, 30:36, 30:36] = (0.8, 0.1, 0.1)  # a second, smaller product-coloured blob in item 0
+    img[0, 2, 38] = (0.8, 0.1, 0.1)  # a speck
+    gt = np.zeros((40, 40), bool)
+    gt[5:25, 5:25] = True
+    seg = M.ColorShapeSegmenter((204, 25, 25))
+    out = seg(img)
+    assert out[0, 2, 38] == 0  # speck removed (min_area)
+    assert M.object_consistency(out[0], gt) == pytest.approx(1 - 36 / 400)  # the blob counts
+    assert M.object_consistency(out[1], gt) == 1.0
+    largest = M.ColorShapeSegmenter((204, 25, 25), keep_largest=1)(img)
+    assert M.object_consistency(largest[0], gt) == 1.0
+    per_item = M.ColorShapeSegmenter([(204, 25, 25), (0, 0, 255)])(img)
+    assert per_item[1].sum() == 0 and per_item[0].sum() > 0
+    with pytest.raises(InputError):
+        M.ColorShapeSegmenter((300, 0, 0))
+
+
+def test_rembg_segmenter_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rembg", None)
+    with pytest.raises(M.MissingDependencyError, match="pip install rembg"):
+        M.RembgSegmenter()
+
+
+def test_rembg_segmenter_uses_rembg_when_present(monkeypatch):
+    from PIL import Image
+
+    calls = {}
+    fake = types.ModuleType("rembg")
+
+    def new_session(name):
+        calls["model"] = name
+        return "session"
+
+    def remove(img, session=None, only_mask=False):
+        assert session == "session" and only_mask
+        a = np.zeros((img.size[1], img.size[0]), np.uint8)
+        a[2:6, 3:7] = 255
+        return Image.fromarray(a)
+
+    fake.new_session, fake.remove = new_session, remove
+    monkeypatch.setitem(sys.modules, "rembg", fake)
+    seg = M.RembgSegmenter()
+    out = seg(torch.rand(2, 10, 12, 3))
+    assert calls["model"] == "u2netp" and out.shape == (2, 10, 12)
+    assert out.sum() == 2 * 16 and out[0, 2:6, 3:7].all()
+
+
+# ----------------------------------------------------------------------------- PSNR
+
+
+def test_masked_psnr_counts_only_the_mask():
+    a = np.zeros((8, 8, 3), np.float32)
+    b = a.copy()
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    b[4:] = 1.0  # differences outside the mask are ignored
+    assert M.masked_psnr(a, b, mask) == math.inf
+    assert M.masked_max_abs_error(a, b, mask) == 0.0
+    b[:4] += 0.1  # MSE 0.01 inside -> 20 dB
+    assert M.masked_psnr(a, b, mask) == pytest.approx(20.0, abs=1e-4)
+    assert M.masked_max_abs_error(a, b, mask) == pytest.approx(0.1, abs=1e-6)
+    u8 = (np.stack([a, b]) * 255).round().astype(np.uint8)
+    vals = M.masked_psnr(u8, u8[0], mask)
+    assert vals[0] == math.inf and vals[1] == pytest.approx(20.0, abs=0.2)
+    with pytest.raises(InputError):
+        M.masked_psnr(a, b, np.zeros((8, 8), bool))
+
+
+# ----------------------------------------------------------------------------- scene adherence
+
+
+def _scene_with(pattern: str, colour: str, size=64):
+    """A real sampled scene with the given wall pattern, recoloured to `colour`."""
+    for i in range(200):
+        scene = syn.sample_scene(11, i, size)
+        if scene["background"]["pattern"] == pattern:
+            break
+    bg = scene["background"]
+    bg["color"], bg["rgb"], bg["tint_rgb"] = colour, list(syn.PALETTE[colour]), list(syn.pattern_tint(syn.PALETTE[colour]))
+    if scene["table"]["color"] == colour:
+        t = "white" if colour != "white" else "black"
+        scene["table"]["color"], scene["table"]["rgb"] = t, list(syn.PALETTE[t])
+    return scene
+
+
+@pytest.mark.parametrize("pattern", syn.PATTERNS)
+def test_color_and_pattern_matchers_on_ground_truth(pattern):
+    for colour in syn.PALETTE:
+        scene = _scene_with(pattern, colour)
+        r = syn.render_scene(scene)
+        reg = syn.scene_regions(scene, rendered=r)
+        t = scene["table"]
+        for wall in ("wall", "wall_probe"):
+            bg = M.background_color_match(r["image"], reg[wall], palette=syn.PALETTE, expected_name=colour)
+            assert bg.match, (pattern, colour, wall, bg)
+            pm = M.pattern_match(r["image"], reg[wall], pattern)
+            assert pm.match, (pattern, colour, wall, pm)
+        tb = M.table_color_match(r["image"], reg["table"], t["rgb"], palette=syn.PALETTE)
+        assert tb.match and tb.expected == t["color"], (pattern, colour, tb)
+        # the stand probe holds shadow: its brightest part is measured (as train.evaluate does)
+        tb = M.table_color_match(r["image"], reg["table_probe"], t["rgb"], palette=syn.PALETTE, brightest=0.3)
+        assert tb.match, (pattern, colour, tb)
+        # Mismatched expectations are rejected.
+        wrong = next(c for c in syn.PALETTE if c not in (colour, bg.predicted))
+        assert not M.background_color_match(r["image"], reg["wall_probe"], palette=syn.PALETTE, expected_name=wrong).match
+        other = next(p for p in syn.PATTERNS if p != pattern)
+        assert M.pattern_match(r["image"], reg["wall"], other).match is False
+        assert M.table_color_match(r["image"], reg["wall"], t["rgb"], palette=syn.PALETTE).match is False
+
+
+def test_brightest_fraction_ignores_a_shadowed_part():
+    img = np.zeros((10, 10, 3), np.uint8)
+    img[:] = (240, 240, 235)  # white stand
+    img[:, :6] = (110, 110, 105)  # 60% of it in shadow
+    region = np.ones((10, 10), bool)
+    assert M.table_color_match(img, region, palette=syn.PALETTE, expected_name="grey").match
+    assert M.table_color_match(img, region, palette=syn.PALETTE, expected_name="white", brightest=0.3).match
+    with pytest.raises(InputError):
+        M.region_color(img, region, brightest=0.0)
+
+
+def test_color_match_without_palette_and_empty_regions():
+    img = np.zeros((10, 10, 3), np.uint8)
+    img[:] = (40, 80, 200)
+    region = np.ones((10, 10), bool)
+    assert M.color_match(img, region, (40, 80, 200)).match
+    assert M.color_match(img, region, (40, 80, 200)).distance == 0.0
+    assert not M.color_match(img, region, (200, 40, 40)).match
+    empty = M.color_match(img, np.zeros((10, 10), bool), (40, 80, 200))
+    assert empty.match is None and empty.measured_rgb is None
+    assert M.pattern_match(img, np.zeros((10, 10), bool), "plain").match is None
+    name, dist = M.nearest_palette_color((60, 60, 60), syn.PALETTE)
+    assert name == "black"  # CIELAB: a dark neutral grey is black, not brown
+    with pytest.raises(InputError):
+        M.pattern_match(img, region, "zigzag")
+
+
+def test_pattern_classifier_reads_noise_as_plain_not_as_a_pattern():
+    rng = np.random.default_rng(0)
+    img = np.clip(0.5 + rng.normal(0, 0.05, (64, 64, 1)) * np.ones(3), 0, 1)
+    assert M.classify_pattern(img, np.ones((64, 64), bool))[0] == "plain"
+
+
+# ----------------------------------------------------------------------------- reference similarity, quality
+
+
+def test_reference_similarity_and_quality_proxy():
+    scene, r, reg = syn.make_scene(4, 0, 64)
+    img, ref = r["image"], r["reference"]
+    bg = reg["background"]
+    assert M.reference_similarity(img, ref, bg) == pytest.approx(1.0)
+    assert M.reference_pixel_similarity(img, ref, bg) == pytest.approx(1.0, abs=1e-3)  # faint shadow edge
+    other = syn.make_scene(4, 1, 64)[1]["reference"]
+    assert M.reference_similarity(img, other, bg) < 0.7
+    assert M.reference_pixel_similarity(img, other, bg) < 0.95
+    # A reference of another size is resized (cover + centre crop) first.
+    big = np.repeat(np.repeat(ref, 2, axis=0), 2, axis=1)
+    assert M.reference_similarity(img, big, bg) > 0.9
+    # Batches, and empty regions are NaN.
+    vals = M.reference_similarity(np.stack([img, other]), ref, bg)
+    assert vals.shape == (2,) and vals[0] > vals[1]
+    assert math.isnan(M.reference_similarity(img, ref, np.zeros_like(bg)))
+    # quality proxy: ground truth high, noise low
+    assert M.palette_fit(img, syn.PALETTE) > 0.9
+    noise = np.random.default_rng(0).random((64, 64, 3))
+    assert M.palette_fit(noise, syn.PALETTE) < 0.35
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return M.write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
+
+
+def test_clip_scorer_runs_on_a_tiny_random_clip(tiny_clip):
+    scorer = M.ClipScorer(tiny_clip)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 48, 64, 3, generator=g)
+    t = scorer.clip_t(images, ["a red bottle on a white table", "一个红色的瓶子"])
+    assert t.shape == (2,) and np.all(np.abs(t) <= 1.0 + 1e-5)
+    np.testing.assert_allclose(scorer.clip_t(images, ["a red bottle on a white table", "一个红色的瓶子"]), t)
+    one = scorer.clip_t(images, "a red bottle")
+    assert one.shape == (2,)
+    # pre-tokenised ids give the same as the tokenizer
+    enc = scorer.tokenizer(["a red bottle"], return_tensors="pt")
+    np.testing.assert_allclose(scorer.clip_t(images, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]),
+                               one, rtol=1e-5, atol=1e-6)
+    i = scorer.clip_i(images, images)
+    np.testing.assert_allclose(i, [1.0, 1.0], atol=1e-5)
+    mask = torch.zeros(2, 48, 64)
+    mask[:, 10:30, 20:40] = 1
+    reference = torch.rand(80, 80, 3, generator=g)
+    ci = scorer.clip_i_composited(images, reference, images, mask)
+    assert ci.shape == (2,) and np.all(np.abs(ci) <= 1.0 + 1e-5)
+    comp = M.composite(images, mask, reference)
+    assert torch.equal(comp[:, 10:30, 20:40], images[:, 10:30, 20:40])
+
+
+def test_clip_scorer_refuses_a_folder_without_a_model(tmp_path):
+    with pytest.raises(InputError, match="config.json"):
+        M.ClipScorer(tmp_path)

@@ -1,0 +1,170 @@
+"""train.synthetic: procedurally drawn e-commerce scenes with ground truth (CPU, small sizes)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import synthetic as syn
+from train.data import check_manifest
+from train.data import main as data_main
+from train.manifest import read_manifest
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes") / "a"
+    assert syn.main(["--out", str(root), "--count", "20", "--size", "64", "--seed", "5"]) == 0
+    return root
+
+
+def _samples(root: Path):
+    return [s for name in ("train", "val", "test") for _, s in read_manifest(root / f"{name}.jsonl")]
+
+
+def test_same_seed_gives_identical_files_and_other_seeds_differ(scenes, tmp_path):
+    again = tmp_path / "b"
+    assert syn.main(["--out", str(again), "--count", "20", "--size", "64", "--seed", "5"]) == 0
+    assert _digest(scenes) == _digest(again)
+    other = tmp_path / "c"
+    syn.write_scenes(other, 20, size=64, seed=6)
+    assert _digest(scenes)["images/000000.png"] != _digest(other)["images/000000.png"]
+
+
+def test_a_larger_count_only_appends(scenes, tmp_path):
+    more = tmp_path / "more"
+    syn.write_scenes(more, 25, size=64, seed=5)
+    a, b = _digest(scenes), _digest(more)
+    for i in range(20):
+        for sub in ("images", "masks", "refs"):
+            key = f"{sub}/{i:06d}.png"
+            assert a[key] == b[key]
+
+
+def test_splits_are_disjoint_and_sized(scenes, tmp_path):
+    counts = {n: len(read_manifest(scenes / f"{n}.jsonl")) for n in ("train", "val", "test")}
+    assert counts == {"train": 16, "val": 2, "test": 2}
+    ids = [s.id for s in _samples(scenes)]
+    assert len(ids) == len(set(ids)) == 20
+    info = json.loads((scenes / "dataset.json").read_text())
+    assert info["splits"] == counts and info["seed"] == 5
+    assert syn.split_counts(100, "0.8,0.1,0.1") == (80, 10, 10)
+    assert syn.split_counts(10, "6,2,2") == (6, 2, 2)  # fractions are normalised
+    assert syn.split_counts(7, "0,0,1") == (0, 0, 7)
+    with pytest.raises(ValueError):
+        syn.split_counts(10, "0.5,0.5")
+
+
+def test_every_manifest_passes_train_data_check(scenes, capsys):
+    for name in ("train", "val", "test"):
+        report = check_manifest(scenes / f"{name}.jsonl")
+        assert report["bad"] == [] and report["good"] == report["total"] > 0
+        assert data_main(["check", str(scenes / f"{name}.jsonl")]) == 0
+
+
+def test_masks_are_binary_and_exactly_the_product(scenes):
+    for s in _samples(scenes):
+        m = np.array(Image.open(s.mask_paths[0]))
+        assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
+        r = syn.render_scene(s.extra["scene"])
+        assert np.array_equal(m == 255, r["mask"])
+        # Every product pixel is a shade k * colour (k in the renderer's range), nothing else is.
+        img = np.array(Image.open(s.image_path)).astype(np.float64)
+        rgb = np.array(s.extra["scene"]["product"]["rgb"], np.float64)
+        k = img[m == 255] @ rgb / (rgb @ rgb)
+        lo, hi = syn.PRODUCT_SHADE
+        assert k.min() >= lo - 0.02 and k.max() <= hi + 0.02
+        assert np.abs(img[m == 255] - k[:, None] * rgb).max() <= 3.0  # rounding (and 255 clipping)
+        x0, y0, x1, y1 = s.extra["scene"]["product"]["bbox"]
+        ys, xs = np.nonzero(m)
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+
+
+def test_reference_is_the_scene_without_product_and_shadow(scenes):
+    shadow_seen = 0
+    for s in _samples(scenes):
+        img = np.array(Image.open(s.image_path))
+        ref = np.array(Image.open(s.reference_path))
+        r = syn.render_scene(s.extra["scene"])
+        untouched = ~r["mask"] & (r["shadow"] == 0)
+        assert np.array_equal(img[untouched], ref[untouched])
+        assert np.array_equal(ref, r["reference"]) and np.array_equal(img, r["image"])
+        # The shadow darkens the reference (never lightens it) and is actually there.
+        shadow = ~r["mask"] & (r["shadow"] > 0.05)
+        assert (img[shadow].astype(int) <= ref[shadow].astype(int)).all()
+        shadow_seen += int((img[shadow] < ref[shadow]).any())
+        # The reference has no product: the product region shows the background layer.
+        assert not np.array_equal(img[r["mask"]], ref[r["mask"]])
+    assert shadow_seen == len(_samples(scenes))
+
+
+def test_scene_ground_truth_describes_the_prompt(scenes):
+    for s in _samples(scenes):
+        sc = s.extra["scene"]
+        assert sc["size"] == [64, 64] and sc["version"] == syn.SCENE_VERSION
+        p, t, b = sc["product"], sc["table"], sc["background"]
+        assert len({p["color"], t["color"], b["color"]}) == 3
+        assert tuple(b["rgb"]) == syn.PALETTE[b["color"]] and tuple(t["rgb"]) == syn.PALETTE[t["color"]]
+        assert b["pattern"] in syn.PATTERNS and p["shape"] in syn.PRODUCT_SHAPES
+        en, zh = syn.scene_prompt(sc)
+        assert s.prompt == en and s.prompt_2 == zh
+        assert en.split(",")[0].endswith(f"{p['color']} {p['shape']} on {'an' if t['color'][0] in 'aeiou' else 'a'} "
+                                          f"{t['color']} {syn.STAND_WORDS[t['shape']][0]}")
+        assert f"{b['color']} " in en.split(",")[2] and "background" in en.split(",")[2]
+        assert syn.PALETTE_ZH[b["color"]] in zh and syn.PALETTE_ZH[p["color"]] in zh
+
+
+def test_every_prompt_word_is_in_the_tiny_tokenizer_vocabulary():
+    from dreampainter_core.tiny import tiny_vocab
+
+    vocab = tiny_vocab()
+    seen_patterns, seen_styles = set(), set()
+    for i in range(60):
+        scene = syn.sample_scene(0, i, 64)
+        en, zh = syn.scene_prompt(scene)
+        words = en.replace(",", " ").split()
+        assert [w for w in words if w not in vocab] == [], en
+        assert [c for c in zh if c not in vocab] == [], zh
+        seen_patterns.add(scene["background"]["pattern"])
+        seen_styles.add(scene["style"])
+    assert seen_patterns == set(syn.PATTERNS) and None in seen_styles and len(seen_styles) > 1
+
+
+def test_scene_regions_are_measurable_and_disjoint():
+    for i in range(12):
+        scene, r, reg = syn.make_scene(1, i, 64)
+        n = r["mask"].size
+        assert reg["wall"].sum() >= syn.MIN_WALL_FRACTION * n and reg["table"].sum() >= 16
+        assert not (reg["wall"] & reg["table"]).any()
+        for key in ("wall", "table", "background"):
+            assert not (reg[key] & r["mask"]).any() and not (reg[key] & (r["shadow"] > 0.1)).any()
+        assert (r["labels"][reg["wall"]] == 0).all() and (r["labels"][reg["table"]] == 1).all()
+        # probes: wall well above the product's base, stand top at the base's height
+        assert reg["wall_probe"].sum() >= syn.MIN_WALL_FRACTION * n and reg["table_probe"].sum() >= 16
+        rows = np.nonzero(reg["wall_probe"])[0]
+        assert rows.max() + 0.5 < scene["product"]["base_y"] - 0.2 * 64
+        assert (r["labels"][reg["table_probe"]] == 1).all() and not (reg["table_probe"] & r["mask"]).any()
+        rows = np.nonzero(reg["table_probe"])[0] + 0.5
+        assert np.abs(rows - scene["product"]["base_y"]).max() <= max(2.0, 0.03 * 64)
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    assert syn.main(["--out", str(tmp_path / "x"), "--count", "0"]) == 2
+    assert syn.main(["--out", str(tmp_path / "x"), "--size", "16"]) == 2
+    assert syn.main(["--out", str(tmp_path / "x"), "--splits", "a,b,c"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_legacy_toy_dataset_still_available(tmp_path):
+    manifest = syn.write_synthetic_dataset(tmp_path / "toy", num=3, size=32, seed=0)
+    assert check_manifest(manifest)["bad"] == []
+    assert syn.main(["--out", str(tmp_path / "toy2"), "--num", "2", "--size", "32", "--legacy"]) == 0
+    assert (tmp_path / "toy2" / "train.jsonl").is_file()
