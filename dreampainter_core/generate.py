@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,22 +24,16 @@ import torch
 from PIL import Image
 
 from .errors import DreamPainterError
+from .fileio import atomic_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def save_image_atomic(image: torch.Tensor, path: Path) -> Path:
     """[H, W, 3] 0..1 -> PNG, written to a temporary file first so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = (image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

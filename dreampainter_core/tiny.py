@@ -95,21 +95,9 @@ def tiny_text_encoder_config(vocab_size: int, pad_token_id: int) -> dict:
 
 def tiny_scheduler_config() -> dict:
     """CogView4-6B's scheduler config (the tiny model uses the real one)."""
-    return dict(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.25,
-        max_shift=0.75,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        invert_sigmas=False,
-        shift_terminal=None,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        time_shift_type="linear",
-    )
+    from .loading import COGVIEW4_SCHEDULER_CONFIG
+
+    return dict(COGVIEW4_SCHEDULER_CONFIG)
 
 
 # --------------------------------------------------------------------------------------------

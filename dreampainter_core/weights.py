@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFilesError, WeightFormatError
+from .fileio import atomic_path
 from .transformer import DreamPainterConfig, DreamPainterTransformer
 
 FORMAT_NAME = "dreampainter"
@@ -37,18 +37,9 @@ DEFAULT_BASE_MODEL = "CogView4-6B"
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """Write a safetensors file so that a crash never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def _base_geometry(model: DreamPainterTransformer) -> dict[str, int]:

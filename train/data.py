@@ -25,13 +25,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dreampainter_core.fileio import atomic_write_text
 
 from .manifest import Sample, read_manifest, validate_sample
 from .prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
@@ -199,24 +200,6 @@ def _auto_mask(remove, session, image_path: Path) -> np.ndarray:
     return np.array(alpha) >= 128
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def cmd_build(args) -> int:
     images_dir = Path(args.images)
     if not images_dir.is_dir():
@@ -323,7 +306,7 @@ def cmd_build(args) -> int:
     if not records:
         print(f"no samples: nothing written to {out}", file=sys.stderr)
         return 1
-    _write_atomic(out, records)
+    atomic_write_text(out, "".join(line + "\n" for line in records))
     print(
         f"wrote {len(records)} samples to {out} ({n_ref} with a reference"
         + (f", {n_mixed_zh} Chinese prompts with an English product name" if n_mixed_zh else "")

@@ -47,9 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +57,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dreampainter_core.fileio import atomic_write_bytes
 from dreampainter_core import metrics as M
 from dreampainter_core.errors import DreamPainterError
 
@@ -103,37 +102,12 @@ BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern",
 # ----------------------------------------------------------------------------- helpers
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _save_png(img: Image.Image, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _finite(v):
@@ -557,7 +531,7 @@ def _matplotlib_report(report: dict, path: Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return True
 
 
@@ -675,7 +649,7 @@ def main(argv=None) -> int:
         sheet = out.with_name(out.stem + "_samples.png")
         write_contact_sheet(samples, kept, sheet)
         report["samples_sheet"] = sheet.name
-    _atomic_write(out, (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(out, (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
     for mode, body in report["modes"].items():
         s = body["summary"]
         print(f"{mode}: " + ", ".join(f"{k}={_fmt(s.get(k))}" for k in

@@ -48,15 +48,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from dreampainter_core.fileio import atomic_write_bytes
 
 __all__ = [
     "PALETTE",
@@ -566,30 +566,6 @@ def scene_prompt(scene: dict) -> tuple[str, str]:
 # Writing
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _png_bytes(array: np.ndarray, mode: str) -> bytes:
     buf = io.BytesIO()
     # Fixed settings (and no metadata) so the same pixels always give the same bytes.
@@ -640,10 +616,10 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
     for i in range(count):
         sid = f"{i:06d}"
         scene, r, _ = make_scene(seed, i, size)
-        _atomic_write_bytes(out / "images" / f"{sid}.png", _png_bytes(r["image"], "RGB"))
-        _atomic_write_bytes(out / "masks" / f"{sid}.png", _png_bytes(r["mask"].astype(np.uint8) * 255, "L"))
+        atomic_write_bytes(out / "images" / f"{sid}.png", _png_bytes(r["image"], "RGB"))
+        atomic_write_bytes(out / "masks" / f"{sid}.png", _png_bytes(r["mask"].astype(np.uint8) * 255, "L"))
         if references:
-            _atomic_write_bytes(out / "refs" / f"{sid}.png", _png_bytes(r["reference"], "RGB"))
+            atomic_write_bytes(out / "refs" / f"{sid}.png", _png_bytes(r["reference"], "RGB"))
         en, zh = scene_prompt(scene)
         ys, xs = np.nonzero(r["mask"])
         scene["product"]["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -662,7 +638,7 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
     start = 0
     for name, n in zip(("train", "val", "test"), counts):
         path = out / f"{name}.jsonl"
-        _atomic_write_bytes(path, "".join(line + "\n" for line in lines[start : start + n]).encode("utf-8"))
+        atomic_write_bytes(path, "".join(line + "\n" for line in lines[start : start + n]).encode("utf-8"))
         paths[name] = path
         start += n
     info = {
@@ -672,7 +648,7 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
         "product_shapes": list(PRODUCT_SHAPES), "stand_shapes": list(STAND_SHAPES),
     }
     paths["info"] = out / "dataset.json"
-    _atomic_write_bytes(paths["info"], (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(paths["info"], (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return paths
 
 

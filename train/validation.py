@@ -13,12 +13,13 @@ text + reference result. Saved atomically as ``<output_dir>/validation/step_<ste
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from dreampainter_core.fileio import atomic_path
 
 from .dataset import ManifestDataset
 from .manifest import load_sample
@@ -52,15 +53,8 @@ def save_grid(rows: list[list[Image.Image | None]], path: str | os.PathLike, cel
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             grid.paste(_cell(img, cell), (j * cell, i * cell))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
