@@ -3,10 +3,12 @@
     python bench/sampler.py [--layers 8] [--heads 8] [--head-dim 64] [--size 512] [--control-blocks 2]
                             [--reference-size 256] [--device cpu|cuda] [--dtype fp32|bf16] [--repeats 3]
 
-Both pipelines share the same transformer weights, tiny text encoder and tiny VAE. One
-denoising step (CFG: two transformer calls + the Euler update) is measured as the time
-difference between runs with ``--steps-long`` and ``--steps-short`` steps divided by the
-step difference, so prompt encoding, VAE work and setup cancel out. Median of repeats.
+Both pipelines share the same transformer weights, tiny text encoder and tiny VAE. Only
+the denoising loop is timed: diffusers' pipeline gets precomputed prompt embeddings and
+returns latents; ours runs ``DreamPainterPipeline.sample`` on precomputed conditioning.
+One step (CFG: two transformer calls + the Euler update) = loop time / steps. Variants
+take turns within each repeat; the median and the minimum over repeats are printed (the
+minimum is the least disturbed by other load on a shared machine).
 
 Goal (issue 2): without a reference, our step costs at most the control branch's share of
 the blocks (control_blocks / layers) plus 5% over the stock pipeline's step.
@@ -42,21 +44,18 @@ def timed(run, steps, device):
     start = time.perf_counter()
     run(steps)
     sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / steps
 
 
-def per_step_seconds(variants, steps_short, steps_long, repeats, device):
-    """Median per-step time of each variant. Variants take turns within every repeat, so
-    a change in machine load hits all of them alike (this machine may be shared)."""
+def per_step_seconds(variants, steps, repeats, device):
+    """(median, min) seconds per step of each variant; variants take turns in each repeat."""
     for _, run in variants:
         run(1)  # warm-up
     samples = {name: [] for name, _ in variants}
     for _ in range(repeats):
         for name, run in variants:
-            short = timed(run, steps_short, device)
-            long = timed(run, steps_long, device)
-            samples[name].append((long - short) / (steps_long - steps_short))
-    return [(name, statistics.median(samples[name])) for name, _ in variants]
+            samples[name].append(timed(run, steps, device))
+    return [(name, statistics.median(samples[name]), min(samples[name])) for name, _ in variants]
 
 
 def main(argv=None):
@@ -67,8 +66,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--control-blocks", type=int, default=2)
     parser.add_argument("--reference-size", type=int, default=256)
-    parser.add_argument("--steps-short", type=int, default=1)
-    parser.add_argument("--steps-long", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -110,22 +108,35 @@ def main(argv=None):
     mask[size // 4 : 3 * size // 4, size // 3 : 2 * size // 3] = 1
     reference = torch.rand(args.reference_size, args.reference_size, 3)
     prompt = "a red bottle on a white marble table"
-    common = dict(guidance_scale=3.5, seed=0, paste_back=False)
+
+    with torch.no_grad():
+        embeds = ours.encode_prompt([prompt])
+        negative = ours.encode_prompt([""])
+        request = ours.prepare_inputs(product, mask, reference, steps=1)
+        foreground, canvas_mask = request.product, request.mask
+        control = ours.prepare_control(foreground, canvas_mask)
+        ref_latents = ours.encode_reference(request.reference, args.reference_size)
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
 
     def run_stock(steps):
-        stock(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5,
-              generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+        stock(prompt_embeds=embeds, negative_prompt_embeds=negative, height=size, width=size,
+              num_inference_steps=steps, guidance_scale=3.5, latents=noise.clone(), output_type="latent")
 
-    def runner(pipe, **extra):
-        return lambda steps: pipe(prompt, product, mask, steps=steps, **common, **extra)
+    def runner(pipe, with_control=True, reference=False, **extra):
+        def run(steps):
+            pipe.sample(noise, embeds, negative, steps=steps, guidance_scale=3.5, height=size, width=size,
+                        control_latents=control if with_control else None,
+                        reference_latents=ref_latents if reference else None, **extra)
+        return run
 
     variants = [
         ("diffusers CogView4Pipeline (baseline)", run_stock),
-        ("ours, base only (no DreamPainter weights)", runner(plain)),
+        ("ours, base only (no DreamPainter weights)", runner(plain, with_control=False)),
         ("ours, control branch, lora_scale=0", runner(ours, lora_scale=0.0)),
-        ("ours, control branch + LoRA", runner(ours)),
-        (f"ours, + {args.reference_size}px reference", runner(ours, reference=reference, reference_size=args.reference_size)),
-        (f"ours, + reference, attention_scale=0.5", runner(ours, reference=reference, reference_size=args.reference_size, attention_scale=0.5)),
+        ("ours, control branch + LoRA (merged)", runner(ours)),
+        ("ours, control branch + LoRA (unmerged)", runner(ours, merge_lora=False)),
+        (f"ours, + {args.reference_size}px reference", runner(ours, reference=True)),
+        ("ours, + reference, attention_scale=0.5", runner(ours, reference=True, attention_scale=0.5)),
     ]
     tokens = (size // 16) ** 2
     print(f"model: {args.layers} blocks, {args.heads} heads x {args.head_dim}, {size}x{size} -> {tokens} image tokens; "
@@ -133,11 +144,11 @@ def main(argv=None):
           f"reference {args.reference_size}px -> {(args.reference_size // 16) ** 2} tokens; device {device}, {args.dtype}, "
           f"threads {torch.get_num_threads()}")
     with torch.no_grad():
-        results = per_step_seconds(variants, args.steps_short, args.steps_long, args.repeats, device)
-    baseline = results[0][1]
-    print(f"{'variant':<48} {'s/step':>9} {'ratio':>7}")
-    for name, seconds in results:
-        print(f"{name:<48} {seconds:9.4f} {seconds / baseline:7.3f}")
+        results = per_step_seconds(variants, args.steps, args.repeats, device)
+    _, base_median, base_min = results[0]
+    print(f"{'variant':<48} {'median s/step':>13} {'ratio':>7} {'min s/step':>11} {'ratio':>7}")
+    for name, median, minimum in results:
+        print(f"{name:<48} {median:13.4f} {median / base_median:7.3f} {minimum:11.4f} {minimum / base_min:7.3f}")
     budget = 1 + args.control_blocks / args.layers + 0.05
     print(f"goal without reference: ratio <= {budget:.3f} (1 + control share + 5%)")
 
