@@ -165,7 +165,16 @@ class DreamPainterMaskRefine(io.ComfyNode):
         refined = refine_mask(as_mask_batch(mask, "mask"), close=close, open=open, dilate=dilate,
                               fill_holes=fill_holes, min_area=min_area, feather=feather)
         overlay = mask_overlay(refined, image)
-        return io.NodeOutput(refined, overlay, ui=ui.PreviewImage(overlay, cls=cls))
+        preview = ui.PreviewImage(overlay, cls=cls).as_dict()
+        preview["dreampainter_mask"] = [mask_stats(as_mask_batch(mask, "mask"), refined)]
+        return io.NodeOutput(refined, overlay, ui=preview)
+
+
+def mask_stats(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """What refining did, for the web extension's caption: share of the canvas kept, pixels added/removed."""
+    b, a = before > 0.5, after > 0.5  # refine_mask keeps the shape
+    return {"coverage": round(float(a.float().mean()), 4), "added": int((a & ~b).sum()),
+            "removed": int((b & ~a).sum()), "width": int(a.shape[-1]), "height": int(a.shape[-2])}
 
 
 class DreamPainterComposite(io.ComfyNode):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
+import torch
+from comfy_api.latest import io, ui
 
 from ..dreampainter_core.pipeline import DreamPainterPipeline
 from . import memory
@@ -20,6 +21,28 @@ from .sockets import (
 logger = logging.getLogger("DreamPainter")
 
 SCALE_SLIDER = dict(default=1.0, min=0.0, max=2.0, step=0.05, round=0.01, display_mode=io.NumberDisplay.slider)
+LORA_SCALE_TIP = ("Strength of the stage-2 LoRA (reference following and harmonisation); 0 = the stage-1 model. "
+                  "The paper finds quality collapses below about 0.4: to follow the reference less, lower "
+                  "attention_scale instead.")
+ATTENTION_SCALE_TIP = ("How strongly the image attends to the reference tokens: 1 = plain attention, > 1 follows the "
+                       "reference more, lower values follow it less. The paper finds this stays coherent below 0.4 "
+                       "(unlike lora_scale).")
+#: Before/after pairs the sampler sends to the web extension's compare slider (web/dreampainter.js).
+COMPARE_KEY = "dreampainter_compare"
+COMPARE_LIMIT = 8
+
+
+def compare_previews(product: torch.Tensor, images: torch.Tensor, limit: int = COMPARE_LIMIT) -> dict:
+    """Temp PNGs of (product, result) pairs for the compare slider; one pair per output image (first ``limit``)."""
+    n = min(int(images.shape[0]), limit)
+    product = product if product.dim() == 4 else product.unsqueeze(0)
+    before = product[[i % product.shape[0] for i in range(n)]].float().cpu()
+    if tuple(before.shape[1:3]) != tuple(images.shape[1:3]):
+        return {}
+    kw = dict(folder_type=io.FolderType.temp, cls=None, compress_level=1)
+    saved_before = ui.ImageSaveHelper.save_images(before, filename_prefix="DreamPainter_before", **kw)
+    saved_after = ui.ImageSaveHelper.save_images(images[:n].float().cpu(), filename_prefix="DreamPainter_after", **kw)
+    return {COMPARE_KEY: [{"before": b, "after": a} for b, a in zip(saved_before, saved_after)]}
 
 
 def run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
@@ -79,10 +102,8 @@ class DreamPainterSampler(io.ComfyNode):
                                tooltip="< 1 starts from the product on its blank canvas instead of pure noise."),
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Images per product (a batch of products gives one image each)."),
-                io.Float.Input("lora_scale", tooltip="Strength of the stage-2 LoRA (reference following and "
-                               "harmonisation); 0 = the stage-1 model.", **SCALE_SLIDER),
-                io.Float.Input("attention_scale", tooltip="How strongly the image attends to the reference: "
-                               "0 ignores it, 1 = plain attention, > 1 follows it more.", **SCALE_SLIDER),
+                io.Float.Input("lora_scale", tooltip=LORA_SCALE_TIP, **SCALE_SLIDER),
+                io.Float.Input("attention_scale", tooltip=ATTENTION_SCALE_TIP, **SCALE_SLIDER),
                 io.Boolean.Input("mask_guidance", default=False,
                                  tooltip="Let the control branch act on product tokens only (fights extra objects "
                                          "growing out of the product)."),
@@ -100,4 +121,6 @@ class DreamPainterSampler(io.ComfyNode):
                 lora_scale, attention_scale, mask_guidance, paste_back, reference=None) -> io.NodeOutput:
         out = run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
                           lora_scale, attention_scale, mask_guidance, paste_back, reference)
-        return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu())
+        previews = compare_previews(product, out.images)
+        return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu(),
+                             ui=previews or None)

