@@ -68,8 +68,7 @@ def test_paste_back_keeps_product_pixels_bit_identical(stage2_pipe):
     assert torch.equal(out[hard], product[hard])
     raw = stage2_pipe([PROMPT, "a blue cup"], product, mask, steps=2, seed=0, paste_back=False)
     assert not torch.equal(raw[hard], product[hard])  # the model alone does not give them back exactly
-    outside = ~hard
-    outside[:, :, : SIZE // 3 - 4] = True
+    # Away from the product paste-back changes nothing but the 1-3 px feather ramp.
     assert out.shape == (2, SIZE, SIZE, 3) and (out - raw).abs()[~hard].mean() < (out - raw).abs()[hard].mean()
 
 
@@ -160,7 +159,7 @@ def test_bad_inputs_fail_clearly_before_heavy_work(stage2_pipe, monkeypatch, cas
     product, mask = _product()
     kwargs = dict(steps=2)
     if case == "mask_size":
-        mask = torch.ones(SIZE, SIZE + 16) * 0 + torch.nn.functional.pad(mask, (0, 16))
+        mask = torch.nn.functional.pad(mask, (0, 16))  # 144 px wide vs a 128 px product
     elif case == "empty_mask":
         mask = torch.zeros_like(mask)
     elif case == "full_mask":
