@@ -203,3 +203,41 @@ def test_stage1_bf16_autocast_checkpointing_and_8bit_message(tiny_model_dir, tmp
         cfg8 = tiny_config(1, tiny_model_dir, manifest, tmp_path / "b8", ["optim.optimizer=adamw8bit", "validation.every=0"])
         with pytest.raises(ConfigError, match="needs bitsandbytes.*optim.optimizer=adamw"):
             Trainer(cfg8, echo=lambda m: None).setup()
+
+
+def test_mask_loss_weight_weights_the_product_region(tiny_model_dir, tmp_path):
+    """train.mask_loss_weight = w: per-sample loss = mean(err * W), W = 1 + (w - 1) * Z_m normalised to
+    mean 1 per sample (Z_m = the last control channel); w = 1 is the plain MSE (no weight at all)."""
+    from train.dataset import collate
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=4, size=64, seed=3)
+    cfg = tiny_config(1, tiny_model_dir, manifest, tmp_path / "w", ["train.mask_loss_weight=3", "validation.every=0"])
+    trainer = Trainer(cfg, echo=lambda m: None).setup()
+    with torch.no_grad():  # the gates start at zero: make the branch act so the weight matters
+        for gate in trainer.model.control.gates:
+            gate.weight.normal_(0, 0.05)
+    batch = collate([trainer.dataset[i] for i in trainer.sampler.global_batches(0)[0]])
+    groups = trainer._groups(batch, 0, 0)
+    with torch.no_grad():
+        weighted = trainer._call(groups, wrapped=False)
+        plain, manual = [], []
+        for g in groups:
+            v = trainer.model(g["x_t"], g["text"], g["timestep"], g["size"], g["size"], g["crop"],
+                              control_latents=g["control"])
+            err = (v.float() - g["target"]) ** 2
+            m = g["control"][:, -1:].float()
+            assert 0 < float(m.mean()) < 1  # the shapes cover part of the latent grid
+            w = 1 + 2 * m
+            manual.append((err * w / w.mean(dim=(1, 2, 3), keepdim=True)).mean(dim=(1, 2, 3)))
+            plain.append(err.mean(dim=(1, 2, 3)))
+            torch.testing.assert_close(g["weight"].mean(dim=(1, 2, 3)), torch.ones(len(g["index"])))
+    torch.testing.assert_close(weighted, torch.cat(manual))
+    assert not torch.allclose(weighted, torch.cat(plain))
+    trainer.close()
+
+    trainer = Trainer(tiny_config(1, tiny_model_dir, manifest, tmp_path / "p", ["validation.every=0"]),
+                      echo=lambda m: None).setup()
+    assert all(g["weight"] is None for g in trainer._groups(batch, 0, 0))
+    trainer.close()
+    with pytest.raises(ConfigError, match="mask_loss_weight must be > 0"):
+        tiny_config(1, tiny_model_dir, manifest, tmp_path / "z", ["train.mask_loss_weight=0"])

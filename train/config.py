@@ -102,6 +102,9 @@ class TrainConfig:
     logit_std: float = 1.0
     mu: str = "dynamic"  # time shift: "dynamic" = CogView4's mu for the image's token count, or a number
     fixed_batch: bool = False  # overfit: reuse the first global batch every step (debugging, tests)
+    # Loss weight inside the product: per latent pixel 1 + (w - 1) * Z_m (the mask on the latent grid,
+    # soft at edges), normalised to mean 1 per sample; 1 = plain MSE (ours; the paper gives none)
+    mask_loss_weight: float = 1.0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
 
 
@@ -428,6 +431,8 @@ def validate(cfg: Config) -> Config:
             problems.append(f"{name} must be >= {lo}, got {v}")
     if not 0.0 <= d.reference_prob <= 1.0:
         problems.append(f"data.reference_prob must be in [0, 1], got {d.reference_prob}")
+    if t.mask_loss_weight <= 0:
+        problems.append(f"train.mask_loss_weight must be > 0 (1 = plain MSE), got {t.mask_loss_weight}")
     if not 0.0 <= d.empty_prompt_prob <= 1.0:
         problems.append(f"data.empty_prompt_prob must be in [0, 1], got {d.empty_prompt_prob}")
     if o.lr <= 0:

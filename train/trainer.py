@@ -150,7 +150,10 @@ class TrainingModule(nn.Module):
                 g["x_t"], g["text"], g["timestep"], g["size"], g["size"], g["crop"],
                 control_latents=g["control"], reference_latents=g["reference"],
             )
-            losses.append(((v.float() - g["target"]) ** 2).mean(dim=(1, 2, 3)))
+            err = (v.float() - g["target"]) ** 2
+            if g.get("weight") is not None:
+                err = err * g["weight"]
+            losses.append(err.mean(dim=(1, 2, 3)))
         return torch.cat(losses)
 
 
@@ -739,6 +742,12 @@ class Trainer:
         keys: dict[tuple, list[int]] = {}
         for i in range(n):
             keys.setdefault((texts[i].shape[0], None if refs[i] is None else tuple(refs[i].shape)), []).append(i)
+        weight = None
+        if t.mask_loss_weight != 1.0:
+            # [B, 1, h, w]: 1 outside the product, mask_loss_weight inside (Z_m, the last control
+            # channel, is the mask's area coverage on the latent grid), mean 1 per sample.
+            weight = 1.0 + (t.mask_loss_weight - 1.0) * control[:, -1:].float()
+            weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
         groups = []
         for (_, ref_shape), idx in keys.items():
             ix = torch.tensor(idx, device=self.device)
@@ -751,6 +760,7 @@ class Trainer:
                 "control": control[ix],
                 "reference": None if ref_shape is None else torch.stack([refs[i] for i in idx]).to(device=self.device),
                 "target": target[ix],
+                "weight": None if weight is None else weight[ix],
                 "index": idx,
             })
         return groups

@@ -1,0 +1,127 @@
+"""train.miniature --smoke: every phase of the miniature DreamEcom for a handful of steps (CPU).
+
+The result must load in DreamPainterPipeline (base folder + DreamPainter file), be stored in bf16,
+fit in 20 MB, and train.evaluate must have written its reports. A second run skips every phase; a
+run with changed settings refuses to mix models; --budget-minutes scales the step counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dreampainter_core.pipeline import DreamPainterPipeline
+from train import miniature
+from train.miniature import PHASES, Miniature, RecipeError, load_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared CI box: one intra-op thread is much faster than two contended ones.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("miniature") / "run"
+        t0 = time.perf_counter()
+        assert miniature.main(["--out", str(out), "--smoke"]) == 0
+        print(f"miniature --smoke: {time.perf_counter() - t0:.1f} s")
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def test_smoke_result_loads_is_bf16_small_and_evaluated(smoke_run):
+    model = smoke_run / "model"
+    weights = model / miniature.WEIGHTS_NAME
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (model / sub).is_dir(), sub
+    assert (model / "model_index.json").is_file() and weights.is_file()
+
+    # Every weight file in bf16; the whole folder under 20 MB.
+    files = sorted(model.rglob("*.safetensors"))
+    assert {f.relative_to(model).parts[0] for f in files} == {
+        "transformer", "vae", "text_encoder", miniature.WEIGHTS_NAME}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            assert {str(st.get_slice(k).get_dtype()) for k in st.keys()} == {"BF16"}, f
+    total = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    assert total < 20e6
+
+    with safe_open(str(weights), framework="pt") as st:
+        meta = st.metadata()
+    assert meta["stage"] == "2" and meta["base_model"] == miniature.BASE_MODEL_NAME
+
+    # The VAE config carries the measured latent scale / shift; the pipeline applies them.
+    vae_cfg = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] != 1.0 and vae_cfg["latent_channels"] == 16 and not vae_cfg["use_quant_conv"]
+
+    pipe = DreamPainterPipeline.from_pretrained(model, dreampainter_weights=weights)
+    assert pipe.transformer.control is not None and pipe.transformer.supports_reference
+    assert pipe.transformer.control.blocks.__len__() == 4 and pipe.transformer.base.config.num_layers == 6
+    product = torch.rand(1, 128, 128, 3)
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 40:100, 50:80] = 1
+    img = pipe("a red bottle on a white table, soft shadow, blue striped background", product, mask,
+               reference=torch.rand(1, 128, 128, 3), steps=2, guidance_scale=2.0)
+    assert img.shape == (1, 128, 128, 3) and torch.isfinite(img).all()
+    assert torch.equal(img[mask.bool()], product[mask.bool()])  # paste-back
+
+    report = json.loads((smoke_run / "eval" / "report.json").read_text())
+    assert set(report["modes"]) == {"t2i", "tr2i"} and report["resolution"] == [128, 128]
+    for body in report["modes"].values():
+        assert body["summary"]["n"] == 2 and body["summary"]["product_exact_pasted"] == 1.0
+    assert (smoke_run / "eval" / "report.png").is_file()
+    sweep = json.loads((smoke_run / "eval" / "sweep.json").read_text())
+    assert {p: [pt["value"] for pt in body["points"]] for p, body in sweep["sweeps"].items()} == {
+        "lora_scale": [0.0, 1.0], "attention_scale": [0.0, 1.0]}
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert list(summary["phases"]) == list(PHASES)
+    assert summary["phases"]["stage1"]["metrics"]["steps"] == 2
+    assert summary["phases"]["export"]["metrics"]["total_mb"] < 20
+
+
+def test_second_run_skips_every_phase_and_changed_settings_are_refused(smoke_run):
+    mtime = (smoke_run / "model" / miniature.WEIGHTS_NAME).stat().st_mtime_ns
+    t0 = time.perf_counter()
+    summary = Miniature(smoke_run, load_recipe(smoke=True), echo=lambda m: None).run()
+    assert time.perf_counter() - t0 < 10
+    assert all(p["skipped"] for p in summary["phases"].values())
+    assert (smoke_run / "model" / miniature.WEIGHTS_NAME).stat().st_mtime_ns == mtime
+
+    recipe = load_recipe(smoke=True)
+    recipe["base"]["lr"] = 5e-4  # the base phase (and everything after it) would differ
+    with pytest.raises(RecipeError, match="phase 'base' was made with other settings"):
+        Miniature(smoke_run, recipe, echo=lambda m: None).run()
+
+
+def test_budget_scales_steps_and_stage_configs(tmp_path):
+    recipe = load_recipe()
+    full = Miniature(tmp_path, recipe)
+    half = Miniature(tmp_path, recipe, budget_minutes=45)
+    assert half.scale == pytest.approx(0.5)
+    for phase in ("vae", "base"):
+        assert half._phase_settings(phase)["steps"] == round(recipe[phase]["steps"] / 2)
+    c1, h1 = full.stage_config(1), half.stage_config(1)
+    assert h1.train.max_steps == round(c1.train.max_steps / 2)
+    assert c1.model.base == str(tmp_path / "model") and c1.data.manifest == str(tmp_path / "data" / "train.jsonl")
+    assert (c1.model.dtype, c1.train.mixed_precision, c1.checkpoint.export_dtype) == ("bf16", "bf16", "bf16")
+    assert c1.train.mask_loss_weight > 1 and c1.cache.enabled and c1.data.empty_prompt_prob > 0
+    c2 = full.stage_config(2)
+    assert c2.model.stage1_weights == str(tmp_path / "stage1" / "dreampainter_stage1.safetensors")
+    assert c2.data.reference_prob == 0.5 and 128 in c2.data.reference_sizes
+    # --smoke ignores the budget; every phase gets a handful of steps.
+    smoke = Miniature(tmp_path, load_recipe(smoke=True), budget_minutes=45)
+    assert smoke.scale == 1.0 and smoke.stage_config(1).train.max_steps == 2

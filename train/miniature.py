@@ -1,0 +1,811 @@
+"""The miniature DreamEcom: synthetic data, a tiny CogView4-architecture model trained from scratch
+on CPU, both DreamPainter stages on top of it, and the paper's evaluation, in one command.
+
+    python -m train.miniature --out runs/miniature [--budget-minutes 90] [--smoke] [--until PHASE]
+
+Phases (configs/miniature/recipe.toml holds every setting; stage 1 and 2 use
+configs/miniature/stage1.toml / stage2.toml with the project's own trainer):
+
+1. ``data``: ``train.synthetic`` scenes (train / val / test manifests) in ``DIR/data``.
+2. ``text``: the frozen, randomly initialised tiny GLM text encoder, its tokenizer (the synthetic
+   vocabulary) and CogView4's scheduler, from ``dreampainter_core.tiny``, into ``DIR/model``.
+3. ``vae``: a 16-channel AutoencoderKL with CogView4's structure (8x, no quant convs), trained
+   on random crops with L1 + L2 (+ a small KL); the latent scale/shift measured on training
+   images goes into its config (the pipeline applies ``scaling_factor`` / ``shift_factor``).
+4. ``base``: a CogView4Transformer2DModel (64 image tokens at 128 px) trained from scratch by
+   flow matching in the sampler's convention (train/flow.py: shifted sigma, unshifted
+   timestep), with empty prompts for classifier-free guidance, on frozen GLM features of each
+   prompt alone (exactly what ``encode_prompt`` gives at inference), EMA weights exported.
+5. ``stage1`` / ``stage2``: ``train.trainer.run`` on the base (``DIR/stage1``, ``DIR/stage2``).
+6. ``export``: the base folder ``DIR/model`` (diffusers layout) plus ``DIR/model/dreampainter.safetensors``
+   (the stage-2 file, which carries the stage-1 branch), everything bf16, checked to load in
+   ``DreamPainterPipeline`` and to fit ``export.max_mb``.
+7. ``evaluate``: ``train.evaluate`` on the test split (``DIR/eval/report.json`` + PNGs) and the
+   lora_scale / attention_scale sweeps (``DIR/eval/sweep.json``).
+
+Every component is saved in bf16 as soon as it is trained and the later phases load those files
+(as float32), so each phase trains against exactly the weights that ship.
+
+Resume: a finished phase writes ``DIR/phases/<phase>.json`` (time, metrics, a fingerprint of its
+settings and of the phases before it) and is skipped next time; a phase whose settings changed
+stops the run with a message instead of silently mixing models. Stage 1 / 2 also resume from
+their own checkpoints inside a phase. ``DIR/summary.json`` collects timings and numbers.
+
+Budget: the step counts in the recipe are sized for ``budget_minutes`` (90) on 2 CPU cores;
+``--budget-minutes B`` scales every training phase's steps by B / 90. Steps, not the clock, decide
+what is trained, so a seed gives the same model whatever the machine's speed.
+
+``--smoke`` merges the recipe's ``[smoke.*]`` tables (a few samples and steps per phase): the
+whole pipeline in well under two minutes, for CI (tests/test_miniature.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "configs" / "miniature" / "recipe.toml"
+PHASES = ("data", "text", "vae", "base", "stage1", "stage2", "export", "evaluate")
+WEIGHTS_NAME = "dreampainter.safetensors"
+BASE_MODEL_NAME = "dreampainter-miniature-base"
+RECIPE_VERSION = 1
+
+__all__ = ["PHASES", "load_recipe", "Miniature", "main", "vae_config", "transformer_config"]
+
+
+class RecipeError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge; ``overrides`` lists are appended, other values replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        elif k == "overrides" and isinstance(v, list):
+            out[k] = list(out.get(k, [])) + list(v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None = None, smoke: bool = False) -> dict:
+    import tomllib
+
+    path = Path(path) if path is not None else DEFAULT_RECIPE
+    recipe = tomllib.loads(path.read_text(encoding="utf-8"))
+    smoke_tables = recipe.pop("smoke", {})
+    if smoke:
+        recipe = _merge(recipe, smoke_tables)
+    recipe["smoke"] = bool(smoke)
+    for section in ("data", "vae", "base", "stage1", "stage2", "evaluate", "export"):
+        if section not in recipe:
+            raise RecipeError(f"{path}: missing [{section}]")
+    return recipe
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _scaled(steps: int, scale: float) -> int:
+    return max(1, int(round(steps * scale)))
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place (replacing an older one)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8) > 127
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in dB of images in 0..1 (mask: [H, W] bool, channels broadcast)."""
+    err = (a.float() - b.float()) ** 2
+    if mask is not None:
+        err = err[mask.expand_as(err)] if err.shape[-3:-2] != mask.shape else err[..., mask]
+    mse = float(err.mean())
+    return 100.0 if mse <= 0 else 10.0 * math.log10(1.0 / mse)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _autocast(dtype: str):
+    """bf16 autocast on the CPU (fast with AMX/AVX512-BF16) or nothing."""
+    import contextlib
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def vae_config(sec: dict) -> dict:
+    """The VAE's diffusers config: CogView4's structure (tiny.tiny_vae_config) at the recipe's widths."""
+    from dreampainter_core.tiny import tiny_vae_config
+
+    cfg = tiny_vae_config()
+    cfg.update(block_out_channels=list(sec["block_out_channels"]), layers_per_block=int(sec["layers_per_block"]),
+               norm_num_groups=int(sec["norm_num_groups"]), sample_size=int(sec.get("sample_size", 128)))
+    cfg["down_block_types"] = ["DownEncoderBlock2D"] * len(cfg["block_out_channels"])
+    cfg["up_block_types"] = ["UpDecoderBlock2D"] * len(cfg["block_out_channels"])
+    return cfg
+
+
+def transformer_config(sec: dict, text_dim: int, size: int) -> dict:
+    from dreampainter_core.tiny import tiny_transformer_config
+
+    cfg = tiny_transformer_config()
+    cfg.update(num_layers=int(sec["num_layers"]), num_attention_heads=int(sec["num_attention_heads"]),
+               attention_head_dim=int(sec["attention_head_dim"]), time_embed_dim=int(sec["time_embed_dim"]),
+               text_embed_dim=int(text_dim), sample_size=size // 8)
+    return cfg
+
+
+def _n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+class Miniature:
+    def __init__(self, out: str | os.PathLike, recipe: dict, budget_minutes: float | None = None,
+                 echo: Callable[[str], None] | None = None):
+        self.out = Path(out)
+        self.recipe = recipe
+        self.seed = int(recipe.get("seed", 0))
+        ref = float(recipe.get("budget_minutes", 90))
+        self.budget = ref if budget_minutes is None else float(budget_minutes)
+        if self.budget <= 0:
+            raise RecipeError("--budget-minutes must be > 0")
+        self.scale = 1.0 if recipe["smoke"] else self.budget / ref
+        self.echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.data_dir = self.out / "data"
+        self.model_dir = self.out / "model"
+        self.phase_dir = self.out / "phases"
+        self.weights_path = self.model_dir / WEIGHTS_NAME
+        self.fingerprints: dict[str, str] = {}
+        self.precision = str(recipe.get("precision", "bf16"))
+        if self.precision not in _DTYPES:
+            raise RecipeError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        self.dtype = _DTYPES[self.precision]
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def _phase_settings(self, phase: str) -> Any:
+        r = self.recipe
+        common = {"seed": self.seed, "version": RECIPE_VERSION, "precision": self.precision}
+        if phase == "data":
+            return {**common, **r["data"]}
+        if phase == "text":
+            return common
+        if phase in ("vae", "base"):
+            sec = dict(r[phase])
+            sec["steps"] = _scaled(int(sec["steps"]), self.scale)
+            return {**common, **sec}
+        if phase in ("stage1", "stage2"):
+            sec = dict(r[phase])
+            sec["config_text"] = (REPO / sec["config"]).read_text(encoding="utf-8")
+            sec["scale"] = self.scale
+            return {**common, **sec}
+        if phase == "export":
+            return {**common, **r["export"]}
+        return {**common, **r["evaluate"]}
+
+    def fingerprint(self, phase: str) -> str:
+        if phase not in self.fingerprints:
+            i = PHASES.index(phase)
+            prev = self.fingerprint(PHASES[i - 1]) if i else ""
+            self.fingerprints[phase] = _fingerprint(phase, prev, self._phase_settings(phase))
+        return self.fingerprints[phase]
+
+    def marker(self, phase: str) -> Path:
+        return self.phase_dir / f"{phase}.json"
+
+    def done(self, phase: str) -> dict | None:
+        path = self.marker(phase)
+        if not path.is_file():
+            return None
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("fingerprint") != self.fingerprint(phase):
+            raise RecipeError(
+                f"{path}: phase {phase!r} was made with other settings (or from other earlier phases) than this "
+                f"run's. Use another --out, or delete {path} and the phases after it to redo them.")
+        return rec
+
+    def run(self, until: str | None = None) -> dict:
+        until = until or PHASES[-1]
+        if until not in PHASES:
+            raise RecipeError(f"--until must be one of {', '.join(PHASES)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        summary = {"recipe": self.recipe, "budget_minutes": self.budget, "step_scale": self.scale,
+                   "threads": torch.get_num_threads(), "phases": {}}
+        t_all = time.perf_counter()
+        for phase in PHASES[: PHASES.index(until) + 1]:
+            rec = self.done(phase)
+            if rec is not None:
+                self.echo(f"[{phase}] done before ({rec['seconds']:.0f} s): skipped")
+                summary["phases"][phase] = {**rec, "skipped": True}
+                continue
+            self.echo(f"[{phase}] ...")
+            t0 = time.perf_counter()
+            metrics = getattr(self, f"phase_{phase}")()
+            dt = time.perf_counter() - t0
+            rec = {"phase": phase, "seconds": round(dt, 2), "metrics": metrics, "fingerprint": self.fingerprint(phase),
+                   "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            _atomic_write_text(self.marker(phase), json.dumps(rec, indent=2, ensure_ascii=False) + "\n")
+            summary["phases"][phase] = {**rec, "skipped": False}
+            self.echo(f"[{phase}] {dt:.0f} s: " + json.dumps(_short(metrics), ensure_ascii=False))
+        summary["seconds_this_run"] = round(time.perf_counter() - t_all, 2)
+        summary["seconds_all_phases"] = round(sum(p["seconds"] for p in summary["phases"].values()), 2)
+        _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return summary
+
+    # ---- 1. data ---------------------------------------------------------------------
+    def phase_data(self) -> dict:
+        from .synthetic import split_counts, write_scenes
+
+        d = self.recipe["data"]
+        tmp = self.out / ".data.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_scenes(tmp, int(d["count"]), size=int(d["size"]), seed=self.seed, splits=d["splits"])
+        _replace_dir(tmp, self.data_dir)
+        n = split_counts(int(d["count"]), d["splits"])
+        return {"train": n[0], "val": n[1], "test": n[2], "size": int(d["size"])}
+
+    # ---- 2. text encoder, tokenizer, scheduler -----------------------------------------
+    def phase_text(self) -> dict:
+        from dreampainter_core.tiny import (
+            DIFFUSERS_VERSION_TAG,
+            build_tiny_components,
+            save_tokenizer_portable,
+        )
+
+        comps = build_tiny_components(self.seed)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        te = comps["text_encoder"].to(torch.bfloat16)
+        for sub in ("text_encoder", "tokenizer", "scheduler"):
+            if (self.model_dir / sub).exists():
+                shutil.rmtree(self.model_dir / sub)
+        te.save_pretrained(str(self.model_dir / "text_encoder"), safe_serialization=True)
+        save_tokenizer_portable(comps["tokenizer"], self.model_dir / "tokenizer")
+        comps["scheduler"].save_pretrained(str(self.model_dir / "scheduler"))
+        model_index = {
+            "_class_name": "CogView4Pipeline",
+            "_diffusers_version": DIFFUSERS_VERSION_TAG,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "GlmModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "CogView4Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        _atomic_write_text(self.model_dir / "model_index.json", json.dumps(model_index, indent=2) + "\n")
+        return {"text_encoder_params": _n_params(te), "vocab": len(comps["tokenizer"]),
+                "hidden_size": int(te.config.hidden_size)}
+
+    # ---- 3. VAE -----------------------------------------------------------------------
+    def _split(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in (self.data_dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+
+    def _images(self, records: list[dict], kinds=("image", "reference", "foreground")) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in kinds}
+        masks = []
+        for rec in records:
+            img = _load_rgb(self.data_dir / rec["image"])
+            m = _load_mask(self.data_dir / rec["mask"])
+            masks.append(m)
+            if "image" in kinds:
+                out["image"].append(img)
+            if "reference" in kinds:
+                out["reference"].append(_load_rgb(self.data_dir / rec["reference"]))
+            if "foreground" in kinds:
+                out["foreground"].append(np.where(m[..., None], img, 255).astype(np.uint8))
+        res = {k: np.stack(v) for k, v in out.items()}
+        res["mask"] = np.stack(masks)
+        return res
+
+    def phase_vae(self) -> dict:
+        from diffusers import AutoencoderKL
+
+        from dreampainter_core.loading import load_vae
+
+        sec = self.recipe["vae"]
+        steps = _scaled(int(sec["steps"]), self.scale)
+        bs, crop = int(sec["batch_size"]), int(sec["crop"])
+        train = self._images(self._split("train"))
+        sources = ("image", "reference", "foreground")
+        probs = np.asarray(sec["source_probs"], np.float64)
+        probs = probs / probs.sum()
+        n, h, w = train["image"].shape[:3]
+        crop = min(crop, h, w)
+
+        torch.manual_seed(self.seed * 1009 + 11)
+        cfg = vae_config(sec)
+        vae = AutoencoderKL(**cfg)
+        vae.train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=float(sec["lr"]), betas=(0.9, 0.99), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
+            s, steps, min(int(sec["warmup_steps"]), steps // 5), float(sec["min_lr_ratio"])))
+        self.echo(f"[vae] {_n_params(vae):,} parameters; {steps} steps of {bs} crops of {crop} px on {n} scenes")
+        log_rows = []
+        t0 = time.perf_counter()
+        acc = {"l1": 0.0, "l2": 0.0, "kl": 0.0, "n": 0}
+        log_every = max(1, min(100, steps // 10))
+        for step in range(steps):
+            rng = np.random.default_rng([self.seed, 3, step])
+            src = rng.choice(3, size=bs, p=probs)
+            idx = rng.integers(n, size=bs)
+            oy = rng.integers(0, h - crop + 1, size=bs)
+            ox = rng.integers(0, w - crop + 1, size=bs)
+            flip = rng.random(bs) < 0.5
+            batch = []
+            for j in range(bs):
+                a = train[sources[src[j]]][idx[j], oy[j] : oy[j] + crop, ox[j] : ox[j] + crop]
+                batch.append(a[:, ::-1] if flip[j] else a)
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(batch))).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            with _autocast(self.precision):
+                post = vae.encode(x).latent_dist
+                z = post.sample(generator=gen)
+                y = vae.decode(z).sample.float()
+            l1 = (y - x).abs().mean()
+            l2 = ((y - x) ** 2).mean()
+            kl = post.kl().mean()
+            loss = float(sec["l1_weight"]) * l1 + float(sec["l2_weight"]) * l2 + float(sec["kl_weight"]) * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            for key, val in (("l1", l1), ("l2", l2), ("kl", kl)):
+                acc[key] += float(val.detach())
+            acc["n"] += 1
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                k = acc["n"]
+                el = time.perf_counter() - t0
+                row = {"step": step + 1, "l1": acc["l1"] / k, "l2": acc["l2"] / k, "kl": acc["kl"] / k,
+                       "psnr_train": 10 * math.log10(4.0 / max(acc["l2"] / k, 1e-12)), "seconds": round(el, 1)}
+                log_rows.append(row)
+                self.echo(f"[vae] step {step + 1}/{steps} l1 {row['l1']:.4f} train-crop PSNR {row['psnr_train']:.2f} dB "
+                          f"kl {row['kl']:.0f} ({el / (step + 1):.2f} s/step)")
+                acc = {"l1": 0.0, "l2": 0.0, "kl": 0.0, "n": 0}
+        train_seconds = time.perf_counter() - t0
+        vae.eval().requires_grad_(False)
+
+        # Latent scale/shift (as SD3/Flux VAEs): the base then sees ~unit-variance latents.
+        k = min(int(sec["stats_images"]), n)
+        with torch.no_grad(), _autocast(self.precision):
+            lat = torch.cat([vae.encode(torch.from_numpy(train["image"][i : i + 32]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+                             .latent_dist.mode().float() for i in range(0, k, 32)])
+        shift, std = float(lat.mean()), float(lat.std())
+        vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(1.0 / max(std, 1e-6), 6))
+        del train
+
+        tmp = self.model_dir / ".vae.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        vae.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+        _replace_dir(tmp, self.model_dir / "vae")
+        _atomic_write_text(self.out / "vae" / "train_log.json", json.dumps(log_rows, indent=1) + "\n")
+
+        # Held-out reconstruction with the shipped (bf16) weights, run in `precision` as inference does.
+        shipped = load_vae(self.model_dir / "vae", dtype=self.dtype)
+        val = self._images(self._split("val")[: int(sec["eval_images"])])
+        psnr: dict[str, list[float]] = {"image": [], "foreground": [], "reference": [], "product": []}
+        with torch.no_grad():
+            for i in range(len(val["image"])):
+                for kind in ("image", "foreground", "reference"):
+                    x = torch.from_numpy(val[kind][i : i + 1]).permute(0, 3, 1, 2).float() / 255.0
+                    xin = (x * 2 - 1).to(self.dtype)
+                    y = (shipped.decode(shipped.encode(xin).latent_dist.mode()).sample.float() / 2 + 0.5).clamp(0, 1)
+                    psnr[kind].append(_psnr(y, x))
+                    if kind == "image":
+                        m = torch.from_numpy(val["mask"][i])
+                        psnr["product"].append(_psnr(y[0].permute(1, 2, 0)[m], x[0].permute(1, 2, 0)[m]))
+        return {
+            "params": _n_params(shipped), "steps": steps, "batch_size": bs, "crop": crop,
+            "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / steps, 3),
+            "val_psnr_db": round(float(np.mean(psnr["image"])), 2),
+            "val_psnr_foreground_db": round(float(np.mean(psnr["foreground"])), 2),
+            "val_psnr_reference_db": round(float(np.mean(psnr["reference"])), 2),
+            "val_psnr_product_db": round(float(np.mean(psnr["product"])), 2),
+            "val_images": len(psnr["image"]), "latent_shift": round(shift, 5), "latent_std": round(std, 5),
+            "last_log": log_rows[-1] if log_rows else None,
+        }
+
+    # ---- 4. base ----------------------------------------------------------------------
+    def _pipeline(self, weights: Path | None = None):
+        from dreampainter_core.pipeline import DreamPainterPipeline
+
+        return DreamPainterPipeline.from_pretrained(self.model_dir, dreampainter_weights=weights, dtype=self.dtype)
+
+    def phase_base(self) -> dict:
+        from diffusers import CogView4Transformer2DModel
+
+        from dreampainter_core.loading import _load_scheduler, load_text_encoder, load_tokenizer, load_vae
+        from dreampainter_core.pipeline import DreamPainterPipeline
+        from dreampainter_core.transformer import DreamPainterTransformer
+
+        from . import flow
+        from .ema import EMA
+
+        sec = self.recipe["base"]
+        steps = _scaled(int(sec["steps"]), self.scale)
+        bs = int(sec["batch_size"])
+        size = int(self.recipe["data"]["size"])
+
+        # The shipped (bf16) VAE and text encoder, run in `precision` (as the stage trainers and
+        # inference run them).
+        tokenizer = load_tokenizer(self.model_dir / "tokenizer")
+        text_encoder = load_text_encoder(self.model_dir / "text_encoder", dtype=self.dtype)
+        vae = load_vae(self.model_dir / "vae", dtype=self.dtype)
+        scheduler = _load_scheduler(self.model_dir / "scheduler")
+
+        torch.manual_seed(self.seed * 1009 + 13)
+        cfg = transformer_config(sec, text_encoder.config.hidden_size, size)
+        base = CogView4Transformer2DModel(**cfg)
+        model = DreamPainterTransformer(base, with_control=False)  # the inference forward, base only
+        model.train()
+        pipe = DreamPainterPipeline(tokenizer, text_encoder, vae, model, scheduler)
+
+        records = self._split("train")
+        n = len(records)
+        self.echo(f"[base] {_n_params(base):,} parameters; encoding {n} training images and their prompts")
+        t_enc = time.perf_counter()
+        x0_all = []
+        with torch.no_grad():
+            for i in range(0, n, 32):
+                imgs = np.stack([_load_rgb(self.data_dir / r["image"]) for r in records[i : i + 32]])
+                x0_all.append(pipe.encode_image(torch.from_numpy(imgs).float() / 255.0))
+        x0_all = torch.cat(x0_all)
+        prompts_en = [r["prompt"] for r in records]
+        prompts_zh = [r.get("prompt_2") or r["prompt"] for r in records]
+        texts: dict[str, torch.Tensor] = {}
+        for p in sorted(set(prompts_en) | set(prompts_zh) | {""}):
+            texts[p] = pipe.encode_prompt([p])[0].float()
+        enc_seconds = time.perf_counter() - t_enc
+        text_encoder.cpu()
+
+        seq_len = (x0_all.shape[-2] // model.patch_size) * (x0_all.shape[-1] // model.patch_size)
+        mu = flow.mu_for(scheduler, seq_len)
+        nt = scheduler.config.num_train_timesteps
+        size_t = torch.tensor([[size, size]], dtype=torch.float32)
+        trainable = {k: p for k, p in base.named_parameters()}
+        opt = torch.optim.AdamW(trainable.values(), lr=float(sec["lr"]), betas=tuple(sec["betas"]),
+                                weight_decay=float(sec["weight_decay"]))
+        warm = min(int(sec["warmup_steps"]), steps // 5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warm, float(sec["min_lr_ratio"])))
+        ema = EMA(trainable, float(sec["ema_decay"]), warmup=True)
+        batches_per_epoch = max(1, n // bs)
+        perms: dict[int, np.ndarray] = {}
+        log_every = max(1, int(sec["log_every"]))
+        log_rows, acc, acc_n = [], 0.0, 0
+        stats = {"empty_prompts": 0, "second_prompts": 0, "samples": 0}
+        self.echo(f"[base] {steps} steps of {bs}; {seq_len} image tokens, mu {mu:.3f}; "
+                  f"{len(texts)} prompts encoded in {enc_seconds:.0f} s")
+        t0 = time.perf_counter()
+        for step in range(steps):
+            epoch, k = divmod(step, batches_per_epoch)
+            if epoch not in perms:
+                perms = {epoch: np.random.default_rng([self.seed, 4, epoch]).permutation(n)}
+            idx = perms[epoch][k * bs : (k + 1) * bs]
+            noises, times, prompts = [], [], []
+            for j, i in enumerate(idx):
+                g = flow.sample_generator(self.seed, step, 0, j)
+                drop = torch.rand(1, generator=g).item() < float(sec["empty_prompt_prob"])
+                second = torch.rand(1, generator=g).item() < float(sec["second_prompt_prob"])
+                times.append(flow.draw_time(g, sec["timestep_sampling"], float(sec["logit_mean"]), float(sec["logit_std"])))
+                noises.append(torch.randn(x0_all.shape[1:], generator=g, dtype=torch.float32))
+                prompts.append("" if drop else (prompts_zh[i] if second else prompts_en[i]))
+                stats["empty_prompts"] += int(drop)
+                stats["second_prompts"] += int(second and not drop)
+            stats["samples"] += len(idx)
+            s = torch.cat(times)
+            sigma = flow.shift_sigma(scheduler, s, mu)
+            x_t, target = flow.flow_pair(x0_all[idx], torch.stack(noises), sigma)
+            groups: dict[int, list[int]] = {}
+            for j, p in enumerate(prompts):
+                groups.setdefault(texts[p].shape[0], []).append(j)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _, js in sorted(groups.items()):
+                jx = torch.tensor(js)
+                with _autocast(self.precision):
+                    v = model(x_t[jx], torch.stack([texts[prompts[j]] for j in js]), s[jx] * nt,
+                              size_t.repeat(len(js), 1), size_t.repeat(len(js), 1), torch.zeros(len(js), 2))
+                per = ((v.float() - target[jx]) ** 2).mean(dim=(1, 2, 3))
+                (per.sum() / len(idx)).backward()
+                total += float(per.detach().sum())
+            gn = torch.nn.utils.clip_grad_norm_(trainable.values(), float(sec["max_grad_norm"]))
+            opt.step()
+            sched.step()
+            ema.update()
+            acc += total / len(idx)
+            acc_n += 1
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                el = time.perf_counter() - t0
+                row = {"step": step + 1, "loss": acc / acc_n, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
+                       "seconds": round(el, 1)}
+                log_rows.append(row)
+                self.echo(f"[base] step {step + 1}/{steps} loss {row['loss']:.4f} ({el / (step + 1):.2f} s/step)")
+                acc, acc_n = 0.0, 0
+        train_seconds = time.perf_counter() - t0
+
+        ema.swap()  # export the EMA weights
+        base.eval().requires_grad_(False)
+        tmp = self.model_dir / ".transformer.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        base.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+        _replace_dir(tmp, self.model_dir / "transformer")
+        _atomic_write_text(self.out / "base" / "train_log.json", json.dumps(log_rows, indent=1) + "\n")
+        metrics = {
+            "params": _n_params(base), "steps": steps, "batch_size": bs, "image_tokens": seq_len,
+            "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / steps, 3),
+            "encode_seconds": round(enc_seconds, 1), "prompts": len(texts), **stats,
+            "last_loss": log_rows[-1]["loss"] if log_rows else None,
+        }
+        if int(sec["eval_samples"]) > 0:
+            summary = self._quick_eval(None, int(sec["eval_samples"]), int(sec["eval_steps"]), "none")
+            metrics["val_t2i"] = summary.get("t2i")
+        return metrics
+
+    def _quick_eval(self, weights: Path | None, limit: int, steps: int, mode: str) -> dict:
+        """train.evaluate's measurements on the first `limit` val scenes, with the shipped files."""
+        from .evaluate import evaluate, load_samples
+
+        pipe = self._pipeline(weights)
+        samples = load_samples(self.data_dir / "val.jsonl", limit)
+        report, _ = evaluate(pipe, samples, steps=steps, guidance=float(self.recipe["evaluate"]["guidance"]),
+                             seed=self.seed, reference_mode=mode, segmenter="color")
+        keys = ("n", "prompt_adherence", "background_color", "table_color", "pattern", "quality", "object_consistency",
+                "product_psnr_raw", "mask_iou", "reference_similarity", "reference_pixel_similarity")
+        return {m: {k: body["summary"].get(k) for k in keys if body["summary"].get(k) is not None}
+                for m, body in report["modes"].items()}
+
+    # ---- 5. stage 1 and 2 ---------------------------------------------------------------
+    def stage_config(self, stage: int):
+        from .config import apply_overrides, load_config, validate
+
+        sec = self.recipe[f"stage{stage}"]
+        path = REPO / sec["config"]
+        file_cfg = load_config(stage, path)
+        out = self.out / f"stage{stage}"
+        overrides = [
+            f"model.base={self.model_dir}",
+            f"model.base_model_name={BASE_MODEL_NAME}",
+            f"data.manifest={self.data_dir / 'train.jsonl'}",
+            f"validation.manifest={self.data_dir / 'val.jsonl'}",
+            f"checkpoint.output_dir={out}",
+            f"cache.dir={self.out / 'cache'}",
+            f"train.seed={self.seed}",
+            f"train.max_steps={_scaled(file_cfg.train.max_steps, self.scale)}",
+        ]
+        if stage == 2:
+            overrides.append(f"model.stage1_weights={self.out / 'stage1' / 'dreampainter_stage1.safetensors'}")
+        cfg = load_config(stage, path, overrides + list(sec.get("overrides", [])))
+        steps = cfg.train.max_steps
+        derived = [
+            f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps // 5)}",
+            f"validation.every={max(1, steps // max(1, int(sec.get('validations', 1))))}",
+            f"checkpoint.every={min(cfg.checkpoint.every, steps)}" if cfg.checkpoint.every > 0 else "checkpoint.every=0",
+            "checkpoint.export_dtype=bf16",
+            f"model.dtype={self.precision}",
+            f"train.mixed_precision={'bf16' if self.precision == 'bf16' else 'no'}",
+        ]
+        return validate(apply_overrides(cfg, derived))
+
+    def _stage(self, stage: int) -> dict:
+        from .config import dump_toml
+        from .trainer import run
+
+        cfg = self.stage_config(stage)
+        out = Path(cfg.checkpoint.output_dir)
+        # The trainer resumes from checkpoints in `out`: only from a run with these very settings.
+        stamp = out / "miniature_fingerprint.txt"
+        if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() != self.fingerprint(f"stage{stage}"):
+            raise RecipeError(f"{out} holds an unfinished stage-{stage} run with other settings (or on another base); "
+                              f"delete {out} to start this stage afresh.")
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self.fingerprint(f"stage{stage}") + "\n", encoding="utf-8")
+        (out / "miniature_config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+        t0 = time.perf_counter()
+        result = run(cfg, echo=lambda m: self.echo(f"[stage{stage}] {m}"))
+        train_seconds = time.perf_counter() - t0
+        if result.export_path is None or not Path(result.export_path).is_file():
+            raise RecipeError(f"stage {stage} did not export a weight file")
+        metrics = {
+            "steps": result.step, "batch_size": cfg.train.batch_size, "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, result.step), 3),
+            "trainable_params": result.stats.get("trainable_params"),
+            "probe_loss": [[s, round(v, 5)] for s, v in result.probe_losses],
+            "last_loss": result.losses[-1][1] if result.losses else None,
+            "export": str(result.export_path), "validation_grids": [str(p) for p in result.validation_images],
+        }
+        if stage == 2:
+            metrics["references_used"] = result.stats.get("references_used")
+        limit = int(self.recipe[f"stage{stage}"].get("eval_samples", 0))
+        if limit > 0:
+            steps = int(self.recipe["evaluate"]["steps"])
+            metrics["val"] = self._quick_eval(Path(result.export_path), limit, steps, "none" if stage == 1 else "both")
+        return metrics
+
+    def phase_stage1(self) -> dict:
+        return self._stage(1)
+
+    def phase_stage2(self) -> dict:
+        return self._stage(2)
+
+    # ---- 6. export ----------------------------------------------------------------------
+    def phase_export(self) -> dict:
+        from safetensors import safe_open
+
+        src = self.out / "stage2" / "dreampainter_stage2.safetensors"
+        tmp = self.weights_path.with_name(f".{WEIGHTS_NAME}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, self.weights_path)
+        dtypes: dict[str, set] = {}
+        for f in sorted(self.model_dir.rglob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                dtypes[str(f.relative_to(self.model_dir))] = {str(st.get_slice(k).get_dtype()) for k in st.keys()}
+        not_bf16 = {k: sorted(v) for k, v in dtypes.items() if v != {"BF16"}}
+        if not_bf16:
+            raise RecipeError(f"weights not stored in bf16: {not_bf16}")
+        files = {str(f.relative_to(self.model_dir)): f.stat().st_size for f in sorted(self.model_dir.rglob("*")) if f.is_file()}
+        total = sum(files.values())
+        limit = float(self.recipe["export"]["max_mb"]) * 1e6
+        if total > limit:
+            raise RecipeError(f"{self.model_dir} holds {total / 1e6:.2f} MB, over the {limit / 1e6:g} MB limit")
+        pipe = self._pipeline(self.weights_path)  # loads: base + DreamPainter file
+        info = {
+            "made_by": "python -m train.miniature", "recipe_version": RECIPE_VERSION, "seed": self.seed,
+            "smoke": self.recipe["smoke"], "budget_minutes": self.budget,
+            "weights": WEIGHTS_NAME, "base_model_name": BASE_MODEL_NAME,
+            "params": {"transformer": _n_params(pipe.transformer.base), "vae": _n_params(pipe.vae),
+                       "text_encoder": _n_params(pipe.text_encoder),
+                       "dreampainter": sum(v.numel() for v in pipe.transformer.control_state_dict().values())
+                       + sum(v.numel() for v in pipe.transformer.lora_state_dict().values())},
+            "resolution": int(self.recipe["data"]["size"]),
+        }
+        _atomic_write_text(self.model_dir / "miniature.json", json.dumps(info, indent=2) + "\n")
+        total += (self.model_dir / "miniature.json").stat().st_size
+        return {"total_mb": round(total / 1e6, 3), "files_mb": {k: round(v / 1e6, 3) for k, v in files.items() if v > 10_000},
+                "supports_reference": pipe.transformer.supports_reference, **info["params"]}
+
+    # ---- 7. evaluate --------------------------------------------------------------------
+    def phase_evaluate(self) -> dict:
+        from .evaluate import main as evaluate_main
+
+        e = self.recipe["evaluate"]
+        eval_dir = self.out / "eval"
+        common = ["--model", str(self.model_dir), "--weights", str(self.weights_path),
+                  "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(int(e["steps"])),
+                  "--guidance", str(float(e["guidance"])), "--seed", str(self.seed), "--segmenter", "color",
+                  "--dtype", self.precision, "--plot", str(e.get("plot", "auto"))]
+        t0 = time.perf_counter()
+        rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(int(e["limit"])),
+                                     "--reference-mode", "both"])
+        if rc != 0:
+            raise RecipeError(f"train.evaluate failed (exit {rc})")
+        main_seconds = time.perf_counter() - t0
+        report = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
+        metrics: dict[str, Any] = {"report": str(eval_dir / "report.json"), "seconds_main": round(main_seconds, 1),
+                                   "n": report["n_samples"], "resolution": report["resolution"]}
+        for mode, body in report["modes"].items():
+            metrics[mode] = {k: v for k, v in body["summary"].items() if not k.endswith("_n")}
+        if report.get("comparison"):
+            metrics["comparison"] = report["comparison"]
+        sweeps = list(e.get("sweeps", []))
+        if sweeps and int(e.get("sweep_limit", 0)) > 0:
+            t1 = time.perf_counter()
+            args = common + ["--out", str(eval_dir / "sweep.json"), "--limit", str(int(e["sweep_limit"])),
+                             "--reference-mode", "manifest", "--sweep-values", str(e["sweep_values"])]
+            for s in sweeps:
+                args += ["--sweep", s]
+            rc = evaluate_main(args)
+            if rc != 0:
+                raise RecipeError(f"train.evaluate (sweeps) failed (exit {rc})")
+            sw = json.loads((eval_dir / "sweep.json").read_text(encoding="utf-8"))
+            metrics["sweeps"] = {
+                p: [{k: pt.get(k) for k in ("value", "reference_similarity", "quality", "prompt_adherence",
+                                            "object_consistency")} for pt in body["points"]]
+                for p, body in sw["sweeps"].items()}
+            metrics["seconds_sweeps"] = round(time.perf_counter() - t1, 1)
+        return metrics
+
+
+def _short(metrics: dict) -> dict:
+    """The headline numbers of a phase for the log line."""
+    keep = ("steps", "seconds_per_step", "val_psnr_db", "val_psnr_product_db", "last_loss", "total_mb", "train",
+            "probe_loss", "val_t2i", "val", "t2i", "tr2i")
+    out = {}
+    for k in keep:
+        if k in metrics:
+            v = metrics[k]
+            if k == "probe_loss" and isinstance(v, list) and v:
+                v = [v[0], v[-1]]
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.miniature", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (phases already done there are skipped)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="scale every training phase's steps by this / the recipe's budget_minutes (90)")
+    p.add_argument("--smoke", action="store_true", help="a handful of samples and steps per phase (CI)")
+    p.add_argument("--until", choices=PHASES, default=None, help="stop after this phase")
+    p.add_argument("--recipe", default=None, help=f"recipe TOML (default {DEFAULT_RECIPE.relative_to(REPO)})")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        recipe = load_recipe(a.recipe, smoke=a.smoke)
+        mini = Miniature(a.out, recipe, a.budget_minutes)
+        summary = mini.run(a.until)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(summary['phases'])} phases, {summary['seconds_all_phases']:.0f} s in all "
+          f"({summary['seconds_this_run']:.0f} s this run); model: {mini.model_dir}; summary: {mini.out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
