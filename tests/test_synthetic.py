@@ -49,6 +49,19 @@ def test_a_larger_count_only_appends(scenes, tmp_path):
             assert a[key] == b[key]
 
 
+def test_one_split_alone_is_the_same_as_in_a_full_run(scenes, tmp_path):
+    alone = tmp_path / "test_only"
+    paths = syn.write_scenes(alone, 20, size=64, seed=5, only="test")
+    assert set(paths) == {"test", "info"} and not (alone / "train.jsonl").exists()
+    assert (alone / "test.jsonl").read_bytes() == (scenes / "test.jsonl").read_bytes()
+    full, part = _digest(scenes), _digest(alone)
+    drawn = {k for k in part if k.startswith(("images/", "masks/", "refs/"))}
+    assert drawn == {f"{sub}/{i:06d}.png" for sub in ("images", "masks", "refs") for i in (18, 19)}
+    assert all(part[k] == full[k] for k in drawn)
+    with pytest.raises(ValueError, match="only"):
+        syn.write_scenes(alone, 20, size=64, seed=5, only="dev")
+
+
 def test_splits_are_disjoint_and_sized(scenes, tmp_path):
     counts = {n: len(read_manifest(scenes / f"{n}.jsonl")) for n in ("train", "val", "test")}
     assert counts == {"train": 16, "val": 2, "test": 2}

@@ -601,19 +601,28 @@ def split_counts(count: int, splits) -> tuple[int, int, int]:
 
 
 def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.1,0.1",
-                 chinese: bool = True, references: bool = True, progress: bool = False) -> dict[str, Path]:
-    """Draw `count` scenes into `out`; returns {"train": path, "val": path, "test": path, "info": path}."""
+                 chinese: bool = True, references: bool = True, progress: bool = False,
+                 only: str | None = None) -> dict[str, Path]:
+    """Draw `count` scenes into `out`; returns {"train": path, "val": path, "test": path, "info": path}.
+
+    only="test" (or "train", "val") draws just that split's scenes, the same ones a full run draws
+    (scene i depends only on seed and i), and returns {only: path, "info": path}."""
     out = Path(out)
     if count < 1:
         raise ValueError("count must be at least 1")
     if size < 32:
         raise ValueError("size must be at least 32 pixels")
+    names = ("train", "val", "test")
+    if only is not None and only not in names:
+        raise ValueError(f"only: expected one of {names}, got {only!r}")
     counts = split_counts(count, splits)
+    starts = dict(zip(names, (0, counts[0], counts[0] + counts[1])))
+    first, last = (0, count) if only is None else (starts[only], starts[only] + dict(zip(names, counts))[only])
     for sub in ("images", "masks", "refs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
+    lines: list[str] = [""] * count
     t0 = time.perf_counter()
-    for i in range(count):
+    for i in range(first, last):
         sid = f"{i:06d}"
         scene, r, _ = make_scene(seed, i, size)
         atomic_write_bytes(out / "images" / f"{sid}.png", _png_bytes(r["image"], "RGB"))
@@ -629,18 +638,19 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
         if references:
             rec["reference"] = f"refs/{sid}.png"
         rec["scene"] = scene
-        lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=False))
-        if progress and (i + 1) % 500 == 0:
-            rate = (i + 1) / (time.perf_counter() - t0)
-            print(f"{i + 1}/{count} scenes ({rate:.0f}/s)", file=sys.stderr)
+        lines[i] = json.dumps(rec, ensure_ascii=False, sort_keys=False)
+        if progress and (i + 1 - first) % 500 == 0:
+            rate = (i + 1 - first) / (time.perf_counter() - t0)
+            print(f"{i + 1 - first}/{last - first} scenes ({rate:.0f}/s)", file=sys.stderr)
 
     paths: dict[str, Path] = {}
-    start = 0
-    for name, n in zip(("train", "val", "test"), counts):
+    for name, n in zip(names, counts):
+        if only is not None and name != only:
+            continue
         path = out / f"{name}.jsonl"
+        start = starts[name]
         atomic_write_bytes(path, "".join(line + "\n" for line in lines[start : start + n]).encode("utf-8"))
         paths[name] = path
-        start += n
     info = {
         "generator": "train.synthetic", "scene_version": SCENE_VERSION, "seed": int(seed), "count": int(count),
         "size": [int(size), int(size)], "splits": dict(zip(("train", "val", "test"), counts)),
