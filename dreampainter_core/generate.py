@@ -5,16 +5,16 @@ Real use (CogView4-6B + a DreamPainter file)::
     python -m dreampainter_core.generate --base /models/CogView4-6B --weights dreampainter.safetensors \
         --product bottle.png --mask bottle_mask.png --prompt "on a marble table, soft light" --out out.png
 
-With no ``--base`` it runs the built-in demo: a tiny randomly initialised CogView4 with a
-random DreamPainter file (built in seconds, no download) on a drawn product, writing the
-T2I and TR2I results to ``--out-dir``. Random weights paint noise behind the product;
-the demo shows the whole path works (loading, placement, sampling, paste-back).
+With no ``--base`` it runs the demo on the embedded model (dreampainter_core.embedded: the
+miniature DreamPainter trained by ``python -m train.miniature``, 128x128 synthetic product
+scenes, shipped in the pack): a held-out product photo gets a new background from an English
+prompt, the same prompt in Chinese, and the prompt plus a background reference image. It writes
+the images and a side-by-side sheet to ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,22 +37,6 @@ def save_image_atomic(image: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def demo_product(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A drawn bottle (image, mask) and a striped background reference, all 0..1."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    body = ((xx - size / 2).abs() < size * 0.14) & (yy > size * 0.35) & (yy < size * 0.8)
-    neck = ((xx - size / 2).abs() < size * 0.05) & (yy > size * 0.22) & (yy <= size * 0.35)
-    mask = (body | neck).float()
-    image = torch.ones(size, size, 3)
-    shade = 0.6 + 0.4 * (1 - (xx - size / 2).abs() / (size * 0.14)).clamp(0, 1)
-    image[..., 0] = torch.where(mask > 0, 0.85 * shade, image[..., 0])
-    image[..., 1] = torch.where(mask > 0, 0.15 * shade, image[..., 1])
-    image[..., 2] = torch.where(mask > 0, 0.2 * shade, image[..., 2])
-    stripes = ((yy // 8) % 2).float()
-    reference = torch.stack([0.3 + 0.4 * stripes, 0.5 + 0.2 * stripes, 0.8 - 0.3 * stripes], dim=-1)
-    return image, mask, reference
-
-
 def load_image(path: str) -> torch.Tensor:
     from .images import as_image_batch
 
@@ -65,25 +49,31 @@ def load_mask(path: str) -> torch.Tensor:
     return as_mask_batch(Image.open(path), name=str(path))[0]
 
 
-def run_demo(out_dir: Path, steps: int, seed: int) -> list[Path]:
+def run_demo(out_dir: Path, steps: int, seed: int, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+             models_dir: Path | None = None) -> list[Path]:
+    """T2I (English and Chinese prompt) and TR2I on the embedded miniature model; returns the files written."""
+    from .embedded import embedded_model
     from .pipeline import DreamPainterPipeline
-    from .tiny import write_tiny_model
-    from .weights import write_random_dreampainter_weights
 
-    cache = Path(os.environ.get("DREAMPAINTER_DEMO_CACHE", Path.cwd() / ".cache" / "demo-model"))
-    if not (cache / "model_index.json").exists():
-        write_tiny_model(cache, seed=0)
-    weights = cache / "dreampainter_demo.safetensors"
-    if not weights.exists():
-        write_random_dreampainter_weights(cache, weights, seed=0)
-    pipe = DreamPainterPipeline.from_pretrained(cache, dreampainter_weights=weights)
-    product, mask, reference = demo_product()
-    written = []
-    for name, ref in (("t2i", None), ("tr2i", reference)):
-        images = pipe("a red bottle on a white marble table, green leaves", product, mask, reference=ref,
-                      steps=steps, seed=seed, placement="center")
-        written.append(save_image_atomic(images[0], out_dir / f"demo_{name}.png"))
-    written.append(save_image_atomic(product, out_dir / "demo_product.png"))
+    model = embedded_model(models_dir)
+    spec = model.demo_spec()
+    pipe = DreamPainterPipeline.from_pretrained(model.base, dreampainter_weights=model.weights, dtype=dtype,
+                                                device=device)
+    product = load_image(str(model.demo / spec["product"]))
+    mask = load_mask(str(model.demo / spec["mask"]))
+    reference = load_image(str(model.demo / spec["reference"]))
+    runs = (("t2i", spec["prompt"], None), ("t2i_zh", spec["prompt_zh"], None), ("tr2i", spec["prompt"], reference))
+    written = [save_image_atomic(product, out_dir / "demo_product.png"),
+               save_image_atomic(reference, out_dir / "demo_reference.png")]
+    cells = [product, reference]
+    for name, prompt, ref in runs:
+        image = pipe(prompt, product, mask, reference=ref, steps=steps, seed=seed, placement="keep")[0]
+        written.append(save_image_atomic(image, out_dir / f"demo_{name}.png"))
+        cells.append(image)
+        print(f"{name}: {prompt}" + ("  (+ reference image)" if ref is not None else ""))
+    sheet = torch.cat([c.float() for c in cells], dim=1)  # product | reference | t2i | t2i_zh | tr2i
+    sheet = sheet.repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)  # 2x, pixels kept sharp
+    written.append(save_image_atomic(sheet, out_dir / "demo_sheet.png"))
     return written
 
 
@@ -116,8 +106,9 @@ def main(argv=None) -> int:
     try:
         start = time.time()
         if not args.base:
-            paths = run_demo(Path(args.out_dir), steps=args.steps or 8, seed=args.seed)
-            print(f"demo (tiny random model, {time.time() - start:.1f} s): " + ", ".join(str(p) for p in paths))
+            paths = run_demo(Path(args.out_dir), steps=args.steps or 20, seed=args.seed, dtype=DTYPES[args.dtype],
+                             device=args.device)
+            print(f"demo (embedded miniature model, {time.time() - start:.1f} s): " + ", ".join(str(p) for p in paths))
             return 0
         from .pipeline import DreamPainterPipeline
 

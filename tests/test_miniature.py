@@ -125,3 +125,24 @@ def test_budget_scales_steps_and_stage_configs(tmp_path):
     # --smoke ignores the budget; every phase gets a handful of steps.
     smoke = Miniature(tmp_path, load_recipe(smoke=True), budget_minutes=45)
     assert smoke.scale == 1.0 and smoke.stage_config(1).train.max_steps == 2
+
+
+def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path):
+    from dreampainter_core.embedded import embedded_model
+    from dreampainter_core.generate import run_demo
+
+    models, docs = tmp_path / "models", tmp_path / "docs"
+    info = miniature.embed(smoke_run, models_dir=models, docs_dir=docs)
+    model = embedded_model(models)
+    assert not (model.base / miniature.WEIGHTS_NAME).exists(), "the DreamPainter file lives in models/dreampainter/"
+    assert model.weights.read_bytes() == (smoke_run / "model" / miniature.WEIGHTS_NAME).read_bytes()
+    assert info["total_mb"] <= 20 and {"report.json", "sweep.json", "summary.json"} <= {p.name for p in docs.iterdir()}
+    spec = model.demo_spec()
+    scenes = [json.loads(line) for line in (smoke_run / "data" / "test.jsonl").read_text().splitlines()]
+    product_scene = next(s for s in scenes if s["id"] == spec["product_scene"])
+    assert (model.demo / "product.png").read_bytes() == (smoke_run / "data" / product_scene["image"]).read_bytes()
+    assert product_scene["scene"]["product"]["color"] in spec["prompt"]
+    written = run_demo(tmp_path / "demo", steps=2, seed=0, models_dir=models)
+    assert len(written) == 6 and all(p.is_file() for p in written)
+    miniature.embed(smoke_run, models_dir=models, docs_dir=docs)  # again: replaces in place
+    assert embedded_model(models).weights.is_file()
