@@ -10,6 +10,9 @@ Dropdown entries (stable; workflows store them):
 * ``<folder>/`` (trailing slash): a component folder (``config.json`` + safetensors) inside
   ``text_encoders/`` or ``vae/``.
 
+The pack's embedded miniature model (dreampainter_core.embedded) is listed too, after the user's
+models: ``[diffusers] dreampainter-miniature`` and ``dreampainter_miniature.safetensors``.
+
 A name that is not found raises ``ModelFilesError`` naming the file, the folders searched and
 where to get it.
 """
@@ -21,6 +24,7 @@ import os
 
 import folder_paths
 
+from ..dreampainter_core.embedded import MODELS_DIR as EMBEDDED_MODELS_DIR
 from ..dreampainter_core.errors import ModelFilesError
 
 logger = logging.getLogger("DreamPainter")
@@ -44,8 +48,15 @@ DREAMPAINTER_HINT = (
 _OWN_FOLDERS = {"dreampainter": ({".safetensors"})}
 
 
+def _embedded_folders() -> dict[str, str]:
+    """The pack's own models/ sub-folders holding the embedded miniature model (after the user's)."""
+    return {kind: str(EMBEDDED_MODELS_DIR / kind) for kind in ("diffusers", "dreampainter")
+            if (EMBEDDED_MODELS_DIR / kind).is_dir()}
+
+
 def register_model_folders() -> None:
-    """Add ``models/dreampainter`` (idempotent; keeps paths others added, e.g. from extra_model_paths.yaml)."""
+    """Add ``models/dreampainter``, then the pack's embedded-model folders after the user's own
+    (idempotent; keeps paths others added, e.g. from extra_model_paths.yaml)."""
     for name, exts in _OWN_FOLDERS.items():
         default = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:
@@ -56,6 +67,11 @@ def register_model_folders() -> None:
                 old_exts.update(exts)
         else:
             folder_paths.folder_names_and_paths[name] = ([default], set(exts))
+    for name, folder in _embedded_folders().items():
+        if name in folder_paths.folder_names_and_paths:
+            paths = folder_paths.folder_names_and_paths[name][0]
+            if folder not in paths:
+                paths.append(folder)
 
 
 def folders(kind: str) -> list[str]:
