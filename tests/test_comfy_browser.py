@@ -45,23 +45,24 @@ LOAD_JS = """(async (wf, name) => {
   };
 })"""
 
-# Point a loaded graph at the tiny models and shrink it (as test_comfy_workflows does for the API format),
+# Point a loaded graph at the embedded miniature model and shrink it to its 128 px (as test_comfy_workflows
+# does for the API format),
 # then queue it from the UI (app.queuePrompt: the frontend's own graph -> prompt conversion).
-RUN_JS = """(async (tiny) => {
+RUN_JS = """(async (target) => {
   const app = window.comfyAPI.app.app;
   const set = (type, name, f) => app.graph.nodes.filter(n => n.type === type).forEach(n => {
     const w = n.widgets.find(w => w.name === name); w.value = f(w.value); });
-  set("DreamPainterModelLoader", "transformer", () => tiny.model);
-  set("DreamPainterModelLoader", "dreampainter_weights", v => tiny.weights[v]);
+  set("DreamPainterModelLoader", "transformer", () => target.model);
+  set("DreamPainterModelLoader", "dreampainter_weights", v => target.weights[v]);
   for (const t of ["DreamPainterModelLoader", "DreamPainterTextEncoderLoader", "DreamPainterVAELoader"])
     set(t, "weight_dtype", () => "fp32");
-  set("DreamPainterTextEncoderLoader", "text_encoder", () => tiny.model);
-  set("DreamPainterVAELoader", "vae", () => tiny.model);
-  set("DreamPainterProductPrep", "width", v => v / 16);
-  set("DreamPainterProductPrep", "height", v => v / 16);
-  set("DreamPainterReferenceEncode", "resolution", v => v / 16);
-  set("DreamPainterSampler", "steps", () => 2);
-  set("DreamPainterSampler", "lora_scale", () => tiny.lora_scale);
+  set("DreamPainterTextEncoderLoader", "text_encoder", () => target.model);
+  set("DreamPainterVAELoader", "vae", () => target.model);
+  set("DreamPainterProductPrep", "width", v => v / target.shrink);
+  set("DreamPainterProductPrep", "height", v => v / target.shrink);
+  set("DreamPainterReferenceEncode", "resolution", v => v / target.shrink);
+  set("DreamPainterSampler", "steps", () => target.steps);
+  set("DreamPainterSampler", "lora_scale", () => target.lora_scale);
   window.__dreampainter.compareReady = 0;
   window.__dreampainter.lastMaskStats = null;
   await app.queuePrompt(0, 1);
@@ -122,14 +123,15 @@ async def _session(host, chromium: str) -> dict:
                 if path == TR2I:
                     out["screens"]["tr2i"] = await page.screenshot(ARTIFACTS / "tr2i_workflow.png")
 
-            tiny = {"model": h.TINY, "lora_scale": 0.3,
-                    "weights": {"dreampainter_stage1.safetensors": h.STAGE1,
-                                "dreampainter_stage2.safetensors": h.STAGE2}}
+            mini_weights = "dreampainter_miniature.safetensors"  # stage 2: runs both kinds of graph
+            target = {"model": "[diffusers] dreampainter-miniature", "lora_scale": 0.3, "shrink": 8, "steps": 8,
+                    "weights": {"dreampainter_stage1.safetensors": mini_weights,
+                                "dreampainter_stage2.safetensors": mini_weights}}
             if AUTO_MASK is not None:  # Mask Refine's caption
                 mark = len(page.messages)
                 wf = json.loads(AUTO_MASK.read_text(encoding="utf-8"))
                 await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'auto mask run')")
-                await page.evaluate(f"{RUN_JS}({json.dumps(tiny)})")
+                await page.evaluate(f"{RUN_JS}({json.dumps(target)})")
                 out["mask_stats"] = await page.wait_for("window.__dreampainter.lastMaskStats", 120)
                 await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
                 await asyncio.sleep(0.5)
@@ -139,7 +141,7 @@ async def _session(host, chromium: str) -> dict:
                 mark = len(page.messages)
                 wf = json.loads(TR2I.read_text(encoding="utf-8"))
                 await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'tr2i run')")
-                await page.evaluate(f"{RUN_JS}({json.dumps(tiny)})")
+                await page.evaluate(f"{RUN_JS}({json.dumps(target)})")
                 await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
                 await asyncio.sleep(0.5)
                 rect = await page.wait_for(COMPARE_RECT_JS, 20)

@@ -64,14 +64,18 @@ def test_model_folders_and_dropdowns(comfy, object_info):
     folders = comfy.get("/models")
     assert "dreampainter" in folders
     assert {"checkpoints", "diffusion_models", "vae", "text_encoders", "diffusers"} <= set(folders)
-    assert comfy.get("/models/dreampainter") == [h.STAGE1, h.STAGE2]
+    # the user's files first; the pack's embedded miniature model (dreampainter_core.embedded) after them
+    mini, mini_weights = "[diffusers] dreampainter-miniature", "dreampainter_miniature.safetensors"
+    assert comfy.get("/models/dreampainter") == sorted([h.STAGE1, h.STAGE2, mini_weights])
 
     def options(node, name):
         return object_info[node]["input"]["required"][name][1]["options"]
 
     assert options("DreamPainterModelLoader", "transformer") == [
-        h.TINY, h.BROKEN, "cogview4-tiny-transformer.safetensors"]
-    assert options("DreamPainterModelLoader", "dreampainter_weights") == ["none", h.STAGE1, h.STAGE2]
-    assert options("DreamPainterTextEncoderLoader", "text_encoder") == [h.TINY, "cogview4-tiny-glm.safetensors"]
-    assert options("DreamPainterTextEncoderLoader", "tokenizer") == ["auto", h.TINY, "cogview4-tiny-glm_tokenizer/"]
-    assert options("DreamPainterVAELoader", "vae") == [h.TINY, "cogview4-tiny-vae.safetensors"]
+        h.TINY, h.BROKEN, mini, "cogview4-tiny-transformer.safetensors"]
+    assert options("DreamPainterModelLoader", "dreampainter_weights") == ["none"] + sorted(
+        [h.STAGE1, h.STAGE2, mini_weights])
+    assert options("DreamPainterTextEncoderLoader", "text_encoder") == [h.TINY, mini, "cogview4-tiny-glm.safetensors"]
+    assert options("DreamPainterTextEncoderLoader", "tokenizer") == [
+        "auto", h.TINY, mini, "cogview4-tiny-glm_tokenizer/"]
+    assert options("DreamPainterVAELoader", "vae") == [h.TINY, mini, "cogview4-tiny-vae.safetensors"]

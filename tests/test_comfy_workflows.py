@@ -22,10 +22,13 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 NAMES = [p.stem for p in WORKFLOWS]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
-# what the shipped workflows name (README "Where the weights go") -> the test host's tiny files
+# what the shipped workflows name (README "Where the weights go"); in the tests they run on the pack's
+# embedded miniature model (dreampainter_core.embedded), which the pack lists in ComfyUI's dropdowns
 BASE = "[diffusers] CogView4-6B"
 TINY_WEIGHTS = {"dreampainter_stage1.safetensors": h.STAGE1, "dreampainter_stage2.safetensors": h.STAGE2}
-SHRINK = 16  # 1024 -> 64 px canvases, 512 -> 32 px references
+MINIATURE = "[diffusers] dreampainter-miniature"
+MINIATURE_WEIGHTS = "dreampainter_miniature.safetensors"  # stage 2: runs the stage-1 workflows too
+SHRINK = 8  # 1024 -> 128 px canvases (the miniature's resolution), 512 -> 64 px references
 
 
 @pytest.fixture(scope="session")
@@ -152,21 +155,20 @@ def test_template_browser_lists_the_workflows(comfy):
 
 
 def _shrink(api: dict) -> None:
-    """Point the graph at the tiny test models and shrink sizes and steps (1024 px -> 64 px)."""
+    """Point the graph at the embedded miniature model and shrink sizes and steps (1024 px -> 128 px)."""
     for node in api.values():
         ct, inp = node["class_type"], node["inputs"]
         if ct == "DreamPainterModelLoader":
-            assert inp["transformer"] == BASE
-            inp.update(transformer=h.TINY, dreampainter_weights=TINY_WEIGHTS[inp["dreampainter_weights"]],
-                       weight_dtype="fp32")
+            assert inp["transformer"] == BASE and inp["dreampainter_weights"] in TINY_WEIGHTS
+            inp.update(transformer=MINIATURE, dreampainter_weights=MINIATURE_WEIGHTS, weight_dtype="fp32")
         elif ct == "DreamPainterTextEncoderLoader":
             assert inp["text_encoder"] == BASE
-            inp.update(text_encoder=h.TINY, weight_dtype="fp32")
+            inp.update(text_encoder=MINIATURE, weight_dtype="fp32")
         elif ct == "DreamPainterVAELoader":
             assert inp["vae"] == BASE
-            inp.update(vae=h.TINY, weight_dtype="fp32")
+            inp.update(vae=MINIATURE, weight_dtype="fp32")
         elif ct == "DreamPainterSampler":
-            inp["steps"] = 2
+            inp["steps"] = 8
         elif ct == "DreamPainterReferenceEncode":
             inp["resolution"] //= SHRINK
         for key in ("width", "height", "value"):
@@ -198,8 +200,20 @@ def _products(api: dict, prep_id: str) -> int:
     return count(api[prep_id]["inputs"]["image"])
 
 
+def test_embedded_miniature_model_is_listed_in_the_loaders(object_info):
+    """The pack's own models/ folders come after the user's: the miniature is selectable with no download."""
+    def options(node, name):
+        spec = object_info[node]["input"]["required"][name]
+        return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+    assert MINIATURE in options("DreamPainterModelLoader", "transformer")
+    assert MINIATURE_WEIGHTS in options("DreamPainterModelLoader", "dreampainter_weights")
+    assert MINIATURE in options("DreamPainterTextEncoderLoader", "text_encoder")
+    assert MINIATURE in options("DreamPainterVAELoader", "vae")
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
-def test_workflow_runs_on_the_tiny_models(comfy, object_info, path):
+def test_workflow_runs_on_the_embedded_miniature_model(comfy, object_info, path):
     name = path.stem
     api = ui_to_api(_load(path), object_info)
     assert not any(n["class_type"] in ("Note", "Reroute") for n in api.values())

@@ -1,0 +1,151 @@
+"""The embedded miniature model (dreampainter_core.embedded), measured on held-out synthetic scenes.
+
+The model was trained by ``python -m train.miniature --out runs/miniature --embed`` (the recipe in
+configs/miniature/). Its test split is drawn again here from the recipe's seed (scene i depends only
+on seed and i), so nothing here has seen training. These are CI's loose lower bounds; the numbers
+the run measured on 64 scenes are in docs/miniature/ and the README.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dreampainter_core.embedded import embedded_model
+from train import synthetic as syn
+from train.evaluate import evaluate, load_pipeline, load_samples
+from train.miniature import load_recipe
+
+N_SCENES = 24
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    return embedded_model()
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe()
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory, recipe):
+    data = recipe["data"]
+    root = tmp_path_factory.mktemp("miniature_test_split")
+    paths = syn.write_scenes(root, int(data["count"]), size=int(data["size"]), seed=int(recipe["seed"]),
+                             splits=data["splits"], only="test")
+    return paths["test"]
+
+
+@pytest.fixture(scope="module")
+def test_scenes(test_split):
+    return load_samples(test_split, N_SCENES)
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return load_pipeline(str(model.base), str(model.weights), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def report(pipe, test_scenes, recipe):
+    rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=3.5, seed=int(recipe["seed"]),
+                      reference_mode="both", segmenter="color")
+    return rep
+
+
+def test_the_embedded_model_is_the_recipes_and_small(model, recipe, pipe):
+    info = json.loads((model.base / "miniature.json").read_text(encoding="utf-8"))
+    assert info["made_by"] == "python -m train.miniature" and not info["smoke"]
+    assert info["seed"] == recipe["seed"] and info["resolution"] == recipe["data"]["size"]
+    size = sum(f.stat().st_size for f in model.base.rglob("*") if f.is_file()) + model.weights.stat().st_size
+    assert size <= recipe["export"]["max_mb"] * 1e6, size
+    assert pipe.transformer.supports_reference and pipe.transformer.has_lora
+
+
+def test_t2i_keeps_the_product_and_follows_the_prompt(report):
+    t2i = report["modes"]["t2i"]["summary"]
+    assert report["n_samples"] == N_SCENES
+    # the paper's object consistency, paste-back off (the raw model output)
+    assert t2i["object_consistency"] >= 0.93, t2i
+    assert t2i["product_exact_pasted"] == 1.0, "paste-back must return every product pixel exactly"
+    assert t2i["background_color"] >= 0.9 and t2i["table_color"] >= 0.85, t2i
+    assert t2i["product_psnr_raw"] >= 17.0, t2i
+
+
+def test_with_a_reference_the_text_and_the_product_are_kept(report):
+    tr2i = report["modes"]["tr2i"]["summary"]
+    assert tr2i["product_exact_pasted"] == 1.0
+    assert tr2i["background_color"] >= 0.85 and tr2i["table_color"] >= 0.8 and tr2i["object_consistency"] >= 0.93, tr2i
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the committed stage 2 (1200 steps) has not learned to use the "
+                   "reference (64 test scenes: similarity 0.462 without, 0.466 with); strict, so a model that "
+                   "does learn it turns this into a failure to update")
+def test_a_reference_pulls_the_background_towards_it(report):
+    t2i, tr2i = report["modes"]["t2i"]["summary"], report["modes"]["tr2i"]["summary"]
+    same = report["comparison"]["reference_similarity_same_samples"]
+    assert same["tr2i"] >= same["t2i"] + 0.02, same
+    assert tr2i["reference_pixel_similarity"] >= t2i["reference_pixel_similarity"] + 0.01, (t2i, tr2i)
+
+
+def test_chinese_prompts_work_too(pipe, test_split, recipe):
+    samples = load_samples(test_split, 12, prompt_field="prompt_2")
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in s.prompt) for s in samples)
+    rep, _ = evaluate(pipe, samples, steps=STEPS, guidance=3.5, seed=int(recipe["seed"]),
+                      reference_mode="none", segmenter="color")
+    t2i = rep["modes"]["t2i"]["summary"]
+    assert t2i["background_color"] >= 0.8 and t2i["object_consistency"] >= 0.9, t2i
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def test_the_readme_demo_command_writes_t2i_and_tr2i_images(model, tmp_path, capsys):
+    from dreampainter_core.generate import main
+
+    out = tmp_path / "demo_out"
+    assert main(["--out-dir", str(out), "--steps", "6"]) == 0
+    names = {p.name for p in out.glob("*.png")}
+    assert names == {"demo_product.png", "demo_reference.png", "demo_t2i.png", "demo_t2i_zh.png", "demo_tr2i.png",
+                     "demo_sheet.png"}, names
+    spec = model.demo_spec()
+    mask = _png(model.demo / spec["mask"])[..., 0] > 0.5
+    product = _png(out / "demo_product.png")
+    images = {k: _png(out / f"demo_{k}.png") for k in ("t2i", "t2i_zh", "tr2i")}
+    for name, image in images.items():
+        assert image.shape == product.shape
+        assert torch.equal(image[mask], product[mask]), f"{name}: product pixels changed"
+        assert (image[~mask] - product[~mask]).abs().mean() > 0.05, f"{name}: background not repainted"
+    assert (images["tr2i"] - images["t2i"]).abs().mean() > 0.01  # the reference changes the result
+    printed = capsys.readouterr().out
+    assert spec["prompt"] in printed and "embedded miniature model" in printed
+
+
+def test_the_cli_with_explicit_model_paths(model, tmp_path):
+    """What a user with real weights types, pointed at the embedded files."""
+    from dreampainter_core.generate import main
+
+    spec = model.demo_spec()
+    result = tmp_path / "result.png"
+    assert main(["--base", str(model.base), "--weights", str(model.weights),
+                 "--product", str(model.demo / spec["product"]), "--mask", str(model.demo / spec["mask"]),
+                 "--reference", str(model.demo / spec["reference"]), "--prompt", spec["prompt_zh"],
+                 "--attention-scale", "0.6", "--steps", "4", "--out", str(result), "--dtype", "fp32"]) == 0
+    image, product = _png(result), _png(model.demo / spec["product"])
+    mask = _png(model.demo / spec["mask"])[..., 0] > 0.5
+    assert torch.equal(image[mask], product[mask])
+
+
+def test_a_missing_embedded_model_is_a_clear_error(tmp_path):
+    from dreampainter_core.errors import ModelFilesError
+
+    with pytest.raises(ModelFilesError, match="train.miniature"):
+        embedded_model(tmp_path)
