@@ -305,6 +305,19 @@ def _config_json(model) -> str:
     return json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
 
 
+def cogview4_model_index() -> dict:
+    """model_index.json of a CogView4 diffusers folder (what CogView4Pipeline.from_pretrained reads)."""
+    return {
+        "_class_name": "CogView4Pipeline",
+        "_diffusers_version": DIFFUSERS_VERSION_TAG,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "GlmModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "CogView4Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
 def write_tiny_model(out_dir: str | Path, seed: int = 0, single_files_dir: str | Path | None = None) -> Path:
     """Write a diffusers-layout CogView4 folder (loadable by ``CogView4Pipeline.from_pretrained``)
     with safetensors weights; with ``single_files_dir`` also write ``transformer.safetensors``,
@@ -322,16 +335,7 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, single_files_dir: str |
     comps["scheduler"].save_pretrained(str(out / "scheduler"))
     save_tokenizer_portable(comps["tokenizer"], out / "tokenizer")
 
-    model_index = {
-        "_class_name": "CogView4Pipeline",
-        "_diffusers_version": DIFFUSERS_VERSION_TAG,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "GlmModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "transformer": ["diffusers", "CogView4Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
+    (out / "model_index.json").write_text(json.dumps(cogview4_model_index(), indent=2) + "\n", encoding="utf-8")
 
     if single_files_dir is not None:
         sdir = Path(single_files_dir)

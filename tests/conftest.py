@@ -57,3 +57,13 @@ def tiny_single_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_single")
     folder = write_tiny_model(root / "cogview4-tiny", seed=0, single_files_dir=root / "single")
     return {"folder": folder, "single": root / "single"}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test: on the shared 2-core CI box, one thread is faster
+    than two contended ones for these tiny shapes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ from train import miniature
 from train.miniature import PHASES, Miniature, RecipeError, load_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared CI box: one intra-op thread is much faster than two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from train.synthetic import tiny_config, write_synthetic_dataset
 from train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(cfg):

@@ -114,6 +114,15 @@ def _scaled(steps: int, scale: float) -> int:
 # ----------------------------------------------------------------------------- small helpers
 
 
+def _save_bf16_into_place(model, final: Path) -> None:
+    """save_pretrained in bf16 into a temporary folder, then move it into place."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+    _replace_dir(tmp, final)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary folder into place (replacing an older one)."""
     if final.exists():
@@ -313,11 +322,7 @@ class Miniature:
 
     # ---- 2. text encoder, tokenizer, scheduler -----------------------------------------
     def phase_text(self) -> dict:
-        from dreampainter_core.tiny import (
-            DIFFUSERS_VERSION_TAG,
-            build_tiny_components,
-            save_tokenizer_portable,
-        )
+        from dreampainter_core.tiny import build_tiny_components, cogview4_model_index, save_tokenizer_portable
 
         comps = build_tiny_components(self.seed)
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -328,16 +333,7 @@ class Miniature:
         te.save_pretrained(str(self.model_dir / "text_encoder"), safe_serialization=True)
         save_tokenizer_portable(comps["tokenizer"], self.model_dir / "tokenizer")
         comps["scheduler"].save_pretrained(str(self.model_dir / "scheduler"))
-        model_index = {
-            "_class_name": "CogView4Pipeline",
-            "_diffusers_version": DIFFUSERS_VERSION_TAG,
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "GlmModel"],
-            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-            "transformer": ["diffusers", "CogView4Transformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        atomic_write_text(self.model_dir / "model_index.json", json.dumps(model_index, indent=2) + "\n")
+        atomic_write_text(self.model_dir / "model_index.json", json.dumps(cogview4_model_index(), indent=2) + "\n")
         return {"text_encoder_params": _n_params(te), "vocab": len(comps["tokenizer"]),
                 "hidden_size": int(te.config.hidden_size)}
 
@@ -440,11 +436,7 @@ class Miniature:
         vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(1.0 / max(std, 1e-6), 6))
         del train
 
-        tmp = self.model_dir / ".vae.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        vae.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
-        _replace_dir(tmp, self.model_dir / "vae")
+        _save_bf16_into_place(vae, self.model_dir / "vae")
         atomic_write_text(self.out / "vae" / "train_log.json", json.dumps(log_rows, indent=1) + "\n")
 
         # Held-out reconstruction with the shipped (bf16) weights, run in `precision` as inference does.
@@ -601,11 +593,7 @@ class Miniature:
 
         ema.swap()  # export the EMA weights
         base.eval().requires_grad_(False)
-        tmp = self.model_dir / ".transformer.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        base.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
-        _replace_dir(tmp, self.model_dir / "transformer")
+        _save_bf16_into_place(base, self.model_dir / "transformer")
         atomic_write_text(self.out / "base" / "train_log.json", json.dumps(log_rows, indent=1) + "\n")
         metrics = {
             "params": _n_params(base), "steps": steps, "batch_size": bs, "image_tokens": seq_len,
@@ -847,14 +835,7 @@ def embed(run_dir, models_dir=None, docs_dir=None) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(WEIGHTS_NAME, ".*"))
-    old = base_dst.with_name(f".{E.BASE_NAME}.old")
-    if base_dst.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(base_dst, old)
-    os.replace(tmp, base_dst)
-    if old.exists():
-        shutil.rmtree(old)
+    _replace_dir(tmp, base_dst)
     weights_dst = models_dir / "dreampainter" / E.WEIGHTS_NAME
     weights_dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(weights_dst, (model_dir / WEIGHTS_NAME).read_bytes())
