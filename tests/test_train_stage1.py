@@ -58,6 +58,20 @@ def test_flow_convention_matches_sampler(tiny_model_dir):
                            torch.randn(8, generator=flow.sample_generator(3, 10, 1, 5)))
 
 
+def test_high_noise_share_moves_that_share_of_times_into_the_top_band():
+    times = [flow.draw_time(flow.sample_generator(0, k, 0, 0), "uniform") for k in range(4000)]
+    moved = [flow.into_high_noise(flow.sample_generator(1, k, 0, 0), t, 0.5, 0.8) for k, t in enumerate(times)]
+    top_before = sum(float(t) >= 0.8 for t in times) / len(times)
+    top_after = sum(float(t) >= 0.8 for t in moved) / len(moved)
+    # uniform: 20% in [0.8, 1); moving half of all times there: 0.5 + 0.5 * 0.2 = 60%
+    assert abs(top_before - 0.2) < 0.03 and abs(top_after - 0.6) < 0.03
+    assert all(0.0 < float(t) < 1.0 for t in moved)
+    # off: the time and the generator's stream are untouched (runs without it stay reproducible)
+    g, h = flow.sample_generator(2, 0, 0, 0), flow.sample_generator(2, 0, 0, 0)
+    assert flow.into_high_noise(g, times[0], 0.0, 0.8) is times[0]
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=h))
+
+
 # ---------------------------------------------------------------------------------------
 # config
 
@@ -97,6 +111,10 @@ def test_config_overrides_typed_and_errors(tmp_path):
         load_config(1, None, ["data.reference_prob=0.5"])
     with pytest.raises(ConfigError, match="model.dtype=bf16 needs"):
         load_config(1, None, ["train.mixed_precision=no"])
+    with pytest.raises(ConfigError, match=r"train.high_noise_prob must be in \[0, 1\], got 1.5"):
+        load_config(1, None, ["train.high_noise_prob=1.5"])
+    with pytest.raises(ConfigError, match=r"train.high_noise_from must be in \[0, 1\), got 1.0"):
+        load_config(1, None, ["train.high_noise_from=1"])
     y = tmp_path / "c.yaml"
     y.write_text("stage: 2\noptim:\n  lr: 2e-5\ntrain:\n  max_steps: 7\n")
     c = load_config(2, y)

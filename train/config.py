@@ -101,6 +101,11 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mu: str = "dynamic"  # time shift: "dynamic" = CogView4's mu for the image's token count, or a number
+    # Move this share of the times into [high_noise_from, 1) (ours; 0 = off): a condition that only
+    # decides what is unreadable from x_t near pure noise (a reference's colours on a small latent)
+    # is otherwise trained too rarely. See train/flow.py into_high_noise.
+    high_noise_prob: float = 0.0
+    high_noise_from: float = 0.8
     fixed_batch: bool = False  # overfit: reuse the first global batch every step (debugging, tests)
     # Loss weight inside the product: per latent pixel 1 + (w - 1) * Z_m (the mask on the latent grid,
     # soft at edges), normalised to mean 1 per sample; 1 = plain MSE (ours; the paper gives none)
@@ -431,6 +436,10 @@ def validate(cfg: Config) -> Config:
             problems.append(f"{name} must be >= {lo}, got {v}")
     if not 0.0 <= d.reference_prob <= 1.0:
         problems.append(f"data.reference_prob must be in [0, 1], got {d.reference_prob}")
+    if not 0.0 <= t.high_noise_prob <= 1.0:
+        problems.append(f"train.high_noise_prob must be in [0, 1], got {t.high_noise_prob}")
+    if not 0.0 <= t.high_noise_from < 1.0:
+        problems.append(f"train.high_noise_from must be in [0, 1), got {t.high_noise_from}")
     if t.mask_loss_weight <= 0:
         problems.append(f"train.mask_loss_weight must be > 0 (1 = plain MSE), got {t.mask_loss_weight}")
     if not 0.0 <= d.empty_prompt_prob <= 1.0:

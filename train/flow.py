@@ -32,7 +32,7 @@ import torch
 
 from dreampainter_core.pipeline import calculate_shift
 
-__all__ = ["sample_generator", "mu_for", "shift_sigma", "draw_time", "flow_pair", "PROBE_STEP"]
+__all__ = ["sample_generator", "mu_for", "shift_sigma", "draw_time", "into_high_noise", "flow_pair", "PROBE_STEP"]
 
 PROBE_STEP = 2**31 - 1  # the "step" used to seed the fixed probe-loss noise
 
@@ -78,6 +78,21 @@ def draw_time(generator: torch.Generator, sampling: str, mean: float = 0.0, std:
     else:
         raise ValueError(f"unknown timestep sampling {sampling!r}")
     return s.clamp(1e-5, 1.0).float()
+
+
+def into_high_noise(generator: torch.Generator, s: torch.Tensor, prob: float, start: float) -> torch.Tensor:
+    """With probability `prob`, map s from (0, 1) into [start, 1) (else keep it).
+
+    On small latents the layout and colours are readable from x_t except near s = 1, so a
+    condition that decides only them (the prompt's colours, the reference's look) pays off
+    only there, and uniform times train it too rarely (train/README.md, "text warm-up").
+    Draws nothing when prob is 0, so a run without it keeps its random stream.
+    """
+    if prob <= 0.0:
+        return s
+    if torch.rand(1, generator=generator).item() < prob:
+        return start + (1.0 - start) * s
+    return s
 
 
 def flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

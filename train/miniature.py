@@ -552,8 +552,8 @@ class Miniature:
                     t = flow.draw_time(g, sec["timestep_sampling"], float(sec["logit_mean"]), float(sec["logit_std"]))
                     if step < warm_steps:  # text warm-up: only times where the prompt is all there is
                         t = warm_from + (1.0 - warm_from) * t
-                    elif torch.rand(1, generator=g).item() < high_p:  # into [high_from, 1): see the recipe
-                        t = high_from + (1.0 - high_from) * t
+                    else:  # a share into [high_from, 1): see the recipe
+                        t = flow.into_high_noise(g, t, high_p, high_from)
                     times.append(t)
                     noises.append(torch.randn(x0_all.shape[1:], generator=g, dtype=torch.float32))
                     prompts.append("" if drop else (prompts_zh[i] if second else prompts_en[i]))

@@ -708,6 +708,7 @@ class Trainer:
             g = flow.sample_generator(t.seed, step, micro, self.env.rank * t.batch_size + i)
             drop = torch.rand(1, generator=g).item() < cfg.data.empty_prompt_prob
             s = flow.draw_time(g, t.timestep_sampling, t.logit_mean, t.logit_std)
+            s = flow.into_high_noise(g, s, t.high_noise_prob, t.high_noise_from)
             noises.append(torch.randn(x0.shape[1:], generator=g, dtype=torch.float32))
             times.append(s)
             if drop:
