@@ -51,6 +51,7 @@ __all__ = [
     "color_match",
     "background_color_match",
     "table_color_match",
+    "tone_match",
     "PatternMatch",
     "PATTERN_CLASSES",
     "pattern_features",
@@ -485,6 +486,25 @@ def background_color_match(image, region, expected_rgb=None, palette=None, expec
 def table_color_match(image, region, expected_rgb=None, palette=None, expected_name=None, **kw) -> ColorMatch:
     """color_match on the display stand's top surface: the prompt's table colour."""
     return color_match(image, region, expected_rgb, palette, expected_name, **kw)
+
+
+def tone_match(image, region, candidates: Mapping[str, Sequence[float]], expected: str) -> ColorMatch:
+    """Which of several shades of one colour is the region? The region's colour
+    (region_color) is matched to the nearest candidate (CIELAB; candidates: name -> 0..255
+    colour as region_color measures it on each shade's ground truth); a match when that is
+    `expected`. For synthetic scenes the candidates are the wall's tones (light / plain /
+    deep), which the prompt never names: only a reference can tell them apart."""
+    if expected not in candidates:
+        raise InputError(f"expected tone {expected!r} is not among the candidates {list(candidates)}")
+    measured = region_color(image, region)
+    if measured is None:
+        return ColorMatch(None, None, expected, None, None)
+    names = list(candidates)
+    lab = srgb_to_lab(np.array([candidates[n] for n in names], np.float64))
+    d = np.linalg.norm(lab - srgb_to_lab(measured)[None], axis=1)
+    predicted = names[int(np.argmin(d))]
+    dist = float(np.linalg.norm(measured - np.asarray(candidates[expected], np.float64)) / 255.0)
+    return ColorMatch(predicted == expected, predicted, expected, [round(float(v), 2) for v in measured], round(dist, 5))
 
 
 # ----------------------------------------------------------------------------- pattern adherence

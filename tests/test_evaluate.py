@@ -47,6 +47,7 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
             assert row["object_consistency"] <= 1.0
             for key in ("background_color", "table_color", "pattern", "prompt_adherence"):
                 assert isinstance(row[key], bool)
+            assert isinstance(row.get("wall_tone", False), bool)
             assert 0.0 <= row["reference_similarity"] <= 1.0 and 0.0 <= row["quality"] <= 1.0
             assert -1.0 <= row["clip_t"] <= 1.0 and -1.0 <= row["clip_i"] <= 1.0
     assert "reference_similarity" in report["comparison"]

@@ -125,7 +125,9 @@ def test_scene_ground_truth_describes_the_prompt(scenes):
         assert sc["size"] == [64, 64] and sc["version"] == syn.SCENE_VERSION
         p, t, b = sc["product"], sc["table"], sc["background"]
         assert len({p["color"], t["color"], b["color"]}) == 3
-        assert tuple(b["rgb"]) == syn.PALETTE[b["color"]] and tuple(t["rgb"]) == syn.PALETTE[t["color"]]
+        assert b["tone"] in syn.WALL_TONES[b["color"]]
+        assert tuple(b["rgb"]) == syn.tone_rgb(syn.PALETTE[b["color"]], b["tone"])
+        assert tuple(t["rgb"]) == syn.PALETTE[t["color"]]
         assert b["pattern"] in syn.PATTERNS and p["shape"] in syn.PRODUCT_SHAPES
         en, zh = syn.scene_prompt(sc)
         assert s.prompt == en and s.prompt_2 == zh
@@ -133,6 +135,36 @@ def test_scene_ground_truth_describes_the_prompt(scenes):
                                           f"{t['color']} {syn.STAND_WORDS[t['shape']][0]}")
         assert f"{b['color']} " in en.split(",")[2] and "background" in en.split(",")[2]
         assert syn.PALETTE_ZH[b["color"]] in zh and syn.PALETTE_ZH[p["color"]] in zh
+
+
+def test_wall_tones_are_unnamed_visible_and_read_back_as_the_named_colour():
+    from dreampainter_core import metrics as M
+
+    # The rule behind WALL_TONES: a tone must stay its colour for the adherence metric ...
+    for name, tones in syn.WALL_TONES.items():
+        assert "plain" in tones
+        for tone in tones:
+            rgb = syn.tone_rgb(syn.PALETTE[name], tone)
+            assert M.nearest_palette_color(rgb, syn.PALETTE)[0] == name, (name, tone)
+    assert sum(len(t) for t in syn.WALL_TONES.values()) >= 2 * len(syn.PALETTE)  # most colours have tones
+    with pytest.raises(ValueError, match="tone must be one of"):
+        syn.tone_rgb((1, 2, 3), "pale")
+    seen = set()
+    for i in range(40):
+        scene, r, reg = syn.make_scene(3, i, 64)
+        b = scene["background"]
+        seen.add(b["tone"])
+        # ... the prompt never says which tone (only the reference shows it) ...
+        en, zh = syn.scene_prompt(scene)
+        assert "light" not in en and "deep" not in en and "tone" not in en
+        # ... and the reference's wall really is in that tone (its most common colour).
+        wall = r["reference"][reg["wall"]].reshape(-1, 3)
+        colours, counts = np.unique(wall, axis=0, return_counts=True)
+        if b["pattern"] != "gradient":
+            assert tuple(int(v) for v in colours[counts.argmax()]) in (tuple(b["rgb"]), tuple(b["tint_rgb"]))
+        # the tone palette scores the ground truth as a clean scene
+        assert M.palette_fit(r["image"] / 255.0, syn.tone_palette(), reg["background"]) > 0.85
+    assert seen == set(syn.TONES)
 
 
 def test_every_prompt_word_is_in_the_tiny_tokenizer_vocabulary():

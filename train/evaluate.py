@@ -24,6 +24,9 @@ Metrics (dreampainter_core.metrics has the exact definitions; the report repeats
 - background_color / table_color / pattern adherence (synthetic scenes): the ground-truth
   wall / stand-top regions of the scene classified against the palette; prompt_adherence =
   background and table colour both right.
+- wall_tone (synthetic scenes): is the wall in the scene's own tone (light / plain / deep of
+  the named colour)? The prompt never names it, so without a reference it is a guess
+  (~1/3): the sharpest measure of what a reference adds.
 - reference_similarity (colour-histogram intersection) and reference_pixel_similarity
   (1 - RMSE) against the manifest's reference on the background away from the product and
   its shadow, measured in T2I mode too (the "without a reference" baseline).
@@ -62,6 +65,7 @@ from dreampainter_core import metrics as M
 from dreampainter_core.errors import DreamPainterError
 
 from .manifest import ManifestError, load_sample, read_manifest
+from .synthetic import PALETTE, WALL_TONES, scene_regions, tone_palette, wall_tone_colours
 
 __all__ = ["evaluate", "write_report_png", "main", "DEFINITIONS", "SWEEP_VALUES", "PSNR_CAP"]
 
@@ -85,18 +89,22 @@ DEFINITIONS = {
                    "height of the product's base) classified as the nearest palette colour (CIELAB) == prompt's",
     "pattern": "wall-probe pattern classified from luminance variance features == prompt's pattern",
     "prompt_adherence": "background and table colour both right",
+    "wall_tone": "the wall probe's trimmed mean colour is nearest (CIELAB) to that of the scene's own tone (light / "
+                 "plain / deep) among the tones its colour can take, each drawn with the scene's pattern: the part "
+                 "of the look only the reference carries (the prompt never names the tone; chance ~1/3; scenes "
+                 "whose colour has one tone are left out)",
     "reference_similarity": "joint RGB histogram intersection (8 bins/channel) with the manifest reference over the "
                             "background away from the product and its shadow (1 = same colours)",
     "reference_pixel_similarity": "1 - RMSE (0..1) vs the manifest reference over the same region, pixel-aligned",
     "quality": "palette_fit: mean over the background of max(0, 1 - d/0.1), d = distance to the nearest palette "
-               "shade/tint line (image-quality proxy for palette scenes; ground truth ~0.99)",
+               "(named colours and their wall tones) shade/tint line (image-quality proxy for palette scenes; ground truth ~0.99)",
     "clip_t": "cosine of CLIP image and prompt embeddings",
     "clip_i": "cosine of CLIP embeddings of the image and of the reference with the product composited on it",
 }
 # Metrics averaged in summaries; booleans become the fraction of True.
 NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted",
            "reference_similarity", "reference_pixel_similarity", "quality", "clip_t", "clip_i")
-BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "prompt_adherence")
+BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "prompt_adherence", "wall_tone")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -184,8 +192,6 @@ def load_samples(manifest: Path, limit: int | None, prompt_field: str = "prompt"
         regions = None
         h, w = mask.shape[-2:]
         if scene is not None and tuple(scene.get("size", ())) == (w, h):
-            from .synthetic import scene_regions
-
             regions = scene_regions(scene)
         else:
             scene = None
@@ -226,14 +232,15 @@ def _rembg_segmenter():
 
 class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
-                 palette: dict | None):
+                 palette: dict | None, quality_palette: dict | None = None):
         self.pipe = pipe
         self.steps = steps
         self.guidance = guidance
         self.seed = seed
         self.segmenter = segmenter
         self.clip = clip
-        self.palette = palette
+        self.palette = palette  # named colours: what prompts say
+        self.quality_palette = quality_palette or palette  # every colour a scene can hold (wall tones)
         self._embeds: dict[str, torch.Tensor] = {}
         self.negative = pipe.encode_prompt([""]) if guidance > 1.0 else None
 
@@ -281,7 +288,11 @@ class Runner:
             row["table_color"], row["table_predicted"] = tb.match, tb.predicted
             row["pattern"], row["pattern_predicted"] = pt.match, pt.predicted
             row["prompt_adherence"] = None if bg.match is None or tb.match is None else bool(bg.match and tb.match)
-            row["quality"] = float(M.palette_fit(image, self.palette, reg["background"]))
+            if "tone" in sc["background"] and len(WALL_TONES.get(sc["background"]["color"], ())) > 1:
+                tone = M.tone_match(image, reg["wall_probe"], wall_tone_colours(sc, reg["wall_probe"]),
+                                    sc["background"]["tone"])
+                row["wall_tone"], row["wall_tone_predicted"] = tone.match, tone.predicted
+            row["quality"] = float(M.palette_fit(image, self.quality_palette, reg["background"]))
         if s.reference is not None:
             row["reference_similarity"] = float(M.reference_similarity(image, s.reference[0], reg["background"]))
             row["reference_pixel_similarity"] = float(M.reference_pixel_similarity(image, s.reference[0], reg["background"]))
@@ -303,8 +314,6 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              segmenter: str = "auto", clip: M.ClipScorer | None = None, keep_images: int = 0,
              progress: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images)."""
-    from .synthetic import PALETTE
-
     supports_ref = bool(getattr(pipe.transformer, "supports_reference", False))
     has_lora = bool(getattr(pipe.transformer, "has_lora", False))
     notes: list[str] = []
@@ -318,7 +327,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "tr2i" in modes and not with_refs:
         modes = [m for m in modes if m != "tr2i"]
         notes.append("no sample in the manifest has a reference: TR2I skipped")
-    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE)
+    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette())
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -339,7 +348,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "t2i" in report_modes and "tr2i" in report_modes:
         a, b = report_modes["t2i"]["summary"], report_modes["tr2i"]["summary"]
         comparison = {}
-        for k in ("reference_similarity", "reference_pixel_similarity", "prompt_adherence", "background_color",
+        for k in ("reference_similarity", "reference_pixel_similarity", "wall_tone", "prompt_adherence", "background_color",
                   "table_color", "object_consistency", "quality", "clip_t", "clip_i"):
             if a.get(k) is not None and b.get(k) is not None:
                 comparison[k] = {"t2i": a[k], "tr2i": b[k], "tr2i_minus_t2i": b[k] - a[k]}

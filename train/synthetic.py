@@ -3,7 +3,8 @@
     python -m train.synthetic --out data/scenes --count 2000 --size 128 --seed 0 [--splits 0.8,0.1,0.1]
 
 Each scene is drawn procedurally (numpy + PIL, no model): a wall in one of a small named
-palette of colours with a pattern (plain, stripes, dots, checker, gradient), a display
+palette of colours, in a tone (light / plain / deep) that the prompt does not name, so the
+reference is the only source of it, with a pattern (plain, stripes, dots, checker, gradient), a display
 stand (a full-width table, or a round stand) in another palette colour, a product (bottle,
 box, can, ball, cup, jar) in a third colour with simple shading, and a soft shadow under
 the product cast away from the light. Edges are hard (no anti-aliasing): the product mask
@@ -65,6 +66,11 @@ __all__ = [
     "PRODUCT_SHAPES",
     "STAND_SHAPES",
     "SCENE_VERSION",
+    "TONES",
+    "WALL_TONES",
+    "tone_rgb",
+    "tone_palette",
+    "wall_tone_colours",
     "sample_scene",
     "make_scene",
     "render_scene",
@@ -77,7 +83,7 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-SCENE_VERSION = 1
+SCENE_VERSION = 2  # 2: wall tones (light / plain / deep), unnamed in the prompt
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary
@@ -123,6 +129,16 @@ STYLES = (
 STYLE_RATIO = 0.5  # the style component is optional (the paper samples components by ratio)
 LIGHTS = ("left", "right", "front")
 
+# Wall tones: the wall is its named colour, or that colour moved TONE_STEP towards white
+# ("light") or black ("deep"). The prompt never names the tone ("a blue background" is any of
+# the three blues), so only the background reference tells which: the part of the reference's
+# look that text does not carry, as with real photos. A tone is allowed for a colour only where
+# it still reads back as that colour (nearest palette colour in CIELAB, also mixed 50/50 with
+# its pattern tint), so prompt adherence stays measurable; see WALL_TONES.
+TONE_STEP = 0.2
+TONES = ("light", "plain", "deep")
+MIN_TONE_DELTA_E = 8.0  # a tone must differ visibly (CIE76) from the plain colour
+
 # Rendering constants (see render_scene).
 TINT = 0.22  # pattern secondary colour: this far towards white (dark colours) or black (light ones)
 FRONT_SHADE = 0.78  # the stand's front face
@@ -144,6 +160,49 @@ def pattern_tint(rgb) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in c + TINT * (target - c))
 
 
+def tone_rgb(rgb, tone: str) -> tuple[int, int, int]:
+    """The wall colour of a named colour in a tone ("light", "plain", "deep")."""
+    if tone not in TONES:
+        raise ValueError(f"tone must be one of {TONES}, got {tone!r}")
+    c = np.array(rgb, np.float64)
+    if tone != "plain":
+        c = c + TONE_STEP * ((255.0 if tone == "light" else 0.0) - c)
+    return tuple(int(round(v)) for v in c)
+
+
+def _allowed_tones() -> dict[str, tuple[str, ...]]:
+    from dreampainter_core.metrics import nearest_palette_color, srgb_to_lab  # numpy only; no cycle
+
+    out = {}
+    for name, rgb in PALETTE.items():
+        keep = []
+        for tone in TONES:
+            v = np.array(tone_rgb(rgb, tone), np.float64)
+            mixed = (v + np.array(pattern_tint(v), np.float64)) / 2.0  # a checker's mean colour
+            visible = tone == "plain" or np.linalg.norm(srgb_to_lab(v) - srgb_to_lab(np.array(rgb, np.float64))) >= MIN_TONE_DELTA_E
+            if visible and nearest_palette_color(v, PALETTE)[0] == name and nearest_palette_color(mixed, PALETTE)[0] == name:
+                keep.append(tone)
+        out[name] = tuple(keep)
+    return out
+
+
+#: The tones each colour may take (see TONE_STEP): every colour has "plain"; e.g. brown has no
+#: "light" (it would read as orange), white and black only "plain" (a white's light tone is
+#: invisible, its deep one grey).
+WALL_TONES: dict[str, tuple[str, ...]] = _allowed_tones()
+
+
+def tone_palette() -> dict[str, tuple[int, int, int]]:
+    """Every wall colour a scene can hold ("blue/light", ...) plus the named ones: the palette
+    the image-quality proxy (metrics.palette_fit) measures scenes against."""
+    out = dict(PALETTE)
+    for name, rgb in PALETTE.items():
+        for tone in WALL_TONES[name]:
+            if tone != "plain":
+                out[f"{name}/{tone}"] = tone_rgb(rgb, tone)
+    return out
+
+
 def _a(word: str) -> str:
     """The indefinite article for a word: "an orange", "a red"."""
     return "an" if word[:1].lower() in "aeiou" else "a"
@@ -160,10 +219,10 @@ def _segment_distance(points: np.ndarray, rgb, shade=_PRODUCT_RULE_SHADE) -> np.
     return np.linalg.norm(points - k[:, None] * c[None, :], axis=1)
 
 
-def _scene_colours(bg: str, pattern: str, table: str) -> np.ndarray:
+def _scene_colours(wall_rgb, pattern: str, table: str) -> np.ndarray:
     """Every colour the background layer can hold, times every shadow factor, 0..1 [N, 3]."""
-    base = np.array(PALETTE[bg], np.float64)
-    cols = [base, np.array(pattern_tint(PALETTE[bg]), np.float64)]
+    base = np.array(wall_rgb, np.float64)
+    cols = [base, np.array(pattern_tint(wall_rgb), np.float64)]
     if pattern == "gradient":
         for g in np.linspace(0.0, 1.0, 6):
             cols.append(_glow_colour(base, g))
@@ -200,7 +259,10 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
         if table == bg:
             continue
         pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-        scene_cols = _scene_colours(bg, pattern, table)
+        tones = WALL_TONES[bg]
+        tone = tones[int(rng.integers(len(tones)))]
+        wall_rgb = tone_rgb(PALETTE[bg], tone)
+        scene_cols = _scene_colours(wall_rgb, pattern, table)
         allowed = [
             n for n in names
             if n not in (bg, table) and _segment_distance(scene_cols, PALETTE[n]).min() > _SEPARATION
@@ -261,8 +323,8 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
     scene = {
         "version": SCENE_VERSION,
         "size": [int(width), int(height)],
-        "background": {"color": bg, "rgb": list(PALETTE[bg]), "pattern": pattern, "pattern_params": pat,
-                       "tint_rgb": list(pattern_tint(PALETTE[bg]))},
+        "background": {"color": bg, "tone": tone, "rgb": list(wall_rgb), "pattern": pattern, "pattern_params": pat,
+                       "tint_rgb": list(pattern_tint(wall_rgb))},
         "table": {"color": table, "rgb": list(PALETTE[table]), "shape": stand, **stand_geo},
         "product": {"shape": shape, "color": product_colour, "rgb": list(PALETTE[product_colour]),
                     "center_x": _r(cx), "base_y": _r(base_y), "width": _r(pw), "height": _r(ph)},
@@ -523,6 +585,23 @@ def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None 
     }
 
 
+def wall_tone_colours(scene: dict, region: np.ndarray) -> dict[str, list[float]]:
+    """{tone: the wall's measured colour (metrics.region_color over `region`, 0..255)} for
+    every tone the scene's wall colour may take, each drawn with the scene's own pattern:
+    what metrics.tone_match compares a generated wall with (which of the blues is it?)."""
+    from dreampainter_core.metrics import region_color
+
+    bg = scene["background"]
+    out = {}
+    for tone in WALL_TONES[bg["color"]]:
+        rgb = tone_rgb(PALETTE[bg["color"]], tone)
+        variant = {**scene, "background": {**bg, "tone": tone, "rgb": list(rgb), "tint_rgb": list(pattern_tint(rgb))}}
+        w, h = scene["size"]
+        wall = _wall(variant, w, h)
+        out[tone] = [float(v) for v in region_color(np.clip(np.round(wall), 0, 255) / 255.0, region)]
+    return out
+
+
 MIN_WALL_FRACTION = 0.15
 MIN_TABLE_FRACTION = 0.01
 
@@ -655,6 +734,7 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
         "generator": "train.synthetic", "scene_version": SCENE_VERSION, "seed": int(seed), "count": int(count),
         "size": [int(size), int(size)], "splits": dict(zip(("train", "val", "test"), counts)),
         "palette": {k: list(v) for k, v in PALETTE.items()}, "patterns": list(PATTERNS),
+        "wall_tones": {k: list(v) for k, v in WALL_TONES.items()}, "tone_step": TONE_STEP,
         "product_shapes": list(PRODUCT_SHAPES), "stand_shapes": list(STAND_SHAPES),
     }
     paths["info"] = out / "dataset.json"
