@@ -115,7 +115,8 @@ def test_budget_scales_steps_and_stage_configs(tmp_path):
     assert c1.train.mask_loss_weight > 1 and c1.cache.enabled and c1.data.empty_prompt_prob > 0
     c2 = full.stage_config(2)
     assert c2.model.stage1_weights == str(tmp_path / "stage1" / "dreampainter_stage1.safetensors")
-    assert c2.data.reference_prob == 0.5 and 128 in c2.data.reference_sizes
+    assert 0 < c2.data.reference_prob <= 1 and 128 in c2.data.reference_sizes
+    assert c2.train.high_noise_prob > 0 and c2.train.high_noise_from < 1  # the reference pays at high noise
     # --smoke ignores the budget; every phase gets a handful of steps.
     smoke = Miniature(tmp_path, load_recipe(smoke=True), budget_minutes=45)
     assert smoke.scale == 1.0 and smoke.stage_config(1).train.max_steps == 2
