@@ -202,10 +202,7 @@ def test_tone_match_tells_the_wall_tones_apart_on_ground_truth(pattern):
         candidates = syn.wall_tone_colours(scene, reg["wall_probe"])
         assert set(candidates) == set(tones)
         for tone in tones:
-            rgb = syn.tone_rgb(syn.PALETTE[colour], tone)
-            bg = scene["background"]
-            variant = {**scene, "background": {**bg, "tone": tone, "rgb": list(rgb), "tint_rgb": list(syn.pattern_tint(rgb))}}
-            image = syn.render_scene(variant)["image"]
+            image = syn.render_scene(syn.with_wall_tone(scene, tone))["image"]
             m = M.tone_match(image, reg["wall_probe"], candidates, tone)
             assert m.match and m.predicted == tone, (pattern, colour, tone, m)
             other = next(t for t in tones if t != tone)

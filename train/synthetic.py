@@ -71,6 +71,7 @@ __all__ = [
     "tone_rgb",
     "tone_palette",
     "wall_tone_colours",
+    "with_wall_tone",
     "sample_scene",
     "make_scene",
     "render_scene",
@@ -591,15 +592,19 @@ def wall_tone_colours(scene: dict, region: np.ndarray) -> dict[str, list[float]]
     what metrics.tone_match compares a generated wall with (which of the blues is it?)."""
     from dreampainter_core.metrics import region_color
 
-    bg = scene["background"]
+    w, h = scene["size"]
     out = {}
-    for tone in WALL_TONES[bg["color"]]:
-        rgb = tone_rgb(PALETTE[bg["color"]], tone)
-        variant = {**scene, "background": {**bg, "tone": tone, "rgb": list(rgb), "tint_rgb": list(pattern_tint(rgb))}}
-        w, h = scene["size"]
-        wall = _wall(variant, w, h)
+    for tone in WALL_TONES[scene["background"]["color"]]:
+        wall = _wall(with_wall_tone(scene, tone), w, h)
         out[tone] = [float(v) for v in region_color(np.clip(np.round(wall), 0, 255) / 255.0, region)]
     return out
+
+
+def with_wall_tone(scene: dict, tone: str) -> dict:
+    """A copy of the scene with its wall in another tone of the same named colour."""
+    bg = scene["background"]
+    rgb = tone_rgb(PALETTE[bg["color"]], tone)
+    return {**scene, "background": {**bg, "tone": tone, "rgb": list(rgb), "tint_rgb": list(pattern_tint(rgb))}}
 
 
 MIN_WALL_FRACTION = 0.15
