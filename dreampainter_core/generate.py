@@ -96,6 +96,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--attention-scale", type=float, default=1.0)
+    parser.add_argument("--reference-guidance", type=float, default=None,
+                        help="guidance towards the reference, separate from --cfg (default: = --cfg, the reference "
+                             "left out of the negative pass; 1 = in both passes, follows it least; other values "
+                             "cost a 3rd model pass per step)")
     parser.add_argument("--mask-guidance", action="store_true")
     parser.add_argument("--placement", choices=("keep", "center"), default="keep")
     parser.add_argument("--no-paste-back", action="store_true")
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
             width=args.width, height=args.height, steps=args.steps or 50, guidance_scale=args.cfg, seed=args.seed,
             lora_scale=args.lora_scale, attention_scale=args.attention_scale, mask_guidance=args.mask_guidance,
             placement=args.placement, paste_back=not args.no_paste_back, batch_size=args.batch,
+            reference_guidance=args.reference_guidance,
         )
         out = Path(args.out)
         paths = [save_image_atomic(images[0], out)] if len(images) == 1 else [

@@ -290,8 +290,22 @@ class DreamPainterPipeline:
         control_scale: float = 1.0,
         callback: Callable[[StepInfo], object] | None = None,
         merge_lora: bool | None = None,
+        reference_guidance: float | None = None,
     ) -> torch.Tensor:
         """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents.
+
+        ``reference_guidance`` (g_r; used only with reference_latents) guides towards the
+        reference separately from the text (g = guidance_scale, n = negative prompt):
+
+            v = v(n, no ref) + g_r * (v(n, ref) - v(n, no ref)) + g * (v(prompt, ref) - v(n, ref))
+
+        None (default) = g: CFG against "no prompt and no reference", the reference left out
+        of the negative pass as IP-Adapter does (2 model calls per step). g_r = 1 puts the
+        reference in both passes (2 calls); other values take 3. Without text CFG (g <= 1):
+        v = v(prompt, no ref) + g_r * (v(prompt, ref) - v(prompt, no ref)), None = 1 (1 call).
+        Why it matters: with the reference in both passes, guidance amplifies only what the
+        prompt adds over the reference, so the reference is followed less as cfg rises
+        (measured on the miniature at cfg 3.5: reference similarity below plain T2I).
 
         ``merge_lora``: merge the scaled LoRA into the weights for the run (fast, and exact
         afterwards: the weights are backed up on the CPU and restored; see
@@ -322,15 +336,30 @@ class DreamPainterPipeline:
             token_mask=token_mask,
             control_scale=control_scale,
         )
+        reference_guidance = (guidance_scale if do_cfg else 1.0) if reference_guidance is None else float(reference_guidance)
+        guide_reference = reference_latents is not None and reference_guidance != 1.0
+        without_reference = dict(extra, reference_latents=None)
         merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)
         with model.lora_for_inference(lora_scale, merge=merge):
             for i, t in enumerate(timesteps):
                 model_input = latents.to(dtype)
                 timestep = t.expand(batch).to(device)
-                v = model(model_input, prompt_embeds, timestep, size, size, crop, **extra)
-                if do_cfg:
-                    v_uncond = model(model_input, negative_embeds, timestep, size, size, crop, **extra)
+                args = (model_input, prompt_embeds, timestep, size, size, crop)
+                negative_args = (model_input, negative_embeds, timestep, size, size, crop)
+                v = model(*args, **extra)
+                if do_cfg and not guide_reference:
+                    v_uncond = model(*negative_args, **extra)
                     v = v_uncond + guidance_scale * (v - v_uncond)
+                elif do_cfg and reference_guidance == guidance_scale:
+                    v_uncond = model(*negative_args, **without_reference)
+                    v = v_uncond + guidance_scale * (v - v_uncond)
+                elif do_cfg:
+                    v_negative = model(*negative_args, **extra)
+                    v_uncond = model(*negative_args, **without_reference)
+                    v = v_uncond + reference_guidance * (v_negative - v_uncond) + guidance_scale * (v - v_negative)
+                elif guide_reference:
+                    v_no_reference = model(*args, **without_reference)
+                    v = v_no_reference + reference_guidance * (v - v_no_reference)
                 sigma = float(sigmas[i])
                 denoised_estimate = latents - sigma * v.float() if callback is not None else None
                 latents = scheduler.step(v, t, latents, return_dict=False)[0]
@@ -384,9 +413,15 @@ class DreamPainterPipeline:
         box_ratio: tuple[float, float] = (0.6, 0.6),
         feather: int | None = None,
         merge_lora: bool | None = None,
+        reference_guidance: float | None = None,
     ) -> "GenerationRequest":
         """Check and convert every input (cheap: no model runs). Raises InputError/CapabilityError."""
         self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale)
+        if reference_guidance is not None and (
+                isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float))
+                or not math.isfinite(reference_guidance) or reference_guidance < 0):
+            raise InputError(f"reference_guidance must be None (= guidance_scale) or a finite number >= 0 (1 = the "
+                             f"reference in both CFG passes, higher = follow the reference more), got {reference_guidance!r}")
         product_b, mask_b = check_product_and_mask(as_image_batch(product, "product"), as_mask_batch(mask, "mask"))
         batch = product_b.shape[0]
         if batch_size is not None:
@@ -430,6 +465,7 @@ class DreamPainterPipeline:
             paste_back=bool(paste_back), callback=callback, denoise=float(denoise), init_image=init_b,
             shift=shift, control_scale=float(control_scale), renormalize_attention=bool(renormalize_attention),
             reference_size=reference_size, box_ratio=tuple(box_ratio), feather=feather, merge_lora=merge_lora,
+            reference_guidance=None if reference_guidance is None else float(reference_guidance),
         )
 
     @torch.no_grad()
@@ -475,6 +511,7 @@ class DreamPainterPipeline:
             denoise=r.denoise, mu=None if r.shift is None else float(r.shift), lora_scale=r.lora_scale,
             attention_scale=r.attention_scale, renormalize_attention=r.renormalize_attention, token_mask=token_mask,
             control_scale=r.control_scale, callback=r.callback, merge_lora=r.merge_lora,
+            reference_guidance=r.reference_guidance,
         )
         images = self.decode(latents).cpu()
         if r.paste_back:
@@ -526,7 +563,8 @@ class DreamPainterPipeline:
         All inputs are checked before any model runs. Keyword options (see
         ``prepare_inputs``): batch_size (repeats a single product), denoise (< 1 starts
         from init_image, default the product on its blank canvas), init_image, shift,
-        control_scale, renormalize_attention, reference_size, box_ratio, feather, merge_lora.
+        control_scale, renormalize_attention, reference_size, box_ratio, feather, merge_lora,
+        reference_guidance (see ``sample``).
         """
         request = self.prepare_inputs(
             product, mask, reference, width, height, steps, guidance_scale, seed, lora_scale, attention_scale,
@@ -568,3 +606,4 @@ class GenerationRequest:
     box_ratio: tuple[float, float]
     feather: int | None
     merge_lora: bool | None = None
+    reference_guidance: float | None = None

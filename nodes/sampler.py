@@ -27,6 +27,10 @@ LORA_SCALE_TIP = ("Strength of the stage-2 LoRA (reference following and harmoni
 ATTENTION_SCALE_TIP = ("How strongly the image attends to the reference tokens: 1 = plain attention, > 1 follows the "
                        "reference more, lower values follow it less. The paper finds this stays coherent below 0.4 "
                        "(unlike lora_scale).")
+REFERENCE_CFG_TIP = ("Guidance towards the reference image, separate from cfg (used only with a reference). 0 = same "
+                     "as cfg: the reference is left out of the negative pass (2 model passes per step). 1 = the "
+                     "reference in both passes (2 passes): follows it least. Higher follows it more; a value "
+                     "other than 1 or cfg costs a third pass per step.")
 #: Before/after pairs the sampler sends to the web extension's compare slider (web/dreampainter.js).
 COMPARE_KEY = "dreampainter_compare"
 COMPARE_LIMIT = 8
@@ -46,7 +50,7 @@ def compare_previews(product: torch.Tensor, images: torch.Tensor, limit: int = C
 
 
 def run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                lora_scale, attention_scale, mask_guidance, paste_back, reference=None):
+                lora_scale, attention_scale, mask_guidance, paste_back, reference=None, reference_cfg=0.0):
     """Returns the core's DreamPainterOutput. All inputs are checked before any model is loaded."""
     pipe = DreamPainterPipeline(None, None, vae.vae, model.transformer, model.scheduler)
     progress = SamplerProgress(steps)
@@ -58,6 +62,7 @@ def run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift
         batch_size=None if batch_size <= 1 else batch_size, denoise=denoise,
         shift=None if shift <= 0 else float(shift),
         reference_size=None if reference is None else (reference.width, reference.height),
+        reference_guidance=None if reference_cfg <= 0 else float(reference_cfg),
     )
     memory.load(model.patcher, vae.patcher)
     try:
@@ -111,6 +116,9 @@ class DreamPainterSampler(io.ComfyNode):
                                  tooltip="Paste the original product pixels back (feathered edge)."),
                 DreamPainterReferenceType.Input("reference", optional=True,
                                                 tooltip="Optional reference image (needs a stage-2 model)."),
+                # Optional, so API-format prompts written before it existed still validate.
+                io.Float.Input("reference_cfg", default=0.0, min=0.0, max=30.0, step=0.1, round=0.01, optional=True,
+                               tooltip=REFERENCE_CFG_TIP),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
                      io.Mask.Output(display_name="mask")],
@@ -118,9 +126,10 @@ class DreamPainterSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                lora_scale, attention_scale, mask_guidance, paste_back, reference=None) -> io.NodeOutput:
+                lora_scale, attention_scale, mask_guidance, paste_back, reference=None,
+                reference_cfg=0.0) -> io.NodeOutput:
         out = run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                          lora_scale, attention_scale, mask_guidance, paste_back, reference)
+                          lora_scale, attention_scale, mask_guidance, paste_back, reference, reference_cfg)
         previews = compare_previews(product, out.images)
         return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu(),
                              ui=previews or None)

@@ -282,6 +282,7 @@ SLIDERS = """Sliders (DreamPainter Sampler)
 - lora_scale (0-2): strength of the stage-2 LoRA, which reads the reference and harmonises the product with the scene. 0 = the stage-1 model exactly. The paper finds quality collapses below about 0.4 (the model stops understanding the reference tokens); the node shows an orange warning there.
 - attention_scale (0-2): how strongly the image attends to the reference tokens. 1 = plain attention, lower = follow the reference less, higher = more. This is the slider to weaken the reference with: the paper finds it stays coherent below 0.4.
 - mask_guidance: the control branch acts on product tokens only; helps against extra objects growing out of the product.
+- reference_cfg (with a reference only): guidance towards the reference, apart from cfg. 0 = same as cfg (the reference is left out of the negative pass). 1 = the reference in both passes, which follows it least. Other values cost a third model pass per step.
 - paste_back: puts the original product pixels back, bit for bit (1 px feathered edge).
 - cfg 3.5 and 50 steps are CogView4's defaults; shift 0 = CogView4's resolution-dependent shift."""
 
@@ -379,7 +380,8 @@ def tr2i(info) -> Workflow:
         MODELS.format(weights=f"{STAGE2} (stage 2: control branch + LoRA; a stage-1 file cannot read references)",
                       stage="stage2"),
         IMAGES, SLIDERS,
-        "Tip: to follow the reference less, lower attention_scale (e.g. 0.3-0.6), not lora_scale."]),
+        "Tip: to follow the reference less, lower attention_scale (e.g. 0.3-0.6), not lora_scale; to follow it "
+        "more, raise reference_cfg above cfg."]),
         width=520, height=620)
     return wf
 

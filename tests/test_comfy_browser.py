@@ -240,4 +240,4 @@ def test_prompts_queued_from_the_ui_carry_no_extension_widgets(browser):
         sampler = next(n for n in prompt.values() if n["class_type"] == "DreamPainterSampler")
         assert set(required) <= set(sampler["inputs"]) <= set(required) | set(optional), sorted(sampler["inputs"])
         saved = next(n for n in extra["extra_pnginfo"]["workflow"]["nodes"] if n["type"] == "DreamPainterSampler")
-        assert len(saved["widgets_values"]) == 11  # 10 widgets + seed's "control after generate"
+        assert len(saved["widgets_values"]) == 12  # 11 widgets (reference_cfg too) + seed's "control after generate"

@@ -75,6 +75,19 @@ def test_sampler_node_equals_core_pipeline_with_reference_and_options(comfy, pip
     assert torch.equal(out["image"], direct.images)
 
 
+def test_sampler_reference_cfg_reaches_the_core(comfy, pipe, inputs):
+    """reference_cfg 2 = the core's reference_guidance 2; 0 (and leaving it out) = the core's default."""
+    product, mask, reference = inputs
+    ref = {"resolution": 32, "policy": "crop"}
+    direct = dict(reference=reference, negative_prompt="", steps=3, guidance_scale=3.5, seed=7, reference_size=32,
+                  return_dict=True)
+    for name, value, core in (("rcfg2", 2.0, 2.0), ("rcfg0", 0.0, None), ("rcfg_absent", None, None)):
+        _ok(comfy.run(h.graph(name, reference=ref, reference_cfg=value)), comfy)
+        expected = pipe(h.PROMPT, product, mask, reference_guidance=core, **direct)
+        assert torch.equal(comfy.tensors(name)["latent"], expected.latents.float()), name
+    assert not torch.equal(comfy.tensors("rcfg2")["latent"], comfy.tensors("rcfg0")["latent"])
+
+
 def test_paste_back_keeps_product_pixels(base_run, inputs):
     product, mask, _ = inputs
     hard = mask > 0.5

@@ -67,6 +67,25 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
     assert not list(out.parent.glob(".*.tmp"))
 
 
+def test_reference_guidance_run_and_sweep(tiny_model_dir, tiny_stage2_weights, scenes, tmp_path):
+    out = tmp_path / "rg.json"
+    rc = ev.main([
+        "--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
+        "--out", str(out), "--steps", "2", "--limit", "2", "--reference-mode", "manifest", "--sheet", "0",
+        "--reference-guidance", "2", "--sweep", "reference_guidance", "--plot", "pil",
+    ])
+    assert rc == 0
+    report = _strict_json(out)
+    assert report["reference_guidance"] == 2.0
+    sweep = report["sweeps"]["reference_guidance"]
+    assert [p["value"] for p in sweep["points"]] == list(ev.REFERENCE_GUIDANCE_VALUES)
+    assert sweep["fixed"] == "lora_scale=1, attention_scale=1"
+    tr2i = report["modes"]["tr2i"]["summary"]["reference_similarity"]
+    at_run_value = next(p for p in sweep["points"] if p["value"] == 2.0)
+    assert at_run_value["reference_similarity"] == pytest.approx(tr2i)  # the sweep point is the run itself
+    assert len({round(p["reference_similarity"], 6) for p in sweep["points"]}) > 1  # the knob acts
+
+
 def test_text_only_evaluation_of_a_plain_manifest(tiny_model_dir, tiny_stage2_weights, tmp_path):
     # The toy dataset has no scene ground truth: no adherence, no segmenter without rembg.
     manifest = syn.write_synthetic_dataset(tmp_path / "toy", num=2, size=32, seed=0)

@@ -96,6 +96,97 @@ def test_reference_and_sliders_change_the_result(stage2_pipe):
     assert (guided - plain).abs().max() > 1e-4
 
 
+def _reference_image():
+    return torch.rand(96, 160, 3, generator=torch.Generator().manual_seed(9))
+
+
+class _CountCalls:
+    """Wraps the transformer's forward: counts calls and records whether each had the reference."""
+
+    def __init__(self, pipe, monkeypatch):
+        self.calls = []
+        forward = pipe.transformer.forward
+
+        def counted(*args, **kwargs):
+            self.calls.append(kwargs.get("reference_latents") is not None)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(pipe.transformer, "forward", counted)
+
+
+def test_reference_guidance_without_cfg_zero_ignores_the_reference(stage2_pipe):
+    # cfg <= 1: v = v(prompt, no ref) + g_r * (v(prompt, ref) - v(prompt, no ref)); g_r = 0 is T2I exactly.
+    product, mask = _product()
+    kwargs = dict(steps=3, seed=2, guidance_scale=1.0, paste_back=False)
+    t2i = stage2_pipe(PROMPT, product, mask, **kwargs)
+    ignored = stage2_pipe(PROMPT, product, mask, reference=_reference_image(), reference_guidance=0.0, **kwargs)
+    followed = stage2_pipe(PROMPT, product, mask, reference=_reference_image(), **kwargs)
+    assert (ignored - t2i).abs().max() <= 1e-5
+    assert (followed - t2i).abs().max() > 1e-3
+
+
+def test_reference_guidance_velocity_is_the_three_pass_formula(stage2_pipe, monkeypatch):
+    """One step, checked against the formula computed from three direct transformer calls."""
+    product, mask = _product()
+    reference = _reference_image()
+    g, g_r = 3.0, 2.0
+    seen = []
+    request = stage2_pipe.prepare_inputs(product, mask, reference, steps=4, guidance_scale=g, seed=11,
+                                         paste_back=False, reference_guidance=g_r,
+                                         callback=lambda info: seen.append(info) or False)
+    prompt, negative = stage2_pipe.encode_prompt([PROMPT]), stage2_pipe.encode_prompt([""])
+    counter = _CountCalls(stage2_pipe, monkeypatch)
+    with pytest.raises(GenerationCancelled):
+        stage2_pipe.generate(request, prompt, negative)
+    assert counter.calls == [True, True, False]  # (prompt, ref), (negative, ref), (negative, no ref)
+    info = seen[0]
+    noise = torch.randn((1, 16, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(11))
+    velocity = (noise - info.denoised) / info.sigma
+
+    from dreampainter_core.product import place_product
+
+    model = stage2_pipe.transformer
+    foreground, canvas_mask = place_product(request.product, request.mask, SIZE, SIZE, placement="keep")
+    control = stage2_pipe.prepare_control(foreground, canvas_mask)
+    ref_latents = stage2_pipe.encode_reference(request.reference, stage2_pipe.default_reference_size(SIZE, SIZE))
+    size = torch.tensor([[SIZE, SIZE]], dtype=model.dtype)
+    t = torch.tensor([info.timestep])
+    with torch.no_grad():
+        def v(text, ref):
+            return model(noise, text, t, size, size, torch.zeros_like(size), control_latents=control,
+                         reference_latents=ref).float()
+        v_cond, v_neg, v_none = v(prompt, ref_latents), v(negative, ref_latents), v(negative, None)
+    expected = v_none + g_r * (v_neg - v_none) + g * (v_cond - v_neg)
+    assert (velocity - expected).abs().max() <= 1e-4 * expected.abs().max()
+    plain = v_neg + g * (v_cond - v_neg)
+    assert (expected - plain).abs().max() > 1e-3  # g_r = 2 is not plain CFG on this model
+
+
+@pytest.mark.parametrize("g_r,passes", [(None, [True, False]), (1.0, [True, True]), (3.5, [True, False]),
+                                        (2.0, [True, True, False])])
+def test_reference_guidance_takes_two_passes_where_it_can(stage2_pipe, monkeypatch, g_r, passes):
+    product, mask = _product()
+    counter = _CountCalls(stage2_pipe, monkeypatch)
+    stage2_pipe(PROMPT, product, mask, reference=_reference_image(), steps=1, guidance_scale=3.5,
+                reference_guidance=g_r, paste_back=False)
+    assert counter.calls == passes
+    counter.calls.clear()
+    stage2_pipe(PROMPT, product, mask, steps=1, guidance_scale=3.5, reference_guidance=g_r, paste_back=False)
+    assert counter.calls == [False, False]  # no reference: plain CFG whatever g_r
+
+
+def test_reference_guidance_equal_to_cfg_is_cfg_against_nothing(stage2_pipe):
+    """g_r = g takes the 2-pass shortcut; it must agree with the general 3-pass formula."""
+    product, mask = _product()
+    kwargs = dict(reference=_reference_image(), steps=3, seed=4, guidance_scale=3.0, paste_back=False)
+    shortcut = stage2_pipe(PROMPT, product, mask, reference_guidance=3.0, **kwargs)
+    general = stage2_pipe(PROMPT, product, mask, reference_guidance=3.0 + 1e-6, **kwargs)
+    assert (shortcut - general).abs().max() <= 1e-4
+    assert torch.equal(stage2_pipe(PROMPT, product, mask, **kwargs), shortcut)  # the default is g_r = cfg
+    both_passes = stage2_pipe(PROMPT, product, mask, reference_guidance=1.0, **kwargs)
+    assert (shortcut - both_passes).abs().max() > 1e-3
+
+
 def test_pil_inputs_batch_size_and_center_placement(stage2_pipe):
     image, mask = _product()
     pil_image = Image.fromarray((image.numpy() * 255).astype(np.uint8))
@@ -152,6 +243,7 @@ def _forbid_heavy_work(pipe, monkeypatch):
         ("steps_zero", InputError, "steps"),
         ("bad_placement", InputError, "placement"),
         ("negative_attention", InputError, "attention_scale"),
+        ("negative_reference_guidance", InputError, "reference_guidance"),
     ],
 )
 def test_bad_inputs_fail_clearly_before_heavy_work(stage2_pipe, monkeypatch, case, error, phrase):
@@ -177,6 +269,8 @@ def test_bad_inputs_fail_clearly_before_heavy_work(stage2_pipe, monkeypatch, cas
         kwargs["placement"] = "left"
     elif case == "negative_attention":
         kwargs["attention_scale"] = -0.5
+    elif case == "negative_reference_guidance":
+        kwargs["reference_guidance"] = -1.0
     with pytest.raises(error, match=phrase):
         stage2_pipe(PROMPT, product, mask, **kwargs)
 

@@ -72,7 +72,9 @@ __all__ = ["evaluate", "write_report_png", "main", "DEFINITIONS", "SWEEP_VALUES"
 PSNR_CAP = 100.0
 TABLE_BRIGHTEST = 0.3  # the stand probe holds the product's shadow: measure its brightest 30%
 SWEEP_VALUES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-SWEEP_PARAMS = ("lora_scale", "attention_scale")
+SWEEP_PARAMS = ("lora_scale", "attention_scale", "reference_guidance")
+#: reference_guidance's own default sweep (1 = the reference in both CFG passes; see DreamPainterPipeline.sample)
+REFERENCE_GUIDANCE_VALUES = (1.0, 2.0, 3.5, 5.0)
 REPORT_VERSION = 1
 
 DEFINITIONS = {
@@ -232,10 +234,11 @@ def _rembg_segmenter():
 
 class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
-                 palette: dict | None, quality_palette: dict | None = None):
+                 palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None):
         self.pipe = pipe
         self.steps = steps
         self.guidance = guidance
+        self.reference_guidance = reference_guidance
         self.seed = seed
         self.segmenter = segmenter
         self.clip = clip
@@ -249,12 +252,14 @@ class Runner:
             self._embeds[prompt] = self.pipe.encode_prompt([prompt])
         return self._embeds[prompt]
 
-    def generate(self, s: EvalSample, reference: bool, lora_scale: float = 1.0, attention_scale: float = 1.0):
+    def generate(self, s: EvalSample, reference: bool, lora_scale: float = 1.0, attention_scale: float = 1.0,
+                 reference_guidance: float | None = None):
         from dreampainter_core.product import paste_back
 
         request = self.pipe.prepare_inputs(
             s.image, s.mask, s.reference if reference else None, steps=self.steps, guidance_scale=self.guidance,
             seed=self.seed + s.index, lora_scale=lora_scale, attention_scale=attention_scale, paste_back=False,
+            reference_guidance=reference_guidance if reference_guidance is not None else self.reference_guidance,
         )
         out = self.pipe.generate(request, self.embeds(s.prompt), self.negative)
         raw = out.images.float().clamp(0, 1)
@@ -310,9 +315,9 @@ def load_pipeline(model: str, weights: str | None, dtype: torch.dtype = torch.fl
 
 
 def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: float = 3.5, seed: int = 0,
-             reference_mode: str = "both", sweeps: tuple[str, ...] = (), sweep_values=SWEEP_VALUES,
+             reference_mode: str = "both", sweeps: tuple[str, ...] = (), sweep_values=None,
              segmenter: str = "auto", clip: M.ClipScorer | None = None, keep_images: int = 0,
-             progress: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
+             progress: bool = False, reference_guidance: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images)."""
     supports_ref = bool(getattr(pipe.transformer, "supports_reference", False))
     has_lora = bool(getattr(pipe.transformer, "has_lora", False))
@@ -327,7 +332,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "tr2i" in modes and not with_refs:
         modes = [m for m in modes if m != "tr2i"]
         notes.append("no sample in the manifest has a reference: TR2I skipped")
-    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette())
+    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -372,19 +377,24 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
             continue
         points = []
         t0 = time.perf_counter()
-        for v in sweep_values:
+        values = sweep_values if sweep_values is not None else \
+            REFERENCE_GUIDANCE_VALUES if param == "reference_guidance" else SWEEP_VALUES
+        for v in values:
             rows = []
             for s in with_refs:
-                kw = {"lora_scale": float(v), "attention_scale": 1.0} if param == "lora_scale" else \
-                     {"lora_scale": 1.0, "attention_scale": float(v)}
+                # The other sliders at 1 (and reference_guidance at the run's value): one knob at a time.
+                kw = {"lora_scale": 1.0, "attention_scale": 1.0}
+                kw[param] = float(v)
                 raw, pasted, fg, mask = runner.generate(s, reference=True, **kw)
                 rows.append(runner.measure(s, raw, pasted, fg, mask))
             points.append({"value": float(v), **summarize(rows)})
             if progress:
                 print(f"[sweep {param}={v:g}] done", file=sys.stderr)
         timings[f"sweep_{param}"] = time.perf_counter() - t0
-        sweep_report[param] = {"fixed": "attention_scale=1" if param == "lora_scale" else "lora_scale=1",
-                               "points": points}
+        fixed = [f"{k}=1" for k in ("lora_scale", "attention_scale") if k != param]
+        if param != "reference_guidance":
+            fixed.append("reference_guidance=" + ("cfg" if reference_guidance is None else f"{reference_guidance:g}"))
+        sweep_report[param] = {"fixed": ", ".join(fixed), "points": points}
 
     first = samples[0] if samples else None
     report = {
@@ -393,6 +403,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "resolution": None if first is None else [int(first.image.shape[2]), int(first.image.shape[1])],
         "steps": steps,
         "guidance_scale": guidance,
+        "reference_guidance": reference_guidance,
         "seed": seed,
         "n_samples": len(samples),
         "n_with_reference": len(with_refs),
@@ -600,13 +611,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="report path (.json); the PNGs go next to it")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    p.add_argument("--reference-guidance", type=float, default=None,
+                   help="TR2I guidance towards the reference, separate from --guidance (default: = --guidance, the "
+                        "reference left out of the negative pass; 1: in both passes)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K samples")
     p.add_argument("--reference-mode", choices=("none", "manifest", "both"), default="both",
                    help="none: T2I only; manifest: TR2I with the manifest's references; both (default)")
     p.add_argument("--sweep", action="append", choices=SWEEP_PARAMS, default=[],
-                   help="sweep lora_scale or attention_scale over --sweep-values (repeatable)")
-    p.add_argument("--sweep-values", default=",".join(f"{v:g}" for v in SWEEP_VALUES))
+                   help="sweep lora_scale, attention_scale or reference_guidance over --sweep-values (repeatable)")
+    p.add_argument("--sweep-values", default=None,
+                   help=f"comma-separated (default {','.join(f'{v:g}' for v in SWEEP_VALUES)}; reference_guidance: "
+                        f"{','.join(f'{v:g}' for v in REFERENCE_GUIDANCE_VALUES)})")
     p.add_argument("--clip", default=None, help="local CLIP folder (CLIPModel + tokenizer) for CLIP-T / CLIP-I")
     p.add_argument("--segmenter", choices=("auto", "color", "rembg", "none"), default="auto",
                    help="product segmenter for object consistency (auto: colour for synthetic scenes, else rembg)")
@@ -620,7 +636,7 @@ def main(argv=None) -> int:
 
     out = Path(a.out)
     try:
-        values = tuple(float(v) for v in a.sweep_values.split(","))
+        values = None if a.sweep_values is None else tuple(float(v) for v in a.sweep_values.split(","))
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
         t0 = time.perf_counter()
         samples = load_samples(Path(a.manifest), a.limit, a.prompt_field)
@@ -643,7 +659,7 @@ def main(argv=None) -> int:
         report, kept = evaluate(pipe, samples, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                 reference_mode=a.reference_mode, sweeps=tuple(dict.fromkeys(a.sweep)),
                                 sweep_values=values, segmenter=segmenter, clip=clip, keep_images=a.sheet,
-                                progress=a.progress)
+                                progress=a.progress, reference_guidance=a.reference_guidance)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

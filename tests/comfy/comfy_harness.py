@@ -401,7 +401,7 @@ def graph(name: str = "out", *, transformer: str = TINY, weights: str = STAGE2, 
           cfg: float = 3.5, shift: float = 0.0, denoise: float = 1.0, batch_size: int = 1, lora_scale: float = 1.0,
           attention_scale: float = 1.0, mask_guidance: bool = False, paste_back: bool = True,
           product: str = "product.png", mask: str = "mask.png", reference: dict | None = None,
-          report_loaded: bool = False) -> dict:
+          reference_cfg: float | None = None, report_loaded: bool = False) -> dict:
     """Loaders -> text encode -> LoadImage/LoadImageMask -> sampler -> DPTestSaveTensors(name)."""
     g = {
         "1": {"class_type": "DreamPainterModelLoader",
@@ -430,6 +430,8 @@ def graph(name: str = "out", *, transformer: str = TINY, weights: str = STAGE2, 
                    "inputs": {"image": ["9", 0], "resolution": reference.get("resolution", 32),
                               "policy": reference.get("policy", "crop")}}
         g["7"]["inputs"]["reference"] = ["10", 0]
+    if reference_cfg is not None:  # optional input: prompts without it must keep working
+        g["7"]["inputs"]["reference_cfg"] = reference_cfg
     if report_loaded:
         g["11"] = {"class_type": "DPTestLoadedModels", "inputs": {"name": name, "image": ["7", 0]}}
     return g

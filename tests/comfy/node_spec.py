@@ -33,7 +33,7 @@ NODES = {
         ["MASK"]),
     "DreamPainterSampler": (
         ["model", "conditioning", "vae", "product", "mask", "seed", "steps", "cfg", "shift", "denoise",
-         "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"], ["reference"],
+         "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"], ["reference", "reference_cfg"],
         ["IMAGE", "LATENT", "MASK"]),
     "DreamPainterComposite": (
         ["generated", "product", "mask", "feather", "color_match", "color_ring"], [],
