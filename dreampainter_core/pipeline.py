@@ -347,11 +347,9 @@ class DreamPainterPipeline:
                 args = (model_input, prompt_embeds, timestep, size, size, crop)
                 negative_args = (model_input, negative_embeds, timestep, size, size, crop)
                 v = model(*args, **extra)
-                if do_cfg and not guide_reference:
-                    v_uncond = model(*negative_args, **extra)
-                    v = v_uncond + guidance_scale * (v - v_uncond)
-                elif do_cfg and reference_guidance == guidance_scale:
-                    v_uncond = model(*negative_args, **without_reference)
+                if do_cfg and (not guide_reference or reference_guidance == guidance_scale):
+                    # Two passes: the reference in both (g_r = 1), or in neither negative input (g_r = g).
+                    v_uncond = model(*negative_args, **(without_reference if guide_reference else extra))
                     v = v_uncond + guidance_scale * (v - v_uncond)
                 elif do_cfg:
                     v_negative = model(*negative_args, **extra)
@@ -369,9 +367,15 @@ class DreamPainterPipeline:
         return latents
 
     # ---- validation -------------------------------------------------------------------------
-    def _check_scalars(self, steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale):
+    def _check_scalars(self, steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale,
+                       reference_guidance=None):
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if reference_guidance is not None and (
+                isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float))
+                or not math.isfinite(reference_guidance) or reference_guidance < 0):
+            raise InputError(f"reference_guidance must be None (= guidance_scale) or a finite number >= 0 (1 = the "
+                             f"reference in both CFG passes, higher = follow the reference more), got {reference_guidance!r}")
         for name, value in (("guidance_scale", guidance_scale), ("lora_scale", lora_scale),
                             ("attention_scale", attention_scale), ("denoise", denoise), ("control_scale", control_scale)):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -416,12 +420,8 @@ class DreamPainterPipeline:
         reference_guidance: float | None = None,
     ) -> "GenerationRequest":
         """Check and convert every input (cheap: no model runs). Raises InputError/CapabilityError."""
-        self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale)
-        if reference_guidance is not None and (
-                isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float))
-                or not math.isfinite(reference_guidance) or reference_guidance < 0):
-            raise InputError(f"reference_guidance must be None (= guidance_scale) or a finite number >= 0 (1 = the "
-                             f"reference in both CFG passes, higher = follow the reference more), got {reference_guidance!r}")
+        self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale,
+                            reference_guidance)
         product_b, mask_b = check_product_and_mask(as_image_batch(product, "product"), as_mask_batch(mask, "mask"))
         batch = product_b.shape[0]
         if batch_size is not None:
