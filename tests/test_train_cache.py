@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -65,3 +66,31 @@ def test_cache_used_skips_encoders_and_invalidates(tiny_model_dir, tmp_path):
     finally:
         os.utime(vae_file, ns=(st.st_atime_ns, st.st_mtime_ns))  # the model folder is shared by other tests
     assert fourth.stats["latents_computed"] == 4 and fourth.stats["texts_computed"] == 0
+
+
+def test_cached_samples_are_not_decoded_and_uncached_ones_are(tiny_model_dir, tmp_path):
+    # With the cache filled, a training item carries no image / mask (their latents are cached);
+    # a sample the cache lacks is still decoded in full, and a batch mixing both keeps both.
+    from train.dataset import collate
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=4, size=64, seed=8)
+    cfg = tiny_config(1, tiny_model_dir, manifest, tmp_path / "run", [
+        "train.batch_size=2", "validation.every=0", "checkpoint.every=0", "cache.enabled=true", f"cache.dir={tmp_path / 'c'}",
+    ])
+    trainer = Trainer(cfg, echo=lambda m: None).setup()
+    try:
+        ds = trainer.dataset
+        assert len(ds.undecoded) == 4
+        items = [ds[i] for i in range(4)]
+        assert all(it["image"] is None and it["mask"] is None for it in items)
+        x0, control = trainer._latents(collate(items))
+        assert x0.shape[0] == control.shape[0] == 4
+
+        ds.undecoded = frozenset(set(ds.undecoded) - {(items[1]["line"], tuple(items[1]["bucket"]))})
+        mixed = collate([ds[0], ds[1]])
+        assert isinstance(mixed["image"], list) and mixed["image"][0] is None and mixed["image"][1].shape[0] == 3
+        # Cached or decoded, the conditioning of the first two samples is the same.
+        x0b, controlb = trainer._latents(mixed)
+        assert torch.equal(x0b, x0[:2]) and torch.equal(controlb, control[:2])
+    finally:
+        trainer.close()

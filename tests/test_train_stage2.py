@@ -95,3 +95,33 @@ def test_stage2_trains_only_lora_with_reference_dropout_and_exports(tiny_model_d
     stage1_pipe = DreamPainterPipeline.from_pretrained(tiny_model_dir, dreampainter_weights=tiny_stage1_weights)
     assert torch.equal(pipe("a red ball on a blue background", product, mask, lora_scale=0.0, **args),
                        stage1_pipe("a red ball on a blue background", product, mask, **args))
+
+
+def test_stage2_batch_encodes_references_per_size_as_one_by_one(tiny_model_dir, tiny_stage1_weights, tmp_path):
+    # The trainer encodes a batch's references in one VAE call per size; each latent must be
+    # the one encode_reference gives that reference alone, and land on its own sample.
+    from train.dataset import collate
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=8, size=64, seed=5, references=True)
+    cfg = tiny_config(2, tiny_model_dir, manifest, tmp_path / "run", [
+        f"model.stage1_weights={tiny_stage1_weights}", "model.lora_rank=4", "train.batch_size=8",
+        "data.reference_prob=0.75", "data.reference_sizes=32,48", "data.reference_shift=0.2",
+        "validation.every=0", "checkpoint.every=0",
+    ])
+    trainer = Trainer(cfg, echo=lambda m: None).setup()
+    batch = collate([trainer.dataset[i] for i in range(8)])
+    refs = batch["reference"]
+    sizes = {tuple(r.shape[-2:]) for r in refs if r is not None}
+    assert len(sizes) == 2 and any(r is None for r in refs)  # both sizes and a dropped one: a real mix
+    groups = trainer._groups(batch, step=0, micro=0, probe=True)
+    seen = set()
+    for g in groups:
+        for row, i in enumerate(g["index"]):
+            seen.add(i)
+            if refs[i] is None:
+                assert g["reference"] is None
+                continue
+            alone = trainer.pipe.encode_reference(refs[i].permute(1, 2, 0)[None], (refs[i].shape[-1], refs[i].shape[-2]))[0]
+            torch.testing.assert_close(g["reference"][row], alone, rtol=1e-3, atol=2e-4)  # conv batching order
+    assert seen == set(range(8))
+    trainer.close()

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .buckets import assign_bucket, make_buckets, random_reference_crop, random_shift, resize_crop_to_bucket
-from .manifest import ManifestError, Sample, image_size, load_sample, read_manifest
+from .manifest import ManifestError, Sample, image_size, load_reference_only, load_sample, read_manifest
 
 __all__ = ["ManifestDataset", "BucketBatchSampler", "collate"]
 
@@ -81,6 +81,9 @@ class ManifestDataset(Dataset):
         self.second_prompt_prob = float(second_prompt_prob)
         self.epoch = 0
         self.bad_lines: dict[int, str] = {}
+        # (line, bucket) pairs whose latents the trainer already has (its cache): their image
+        # and mask are not decoded, only their reference (if drawn) and prompt are served.
+        self.undecoded: frozenset[tuple[int, tuple[int, int]]] = frozenset()
 
         parse_problems: list[tuple[int, list[str]]] = []
         entries = read_manifest(self.manifest_path, problems=None if on_bad == "stop" else parse_problems)
@@ -140,7 +143,10 @@ class ManifestDataset(Dataset):
                 continue
             want_ref = use_reference and sample.reference is not None
             try:
-                loaded = load_sample(sample, with_reference=want_ref, line=line)
+                if (line, tuple(bucket)) in self.undecoded:
+                    loaded = load_reference_only(sample, with_reference=want_ref, line=line)
+                else:
+                    loaded = load_sample(sample, with_reference=want_ref, line=line)
             except ManifestError as e:
                 self._bad(line, "; ".join(e.problems))
                 continue
@@ -148,10 +154,12 @@ class ManifestDataset(Dataset):
         raise ManifestError(None, ["every sample is bad (see the warnings above)"], self.manifest_path)
 
     def _item(self, line, sample, loaded, bucket, use_prompt_2, rng) -> dict[str, Any]:
-        img, mask = resize_crop_to_bucket(loaded.image, loaded.mask, bucket)
-        image = _to_tensor(img)
-        m = (_to_tensor(mask) > 0.5).float()
-        foreground = image * m + (1.0 - m)  # background white, as the pipeline feeds I_f
+        image = m = foreground = None
+        if loaded.image is not None:
+            img, mask = resize_crop_to_bucket(loaded.image, loaded.mask, bucket)
+            image = _to_tensor(img)
+            m = (_to_tensor(mask) > 0.5).float()
+            foreground = image * m + (1.0 - m)  # background white, as the pipeline feeds I_f
         reference = None
         offset = None
         if loaded.reference is not None:
@@ -266,14 +274,22 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tensors of one bucket; references stay a list (sizes vary), or None if none."""
     if not items:
         raise ValueError("empty batch")
-    sizes = {tuple(it["image"].shape) for it in items}
+    sizes = {tuple(it["image"].shape) for it in items if it["image"] is not None}
     if len(sizes) > 1:
         raise ValueError(f"batch mixes image sizes {sorted(sizes)}; batch with BucketBatchSampler")
     refs = [it["reference"] for it in items]
+
+    def stack(key):
+        # Undecoded items (latents cached) carry None: all None -> None, a mix -> a list.
+        got = [it[key] for it in items]
+        if all(g is None for g in got):
+            return None
+        return torch.stack(got) if all(g is not None for g in got) else got
+
     return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "foreground": torch.stack([it["foreground"] for it in items]),
+        "image": stack("image"),
+        "mask": stack("mask"),
+        "foreground": stack("foreground"),
         "prompt": [it["prompt"] for it in items],
         "reference": None if all(r is None for r in refs) else refs,
         "reference_offset": [it.get("reference_offset") for it in items],

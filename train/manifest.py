@@ -124,8 +124,8 @@ class Sample:
 
 @dataclass
 class LoadedSample:
-    image: Image.Image  # RGB
-    mask: np.ndarray  # bool [H, W], union of the instance masks
+    image: Image.Image | None  # RGB; None from load_reference_only
+    mask: np.ndarray | None  # bool [H, W], union of the instance masks; None from load_reference_only
     reference: Image.Image | None  # RGB, any size
 
 
@@ -325,6 +325,18 @@ def _full_problem(m: np.ndarray, what: str) -> str | None:
     return None
 
 
+def _load_reference(sample: Sample, problems: list[str]) -> Image.Image | None:
+    if sample.reference is None:
+        return None
+    try:
+        return _to_rgb(_open_image(sample.reference_path))
+    except FileNotFoundError:
+        problems.append(f"reference {sample.reference}: file not found")
+    except Exception as e:  # any decoder error is a bad file
+        problems.append(f"reference {sample.reference}: cannot decode ({type(e).__name__}: {e})")
+    return None
+
+
 def _load(sample: Sample, with_reference: bool, problems: list[str]) -> LoadedSample | None:
     image = None
     try:
@@ -382,14 +394,7 @@ def _load(sample: Sample, with_reference: bool, problems: list[str]) -> LoadedSa
         if full:
             problems.append(full)
 
-    reference = None
-    if with_reference and sample.reference is not None:
-        try:
-            reference = _to_rgb(_open_image(sample.reference_path))
-        except FileNotFoundError:
-            problems.append(f"reference {sample.reference}: file not found")
-        except Exception as e:
-            problems.append(f"reference {sample.reference}: cannot decode ({type(e).__name__}: {e})")
+    reference = _load_reference(sample, problems) if with_reference else None
 
     if not sample.prompt.strip():
         problems.append("prompt is empty")
@@ -415,3 +420,13 @@ def load_sample(sample: Sample, with_reference: bool = True, line: int | None = 
     if loaded is None:
         raise ManifestError(line, problems)
     return loaded
+
+
+def load_reference_only(sample: Sample, with_reference: bool = True, line: int | None = None) -> LoadedSample:
+    """Like load_sample without decoding the image and masks (image and mask are None): for
+    samples whose latents are cached, where only the reference and the prompt are still needed."""
+    problems: list[str] = []
+    reference = _load_reference(sample, problems) if with_reference else None
+    if problems:
+        raise ManifestError(line, problems)
+    return LoadedSample(image=None, mask=None, reference=reference)

@@ -444,6 +444,15 @@ class Trainer:
             self.cache.put_text(self.cache.text_key(prompt), self.pipe.encode_prompt([prompt])[0])
             self.stats["texts_computed"] += 1
         env.barrier()
+        # From here on the dataset need not decode the image and mask of a cached sample: on a
+        # small model, decoding them every step was a tenth of a stage-1 step.
+        missing = set(self._missing_latents)
+        undecoded = set()
+        for idx, (line, _) in enumerate(self.dataset.samples):
+            pair = (line, tuple(self.dataset.index_buckets[idx]))
+            if idx not in missing or self.cache.has_latents(self.latent_keys[pair]):
+                undecoded.add(pair)
+        self.dataset.undecoded = frozenset(undecoded)
 
     def _text_embeds(self, prompts: list[str]) -> list[torch.Tensor]:
         """Each prompt's own embedding [T, D], as inference computes it for that prompt alone."""
@@ -476,6 +485,9 @@ class Trainer:
             key = self.latent_keys.get((line, bucket))
             got = self.cache.get_latents(key) if key is not None else None
             if got is None:
+                if batch["image"] is None or batch["image"][i] is None:
+                    raise TrainingError(f"manifest line {line} at bucket {bucket}: its latent cache entry vanished during "
+                                        f"training (was {self.cache.root} cleaned?); run again to refill the cache")
                 if self.vae is None:
                     raise TrainingError(f"manifest line {line} at bucket {bucket} is not in the latent cache and the VAE is not loaded")
                 item = {k: batch[k][i] for k in ("image", "foreground", "mask")}
@@ -700,7 +712,7 @@ class Trainer:
         prompts = list(batch["prompt"])
         n = len(prompts)
         x0, control = self._latents(batch)
-        H, W = batch["image"].shape[-2:]
+        W, H = batch["bucket"]
         seq_len = (H // self.vae_scale) * (W // self.vae_scale) // self.model.patch_size**2
         mu = flow.mu_for(self.scheduler, seq_len, t.mu)
         noises, times = [], []
@@ -724,10 +736,18 @@ class Trainer:
 
         refs: list[torch.Tensor | None] = [None] * n
         if batch.get("reference") is not None:
+            # One VAE call per reference size, not per sample: a batch holds at most a few sizes.
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, r in enumerate(batch["reference"]):
+                if r is not None:
+                    by_size.setdefault((int(r.shape[-1]), int(r.shape[-2])), []).append(i)
+            for wh, idx in by_size.items():
+                stacked = torch.stack([batch["reference"][i].permute(1, 2, 0) for i in idx])
+                for i, z in zip(idx, self.pipe.encode_reference(stacked, wh)):
+                    refs[i] = z
             for i, r in enumerate(batch["reference"]):
                 if r is None:
                     continue
-                refs[i] = self.pipe.encode_reference(r.permute(1, 2, 0)[None], (int(r.shape[-1]), int(r.shape[-2])))[0]
                 if not probe:
                     self.stats["references_used"] += 1
                     size = f"{r.shape[-1]}x{r.shape[-2]}"
