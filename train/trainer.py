@@ -739,15 +739,9 @@ class Trainer:
             # One VAE call per reference size, not per sample: a batch holds at most a few sizes.
             by_size: dict[tuple[int, int], list[int]] = {}
             for i, r in enumerate(batch["reference"]):
-                if r is not None:
-                    by_size.setdefault((int(r.shape[-1]), int(r.shape[-2])), []).append(i)
-            for wh, idx in by_size.items():
-                stacked = torch.stack([batch["reference"][i].permute(1, 2, 0) for i in idx])
-                for i, z in zip(idx, self.pipe.encode_reference(stacked, wh)):
-                    refs[i] = z
-            for i, r in enumerate(batch["reference"]):
                 if r is None:
                     continue
+                by_size.setdefault((int(r.shape[-1]), int(r.shape[-2])), []).append(i)
                 if not probe:
                     self.stats["references_used"] += 1
                     size = f"{r.shape[-1]}x{r.shape[-2]}"
@@ -755,6 +749,10 @@ class Trainer:
                     off = batch.get("reference_offset", [None] * n)[i]
                     if off is not None and tuple(off) != (0, 0):
                         self.stats["references_shifted"] += 1
+            for wh, idx in by_size.items():
+                stacked = torch.stack([batch["reference"][i].permute(1, 2, 0) for i in idx])
+                for i, z in zip(idx, self.pipe.encode_reference(stacked, wh)):
+                    refs[i] = z
         if not probe:
             self.stats["samples"] += n
 
