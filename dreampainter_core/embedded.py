@@ -42,6 +42,14 @@ class EmbeddedModel:
         """demo.json: prompts (English, Chinese) and the input file names."""
         return json.loads((self.demo / "demo.json").read_text(encoding="utf-8"))
 
+    def sampling(self) -> dict:
+        """The sampler settings (steps, guidance) the model's reports were measured at, from its
+        miniature.json; {} when it does not record them."""
+        path = self.base / "miniature.json"
+        if not path.is_file():
+            return {}
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("sampling", {}))
+
 
 def embedded_model(models_dir: Path | None = None) -> EmbeddedModel:
     """The embedded model's paths; a clear error when a part is missing (e.g. a partial checkout)."""

@@ -49,14 +49,25 @@ def load_mask(path: str) -> torch.Tensor:
     return as_mask_batch(Image.open(path), name=str(path))[0]
 
 
-def run_demo(out_dir: Path, steps: int, seed: int, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-             models_dir: Path | None = None) -> list[Path]:
-    """T2I (English and Chinese prompt) and TR2I on the embedded miniature model; returns the files written."""
+DEFAULT_GUIDANCE = 3.5  # CogView4's own default, for real models
+
+
+def run_demo(out_dir: Path, steps: int | None, seed: int, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+             models_dir: Path | None = None, guidance: float | None = None,
+             reference_guidance: float | None = None) -> list[Path]:
+    """T2I (English and Chinese prompt) and TR2I on the embedded miniature model; returns the files written.
+    steps / guidance / reference_guidance default to the settings the model was evaluated at (its
+    miniature.json)."""
     from .embedded import embedded_model
     from .pipeline import DreamPainterPipeline
 
     model = embedded_model(models_dir)
     spec = model.demo_spec()
+    measured = model.sampling()
+    steps = steps or int(measured.get("steps", 20))
+    guidance = guidance if guidance is not None else float(measured.get("guidance", DEFAULT_GUIDANCE))
+    if reference_guidance is None and "reference_guidance" in measured:
+        reference_guidance = float(measured["reference_guidance"])
     pipe = DreamPainterPipeline.from_pretrained(model.base, dreampainter_weights=model.weights, dtype=dtype,
                                                 device=device)
     product = load_image(str(model.demo / spec["product"]))
@@ -67,7 +78,8 @@ def run_demo(out_dir: Path, steps: int, seed: int, dtype: torch.dtype = torch.bf
                save_image_atomic(reference, out_dir / "demo_reference.png")]
     cells = [product, reference]
     for name, prompt, ref in runs:
-        image = pipe(prompt, product, mask, reference=ref, steps=steps, seed=seed, placement="keep")[0]
+        image = pipe(prompt, product, mask, reference=ref, steps=steps, guidance_scale=guidance, seed=seed,
+                     placement="keep", reference_guidance=reference_guidance if ref is not None else None)[0]
         written.append(save_image_atomic(image, out_dir / f"demo_{name}.png"))
         cells.append(image)
         print(f"{name}: {prompt}" + ("  (+ reference image)" if ref is not None else ""))
@@ -91,7 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--cfg", type=float, default=3.5)
+    parser.add_argument("--cfg", type=float, default=None,
+                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE}; the demo: what the embedded "
+                             f"model was evaluated at)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lora-scale", type=float, default=1.0)
@@ -110,8 +124,8 @@ def main(argv=None) -> int:
     try:
         start = time.time()
         if not args.base:
-            paths = run_demo(Path(args.out_dir), steps=args.steps or 20, seed=args.seed, dtype=DTYPES[args.dtype],
-                             device=args.device)
+            paths = run_demo(Path(args.out_dir), steps=args.steps, seed=args.seed, dtype=DTYPES[args.dtype],
+                             device=args.device, guidance=args.cfg, reference_guidance=args.reference_guidance)
             print(f"demo (embedded miniature model, {time.time() - start:.1f} s): " + ", ".join(str(p) for p in paths))
             return 0
         from .pipeline import DreamPainterPipeline
@@ -133,7 +147,8 @@ def main(argv=None) -> int:
         reference = load_image(args.reference) if args.reference else None
         images = pipe(
             args.prompt, product, mask, reference=reference, negative_prompt=args.negative_prompt,
-            width=args.width, height=args.height, steps=args.steps or 50, guidance_scale=args.cfg, seed=args.seed,
+            width=args.width, height=args.height, steps=args.steps or 50,
+            guidance_scale=DEFAULT_GUIDANCE if args.cfg is None else args.cfg, seed=args.seed,
             lora_scale=args.lora_scale, attention_scale=args.attention_scale, mask_guidance=args.mask_guidance,
             placement=args.placement, paste_back=not args.no_paste_back, batch_size=args.batch,
             reference_guidance=args.reference_guidance,

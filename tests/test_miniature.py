@@ -122,7 +122,7 @@ def test_budget_scales_steps_and_stage_configs(tmp_path):
     assert smoke.scale == 1.0 and smoke.stage_config(1).train.max_steps == 2
 
 
-def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path):
+def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path, monkeypatch):
     from dreampainter_core.embedded import embedded_model
     from dreampainter_core.generate import run_demo
 
@@ -139,5 +139,25 @@ def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path
     assert product_scene["scene"]["product"]["color"] in spec["prompt"]
     written = run_demo(tmp_path / "demo", steps=2, seed=0, models_dir=models)
     assert len(written) == 6 and all(p.is_file() for p in written)
+
+    # The demo samples as the model was evaluated: the recipe's [evaluate] steps and guidance,
+    # recorded in miniature.json; an explicit guidance wins.
+    e = load_recipe(smoke=True)["evaluate"]
+    sampling = model.sampling()
+    assert sampling["steps"] == int(e["steps"]) and sampling["guidance"] == float(e["guidance"])
+    assert sampling.get("reference_guidance") == e.get("reference_guidance")
+    seen = []
+    real_call = DreamPainterPipeline.__call__
+
+    def spy(self, *a, **kw):
+        seen.append((kw["steps"], kw["guidance_scale"], kw["reference_guidance"]))
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(DreamPainterPipeline, "__call__", spy)
+    run_demo(tmp_path / "demo2", steps=None, seed=0, models_dir=models)
+    run_demo(tmp_path / "demo3", steps=1, seed=0, models_dir=models, guidance=1.25, reference_guidance=3.0)
+    g_r = sampling.get("reference_guidance")
+    assert seen == [(sampling["steps"], sampling["guidance"], None)] * 2 + [(sampling["steps"], sampling["guidance"], g_r)] \
+        + [(1, 1.25, None)] * 2 + [(1, 1.25, 3.0)]
     miniature.embed(smoke_run, models_dir=models, docs_dir=docs)  # again: replaces in place
     assert embedded_model(models).weights.is_file()

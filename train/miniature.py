@@ -255,8 +255,17 @@ class Miniature:
             sec["scale"] = self.scale
             return {**common, **sec}
         if phase == "export":
-            return {**common, **r["export"]}
+            return {**common, **r["export"], "sampling": self.sampling()}
         return {**common, **r["evaluate"]}
+
+    def sampling(self) -> dict:
+        """The sampler settings the evaluation runs at, written into the model's miniature.json: the
+        demo (dreampainter_core.generate) uses them, so it shows the model as it was measured."""
+        e = self.recipe["evaluate"]
+        out = {"steps": int(e["steps"]), "guidance": float(e["guidance"])}
+        if e.get("reference_guidance") is not None:
+            out["reference_guidance"] = float(e["reference_guidance"])
+        return out
 
     def fingerprint(self, phase: str) -> str:
         if phase not in self.fingerprints:
@@ -723,6 +732,7 @@ class Miniature:
                        "dreampainter": sum(v.numel() for v in pipe.transformer.control_state_dict().values())
                        + sum(v.numel() for v in pipe.transformer.lora_state_dict().values())},
             "resolution": int(self.recipe["data"]["size"]),
+            "sampling": self.sampling(),
         }
         atomic_write_text(self.model_dir / "miniature.json", json.dumps(info, indent=2) + "\n")
         total += (self.model_dir / "miniature.json").stat().st_size
@@ -739,6 +749,8 @@ class Miniature:
                   "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(int(e["steps"])),
                   "--guidance", str(float(e["guidance"])), "--seed", str(self.seed), "--segmenter", "color",
                   "--dtype", self.precision, "--plot", str(e.get("plot", "auto"))]
+        if "reference_guidance" in self.sampling():
+            common += ["--reference-guidance", str(self.sampling()["reference_guidance"])]
         t0 = time.perf_counter()
         rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(int(e["limit"])),
                                      "--reference-mode", "both"])
