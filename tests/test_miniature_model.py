@@ -24,6 +24,11 @@ TONE_GAIN = 0.1
 SIMILARITY_GAIN = 0.03
 
 
+def _guidance(recipe) -> float:
+    """The guidance the run evaluated at (the recipe's [evaluate]; the demo uses it too)."""
+    return float(recipe["evaluate"]["guidance"])
+
+
 @pytest.fixture(scope="module")
 def model():
     return embedded_model()
@@ -55,8 +60,9 @@ def pipe(model):
 
 @pytest.fixture(scope="module")
 def report(pipe, test_scenes, recipe):
-    rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=3.5, seed=int(recipe["seed"]),
-                      reference_mode="both", segmenter="color")
+    rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=_guidance(recipe), seed=int(recipe["seed"]),
+                      reference_mode="both", segmenter="color",
+                      reference_guidance=recipe["evaluate"].get("reference_guidance"))
     return rep
 
 
@@ -67,6 +73,9 @@ def test_the_embedded_model_is_the_recipes_and_small(model, recipe, pipe):
     size = sum(f.stat().st_size for f in model.base.rglob("*") if f.is_file()) + model.weights.stat().st_size
     assert size <= recipe["export"]["max_mb"] * 1e6, size
     assert pipe.transformer.supports_reference and pipe.transformer.has_lora
+    e = recipe["evaluate"]
+    assert info["sampling"] == {"steps": int(e["steps"]), "guidance": _guidance(recipe),
+                                **({"reference_guidance": float(e["reference_guidance"])} if "reference_guidance" in e else {})}
 
 
 def test_t2i_keeps_the_product_and_follows_the_prompt(report):
@@ -104,7 +113,7 @@ def test_without_guidance_a_reference_pulls_the_wall_towards_it(report_without_g
 
 
 def test_with_guidance_a_reference_pulls_the_wall_towards_it(report):
-    """cfg 3.5 with the default reference_guidance (= cfg: the reference is not in the negative pass)."""
+    """The recipe's cfg and reference_guidance (the reference is not in the negative pass)."""
     t2i, tr2i = report["modes"]["t2i"]["summary"], report["modes"]["tr2i"]["summary"]
     same = report["comparison"]["reference_similarity_same_samples"]
     assert tr2i["wall_tone"] >= t2i["wall_tone"] + TONE_GAIN, (t2i, tr2i)
@@ -113,7 +122,7 @@ def test_with_guidance_a_reference_pulls_the_wall_towards_it(report):
 
 def test_with_the_reference_in_both_guidance_passes_its_pull_is_weaker(pipe, test_scenes, recipe, report):
     """reference_guidance = 1 (the reference in both CFG passes) follows the reference less than the default."""
-    rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=3.5, seed=int(recipe["seed"]),
+    rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=_guidance(recipe), seed=int(recipe["seed"]),
                       reference_mode="manifest", segmenter="color", reference_guidance=1.0)
     both, default = rep["modes"]["tr2i"]["summary"], report["modes"]["tr2i"]["summary"]
     assert default["wall_tone"] > both["wall_tone"], (default, both)
@@ -122,7 +131,7 @@ def test_with_the_reference_in_both_guidance_passes_its_pull_is_weaker(pipe, tes
 def test_chinese_prompts_work_too(pipe, test_split, recipe):
     samples = load_samples(test_split, 12, prompt_field="prompt_2")
     assert all(any("\u4e00" <= ch <= "\u9fff" for ch in s.prompt) for s in samples)
-    rep, _ = evaluate(pipe, samples, steps=STEPS, guidance=3.5, seed=int(recipe["seed"]),
+    rep, _ = evaluate(pipe, samples, steps=STEPS, guidance=_guidance(recipe), seed=int(recipe["seed"]),
                       reference_mode="none", segmenter="color")
     t2i = rep["modes"]["t2i"]["summary"]
     assert t2i["background_color"] >= 0.8 and t2i["object_consistency"] >= 0.9, t2i
