@@ -745,12 +745,13 @@ class Miniature:
 
         e = self.recipe["evaluate"]
         eval_dir = self.out / "eval"
+        sampling = self.sampling()  # what export wrote into miniature.json
         common = ["--model", str(self.model_dir), "--weights", str(self.weights_path),
-                  "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(int(e["steps"])),
-                  "--guidance", str(float(e["guidance"])), "--seed", str(self.seed), "--segmenter", "color",
+                  "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(sampling["steps"]),
+                  "--guidance", str(sampling["guidance"]), "--seed", str(self.seed), "--segmenter", "color",
                   "--dtype", self.precision, "--plot", str(e.get("plot", "auto"))]
-        if "reference_guidance" in self.sampling():
-            common += ["--reference-guidance", str(self.sampling()["reference_guidance"])]
+        if "reference_guidance" in sampling:
+            common += ["--reference-guidance", str(sampling["reference_guidance"])]
         t0 = time.perf_counter()
         rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(int(e["limit"])),
                                      "--reference-mode", "both"])
