@@ -17,6 +17,9 @@ Definitions (the evaluation report repeats them):
   channel) of the generated image and the reference over a region; 1 = same colours.
 - reference_pixel_similarity: 1 - RMSE (0..1 units) over the region, pixel-aligned.
 - palette_fit: image-quality proxy for palette-drawn scenes (see its docstring).
+- paired_difference: mean of b - a over the items both have, with a percentile-bootstrap
+  confidence interval (seeded, so a report is reproducible) and the share of items where
+  either is ahead: "is the reference's gain real on these scenes, or noise?".
 - ClipScorer: CLIP-T = cos(image, prompt); CLIP-I = cos(image, reference with the product
   composited on it), raw cosines of the projected embeddings (not x100, not clipped).
 """
@@ -61,6 +64,7 @@ __all__ = [
     "reference_pixel_similarity",
     "palette_fit",
     "composite",
+    "paired_difference",
     "ClipScorer",
     "write_tiny_clip",
 ]
@@ -698,6 +702,38 @@ def palette_fit(image, palette: Mapping[str, Sequence[int]], region=None, tolera
 
 
 # ----------------------------------------------------------------------------- CLIP
+
+
+def paired_difference(a: Sequence[float | bool | None], b: Sequence[float | bool | None], *,
+                      confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """Paired comparison of two runs on the same items (``a[i]`` and ``b[i]`` from item i).
+
+    Items where either value is None or NaN are left out; booleans count as 0/1. Returns None
+    when no item has both, else ``{"n", "mean_difference" (b - a), "ci": [low, high]`` (a
+    percentile bootstrap over items, ``confidence`` level, fixed ``seed``), ``"b_ahead",
+    "a_ahead"`` (shares of items where b > a, a > b)}``. The interval is what makes "clearly
+    higher" a measured claim: it excludes 0 only when the gain is larger than the spread
+    between items would produce by chance.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs one value per item in both runs, got {len(a)} and {len(b)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples!r}")
+
+    def usable(v) -> bool:
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    d = np.array([float(y) - float(x) for x, y in zip(a, b) if usable(x) and usable(y)], np.float64)
+    if d.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return {"n": int(d.size), "mean_difference": float(d.mean()), "ci": [float(low), float(high)],
+            "confidence": confidence, "b_ahead": float((d > 0).mean()), "a_ahead": float((d < 0).mean())}
 
 
 def composite(product, mask, background) -> torch.Tensor:

@@ -51,6 +51,15 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
             assert 0.0 <= row["reference_similarity"] <= 1.0 and 0.0 <= row["quality"] <= 1.0
             assert -1.0 <= row["clip_t"] <= 1.0 and -1.0 <= row["clip_i"] <= 1.0
     assert "reference_similarity" in report["comparison"]
+    # The paired difference pairs each scene's TR2I row with its own T2I row: with every scene
+    # carrying a reference, its mean is the difference of the two summaries.
+    for key in ("reference_similarity", "quality", "object_consistency"):
+        entry = report["comparison"][key]
+        paired = entry["paired"]
+        assert paired["n"] == 2
+        assert paired["mean_difference"] == pytest.approx(entry["tr2i_minus_t2i"])
+        assert paired["ci"][0] <= paired["mean_difference"] <= paired["ci"][1]
+        assert paired["b_ahead"] + paired["a_ahead"] <= 1.0
     sweep = report["sweeps"]["attention_scale"]
     assert [p["value"] for p in sweep["points"]] == [0.0, 1.0]
     assert all(p["n"] == 2 and p["reference_similarity"] is not None and p["quality"] is not None

@@ -286,6 +286,41 @@ def tiny_clip(tmp_path_factory):
     return M.write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
 
 
+def test_paired_difference_pairs_items_and_bounds_the_mean():
+    # A constant gain: the interval collapses onto it.
+    out = M.paired_difference([0.1, 0.2, 0.3], [0.3, 0.4, 0.5])
+    assert out["n"] == 3 and out["mean_difference"] == pytest.approx(0.2)
+    assert out["ci"] == pytest.approx([0.2, 0.2]) and out["b_ahead"] == 1.0 and out["a_ahead"] == 0.0
+    # None / NaN in either run drop that item; booleans count as 0 / 1.
+    out = M.paired_difference([True, None, False, 0.5, False], [True, 1.0, True, float("nan"), False])
+    assert out["n"] == 3 and out["mean_difference"] == pytest.approx(1 / 3)
+    assert out["b_ahead"] == pytest.approx(1 / 3) and out["a_ahead"] == 0.0
+    assert M.paired_difference([None], [1.0]) is None
+    with pytest.raises(ValueError, match="one value per item"):
+        M.paired_difference([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="confidence"):
+        M.paired_difference([1.0], [1.0], confidence=95)
+
+
+def test_paired_difference_interval_matches_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, 400)
+    noise = rng.normal(0.0, 0.5, 400)
+    for shift in (0.0, 0.3):
+        out = M.paired_difference(a, a + shift + noise, seed=3)
+        d = shift + noise
+        half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+        lo, hi = out["ci"]
+        assert lo < out["mean_difference"] < hi
+        assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+        assert lo == pytest.approx(d.mean() - half, abs=0.25 * half)
+        # Only the real shift moves the interval off zero (0.3 is ~12 standard errors here).
+        assert (lo > 0) == (shift > 0)
+    # Seeded: the same call gives the same interval; another seed a slightly different one.
+    assert M.paired_difference(a, a + noise, seed=3) == M.paired_difference(a, a + noise, seed=3)
+    assert M.paired_difference(a, a + noise, seed=3)["ci"] != M.paired_difference(a, a + noise, seed=4)["ci"]
+
+
 def test_clip_scorer_runs_on_a_tiny_random_clip(tiny_clip):
     scorer = M.ClipScorer(tiny_clip)
     g = torch.Generator().manual_seed(0)

@@ -102,6 +102,8 @@ DEFINITIONS = {
                "(named colours and their wall tones) shade/tint line (image-quality proxy for palette scenes; ground truth ~0.99)",
     "clip_t": "cosine of CLIP image and prompt embeddings",
     "clip_i": "cosine of CLIP embeddings of the image and of the reference with the product composited on it",
+    "comparison.paired": "TR2I minus T2I on the same scenes and seeds: mean difference, 95% percentile-bootstrap "
+                         "interval over scenes (2000 resamples, seeded), shares of scenes where either is ahead",
 }
 # Metrics averaged in summaries; booleans become the fraction of True.
 NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted",
@@ -357,6 +359,14 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
                   "table_color", "object_consistency", "quality", "clip_t", "clip_i"):
             if a.get(k) is not None and b.get(k) is not None:
                 comparison[k] = {"t2i": a[k], "tr2i": b[k], "tr2i_minus_t2i": b[k] - a[k]}
+                # Same scene, same seed, with and without the reference: the interval says whether
+                # the difference is larger than scene-to-scene spread would give by chance.
+                t2i_by_id = {r["id"]: r for r in report_modes["t2i"]["samples"]}
+                tr2i_rows = [r for r in report_modes["tr2i"]["samples"] if r["id"] in t2i_by_id]
+                paired = M.paired_difference([t2i_by_id[r["id"]].get(k) for r in tr2i_rows],
+                                             [r.get(k) for r in tr2i_rows], seed=seed)
+                if paired is not None:
+                    comparison[k]["paired"] = paired
         # The reference-gain comparison must be on the same samples: T2I restricted to those with references.
         ids = {s.id for s in with_refs}
         same = summarize([r for r in report_modes["t2i"]["samples"] if r["id"] in ids])
@@ -440,6 +450,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+PAIRED_ROWS = ("wall_tone", "reference_similarity", "reference_pixel_similarity", "prompt_adherence",
+               "object_consistency", "quality")
+
+
+def _paired_cell(report: dict, key: str) -> str | None:
+    """'+0.222 [+0.145, +0.308]': TR2I minus T2I on the same scenes with its confidence interval."""
+    p = ((report.get("comparison") or {}).get(key) or {}).get("paired")
+    if not p:
+        return None
+    lo, hi = p["ci"]
+    return f"{p['mean_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -453,7 +476,8 @@ def _pil_report(report: dict) -> Image.Image:
     col_w, label_w, row_h = 110, 230, 22
     sweeps = report.get("sweeps") or {}
     plot_w, plot_h = 420, 260
-    width = max(label_w + col_w * max(1, len(modes)) + 40, (plot_w + 40) * max(1, len(sweeps)) + 40, 640)
+    paired_w = 230 if any(_paired_cell(report, k) for k in PAIRED_ROWS) else 0
+    width = max(label_w + col_w * max(1, len(modes)) + paired_w + 40, (plot_w + 40) * max(1, len(sweeps)) + 40, 640)
     height = 70 + row_h * (len(TABLE_ROWS) + 2) + (plot_h + 80 + row_h * 8 if sweeps else 0) + 40
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
@@ -465,8 +489,10 @@ def _pil_report(report: dict) -> Image.Image:
     d.text((20, y), "metric", fill="black", font=font)
     for j, m in enumerate(modes):
         d.text((label_w + j * col_w, y), m.upper(), fill="black", font=font)
+    if paired_w:
+        d.text((label_w + len(modes) * col_w, y), "TR2I - T2I [95% CI]", fill="black", font=font)
     y += row_h
-    d.line([(20, y - 3), (label_w + col_w * max(1, len(modes)), y - 3)], fill=(160, 160, 160))
+    d.line([(20, y - 3), (label_w + col_w * max(1, len(modes)) + paired_w, y - 3)], fill=(160, 160, 160))
     for k in TABLE_ROWS:
         vals = [report["modes"][m]["summary"].get(k) for m in modes]
         if all(v is None for v in vals):
@@ -474,6 +500,8 @@ def _pil_report(report: dict) -> Image.Image:
         d.text((20, y), k, fill="black", font=font)
         for j, v in enumerate(vals):
             d.text((label_w + j * col_w, y), _fmt(v), fill="black", font=font)
+        if paired_w and k in PAIRED_ROWS and _paired_cell(report, k):
+            d.text((label_w + len(modes) * col_w, y), _paired_cell(report, k), fill="black", font=small)
         y += row_h
     y += row_h
     for i, (param, sw) in enumerate(sweeps.items()):
@@ -527,9 +555,14 @@ def _matplotlib_report(report: dict, path: Path) -> bool:
     ax.axis("off")
     if rows and modes:
         cells = [[_fmt(report["modes"][m]["summary"].get(k)) for m in modes] for k in rows]
+        labels = [m.upper() for m in modes]
+        if any(_paired_cell(report, k) for k in PAIRED_ROWS):
+            labels.append("TR2I - T2I [95% CI]")
+            for row, k in zip(cells, rows):
+                row.append((_paired_cell(report, k) if k in PAIRED_ROWS else None) or "")
         # bbox leaves the left part of the axes to the row labels
-        table = ax.table(cellText=cells, rowLabels=rows, colLabels=[m.upper() for m in modes],
-                         bbox=[0.5, 0.05, 0.5, 0.85])
+        table = ax.table(cellText=cells, rowLabels=rows, colLabels=labels,
+                         bbox=[0.4, 0.05, 0.6, 0.85])
         table.auto_set_font_size(False)
         table.set_fontsize(8)
     res = report.get("resolution") or ["?", "?"]
@@ -680,6 +713,10 @@ def main(argv=None) -> int:
         print(f"{mode}: " + ", ".join(f"{k}={_fmt(s.get(k))}" for k in
                                       ("object_consistency", "product_psnr_raw", "product_exact_pasted",
                                        "prompt_adherence", "reference_similarity", "quality") if s.get(k) is not None))
+    for k in PAIRED_ROWS:
+        cell = _paired_cell(report, k)
+        if cell:
+            print(f"tr2i - t2i, same scenes, 95% CI: {k} {cell}")
     for param, sw in report["sweeps"].items():
         print(f"sweep {param}: " + "; ".join(
             f"{p['value']:g}: ref_sim={_fmt(p.get('reference_similarity'))} quality={_fmt(p.get('quality'))}"
