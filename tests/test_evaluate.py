@@ -137,3 +137,32 @@ def test_summary_and_png_from_a_report_dict(tmp_path):
     assert ev.write_report_png(report, tmp_path / "t.png", backend="pil") == "pil"
     with Image.open(tmp_path / "t.png") as im:
         assert im.mode == "RGB"
+
+
+def test_reference_probe_tells_right_none_and_wrong_references_apart(tiny_model_dir, tiny_stage2_weights, scenes,
+                                                                      tmp_path):
+    import dataclasses
+
+    from train import reference_probe as rp
+
+    pipe = ev.load_pipeline(str(tiny_model_dir), str(tiny_stage2_weights))
+    samples = ev.load_samples(scenes, 3)
+    losses = rp.reference_losses(pipe, samples, times=(0.95, 0.5))
+    assert set(losses) == {"0.95", "0.5"}
+    for row in losses.values():
+        assert all(v > 0 for v in row.values())
+        assert row["right"] != row["none"] and row["right"] != row["shuffled"]
+    # With one reference for every scene, "another scene's" reference is the scene's own.
+    same = [dataclasses.replace(s, reference=samples[0].reference) for s in samples]
+    for row in rp.reference_losses(pipe, same, times=(0.95,)).values():
+        assert row["right"] == row["shuffled"] != row["none"]
+    # One scene has no other scene to borrow a wrong reference from: a clear error, not a torch trace.
+    with pytest.raises(Exception, match="at least 2 samples"):
+        rp.reference_losses(pipe, samples[:1])
+    out = tmp_path / "probe.json"
+    assert rp.main(["--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
+                    "--limit", "2", "--times", "0.9", "--dtype", "fp32", "--out", str(out)]) == 0
+    report = _strict_json(out)
+    assert report["n"] == 2 and set(report["losses"]) == {"0.9"}
+    assert rp.main(["--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
+                    "--times", "1.5"]) == 2
