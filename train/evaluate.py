@@ -434,7 +434,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
 # ----------------------------------------------------------------------------- PNG output
 
 TABLE_ROWS = ("object_consistency", "mask_recall", "product_psnr_raw", "product_psnr_pasted", "product_exact_pasted",
-              "background_color", "table_color", "pattern", "prompt_adherence", "reference_similarity",
+              "background_color", "table_color", "pattern", "prompt_adherence", "wall_tone", "reference_similarity",
               "reference_pixel_similarity", "quality", "clip_t", "clip_i")
 SWEEP_SERIES = (("reference_similarity", (200, 40, 40)), ("quality", (40, 80, 200)),
                 ("prompt_adherence", (50, 150, 70)), ("object_consistency", (130, 60, 170)))
