@@ -3,7 +3,7 @@
 The model was trained by ``python -m train.miniature --out runs/miniature --embed`` (the recipe in
 configs/miniature/). Its test split is drawn again here from the recipe's seed (scene i depends only
 on seed and i), so nothing here has seen training. These are CI's loose lower bounds; the numbers
-the run measured on 64 scenes are in docs/miniature/ and the README.
+the run measured on the whole 400-scene test split are in docs/miniature/ and the README.
 """
 
 import json
@@ -19,7 +19,8 @@ from train.miniature import load_recipe
 
 N_SCENES = 24
 STEPS = 20
-# CI's bounds for "the reference is followed" (the run's 64-scene numbers are in the README)
+# CI's bounds for "the reference is followed" on 24 scenes (the run's 400-scene numbers, with
+# paired 95% intervals, are in the README: wall tone +0.13, reference similarity +0.03)
 TONE_GAIN = 0.1
 SIMILARITY_GAIN = 0.03
 
@@ -84,7 +85,7 @@ def test_t2i_keeps_the_product_and_follows_the_prompt(report):
     # the paper's object consistency, paste-back off (the raw model output)
     assert t2i["object_consistency"] >= 0.93, t2i
     assert t2i["product_exact_pasted"] == 1.0, "paste-back must return every product pixel exactly"
-    # stand colour: 0.938 on the run's 64 scenes, below the issue's 0.95 (README: the stand sits too low)
+    # the run: background 0.995, stand 0.973 on 400 scenes; 24 scenes allow a few misses here
     assert t2i["background_color"] >= 0.9 and t2i["table_color"] >= 0.8, t2i
     assert t2i["product_psnr_raw"] >= 17.0, t2i
 
