@@ -701,7 +701,7 @@ def palette_fit(image, palette: Mapping[str, Sequence[int]], region=None, tolera
     return _out(np.array(vals), single)
 
 
-# ----------------------------------------------------------------------------- CLIP
+# ----------------------------------------------------------------------------- comparing two runs
 
 
 def paired_difference(a: Sequence[float | bool | None], b: Sequence[float | bool | None], *,
@@ -734,6 +734,9 @@ def paired_difference(a: Sequence[float | bool | None], b: Sequence[float | bool
     low, high = np.percentile(means, [tail, 100.0 - tail])
     return {"n": int(d.size), "mean_difference": float(d.mean()), "ci": [float(low), float(high)],
             "confidence": confidence, "b_ahead": float((d > 0).mean()), "a_ahead": float((d < 0).mean())}
+
+
+# ----------------------------------------------------------------------------- CLIP
 
 
 def composite(product, mask, background) -> torch.Tensor:

@@ -355,14 +355,14 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "t2i" in report_modes and "tr2i" in report_modes:
         a, b = report_modes["t2i"]["summary"], report_modes["tr2i"]["summary"]
         comparison = {}
+        # Same scene, same seed, with and without the reference: the paired interval says whether
+        # a difference is larger than scene-to-scene spread would give by chance.
+        t2i_by_id = {r["id"]: r for r in report_modes["t2i"]["samples"]}
+        tr2i_rows = [r for r in report_modes["tr2i"]["samples"] if r["id"] in t2i_by_id]
         for k in ("reference_similarity", "reference_pixel_similarity", "wall_tone", "prompt_adherence", "background_color",
                   "table_color", "object_consistency", "quality", "clip_t", "clip_i"):
             if a.get(k) is not None and b.get(k) is not None:
                 comparison[k] = {"t2i": a[k], "tr2i": b[k], "tr2i_minus_t2i": b[k] - a[k]}
-                # Same scene, same seed, with and without the reference: the interval says whether
-                # the difference is larger than scene-to-scene spread would give by chance.
-                t2i_by_id = {r["id"]: r for r in report_modes["t2i"]["samples"]}
-                tr2i_rows = [r for r in report_modes["tr2i"]["samples"] if r["id"] in t2i_by_id]
                 paired = M.paired_difference([t2i_by_id[r["id"]].get(k) for r in tr2i_rows],
                                              [r.get(k) for r in tr2i_rows], seed=seed)
                 if paired is not None:
