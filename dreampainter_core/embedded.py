@@ -26,9 +26,6 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = PACK_ROOT / "models"
 BASE_NAME = "dreampainter-miniature"
 WEIGHTS_NAME = "dreampainter_miniature.safetensors"
-EMBEDDED_BASE = MODELS_DIR / "diffusers" / BASE_NAME
-EMBEDDED_WEIGHTS = MODELS_DIR / "dreampainter" / WEIGHTS_NAME
-DEMO_DIR = MODELS_DIR / "miniature_demo"
 REGENERATE = "python -m train.miniature --out runs/miniature --embed"
 
 

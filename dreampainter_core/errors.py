@@ -23,3 +23,7 @@ class WeightFormatError(DreamPainterError, ValueError):
 
 class CapabilityError(DreamPainterError, ValueError):
     """The loaded model cannot do what was asked (e.g. a reference with a stage-1 model)."""
+
+
+class MissingDependencyError(DreamPainterError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 
@@ -17,7 +18,8 @@ try:  # Pillow is a dependency, but keep tensor-only callers working without it.
 except ImportError:  # pragma: no cover
     _PILImage = None
 
-__all__ = ["as_image_batch", "as_mask_batch", "check_product_and_mask"]
+__all__ = ["REFERENCE_POLICIES", "as_image_batch", "as_mask_batch", "check_product_and_mask", "reference_canvas",
+           "resize_cover"]
 
 # Values this far outside 0..1 are treated as rounding noise and clamped.
 _RANGE_TOLERANCE = 1e-3
@@ -225,3 +227,61 @@ def check_product_and_mask(product, mask) -> tuple[torch.Tensor, torch.Tensor]:
                 "generate. 1 = product, 0 = background; if your mask marks the background, invert it."
             )
     return product, mask
+
+
+def resize_cover(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B, H, W, 3] -> [B, height, width, 3]: resize to cover (antialiased bilinear), centre crop.
+
+    The one place a reference is brought to its canvas: the pipeline, the Reference Encode
+    node and the evaluation metrics all call this, so they see the same pixels.
+    """
+    if tuple(images.shape[1:3]) == (height, width):
+        return images  # already its canvas (e.g. from the Reference node): no second resize
+    x = images.permute(0, 3, 1, 2)
+    scale = max(width / x.shape[-1], height / x.shape[-2])
+    new_h, new_w = max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return x[:, :, top : top + height, left : left + width].clamp(0, 1).permute(0, 2, 3, 1)
+
+
+REFERENCE_POLICIES = ("crop", "pad", "stretch", "keep_aspect")
+
+
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, H, W, 3] -> [B, height, width, 3], antialiased bilinear (no crop: the aspect may change)."""
+    if tuple(x.shape[1:3]) == (height, width):
+        return x
+    y = F.interpolate(x.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return y.clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def reference_canvas(image, resolution: int, policy: str = "crop", multiple: int = 16) -> torch.Tensor:
+    """A reference on the canvas the model sees: ``resolution`` px square, or for keep_aspect
+    the longer side, each side a multiple of ``multiple`` (VAE x patch: whole tokens).
+
+    crop: resize to cover, centre crop (what the pipeline does with a raw reference);
+    pad: fit inside, pad with white; stretch: squash to the square; keep_aspect: no crop.
+    """
+    image = as_image_batch(image, "reference")
+    if policy not in REFERENCE_POLICIES:
+        raise InputError(f"reference policy must be one of {REFERENCE_POLICIES}, got {policy!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < multiple \
+            or resolution % multiple:
+        raise InputError(f"reference resolution {resolution} must be a positive multiple of {multiple} px")
+    h, w = image.shape[1:3]
+    if policy == "crop":
+        return resize_cover(image, resolution, resolution)
+    if policy == "stretch":
+        return _resize(image, resolution, resolution)
+    if policy == "pad":
+        scale = min(resolution / w, resolution / h)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        canvas = torch.ones(image.shape[0], resolution, resolution, 3, dtype=image.dtype)
+        top, left = (resolution - nh) // 2, (resolution - nw) // 2
+        canvas[:, top:top + nh, left:left + nw] = _resize(image, nh, nw)
+        return canvas
+    scale = resolution / max(h, w)  # keep_aspect
+    nh = max(multiple, round(h * scale / multiple) * multiple)
+    nw = max(multiple, round(w * scale / multiple) * multiple)
+    return _resize(image, nh, nw)

@@ -1,4 +1,4 @@
-"""Load CogView4-6B (or the tiny test model) from a diffusers folder and/or single safetensors files.
+"""Load CogView4-6B (or a smaller model of its architecture) from a diffusers folder and/or single safetensors files.
 
 * ``load_cogview4(base_path, transformer_path=..., vae_path=..., text_encoder_path=...,
   tokenizer_path=...)``: every component comes from ``base_path`` (diffusers layout, as in
@@ -23,7 +23,6 @@ Returned models are in eval mode with ``requires_grad=False``.
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 import warnings
@@ -78,13 +77,23 @@ COGVIEW4_SCHEDULER_CONFIG: dict[str, Any] = dict(
 
 #: Head widths of CogView4-6B's transformer and GLM-4-9B. Neither is visible in weight shapes
 #: (qk-norm has no weights, RoPE none), so single files without a "config" metadata entry assume
-#: them; widths that are not multiples of 128 are taken to be this project's tiny test models.
+#: them; other widths need that entry.
 COGVIEW4_HEAD_DIM = 128
 GLM_HEAD_DIM = 128
-_TINY_TRANSFORMER_HEAD_DIM = 32  # == tiny.TINY_TRANSFORMER_HEAD_DIM (kept here: tiny.py is test-only)
-_TINY_GLM_HEAD_DIM = 16  # == tiny.TINY_GLM_HEAD_DIM
-#: patch size is not separable from in_channels in the patch-embedding shape; CogView4 uses 2.
-COGVIEW4_PATCH_SIZE = 2
+#: CogView4-6B's VAE settings that weight shapes do not show (its vae/config.json); shape inference
+#: assumes them.
+COGVIEW4_VAE_SETTINGS: dict[str, Any] = dict(
+    act_fn="silu", norm_num_groups=32, sample_size=1024, force_upcast=True,
+    scaling_factor=1.0, shift_factor=0.0, latents_mean=None, latents_std=None,  # latents taken as they are
+)
+#: CogView4-6B's transformer settings that weight shapes do not show (its transformer/config.json;
+#: the patch size is not separable from in_channels in the patch-embedding shape).
+COGVIEW4_TRANSFORMER_SETTINGS: dict[str, Any] = dict(
+    patch_size=2,
+    pos_embed_max_size=128,
+    sample_size=128,
+    rope_axes_dim=(256, 256),
+)
 
 
 @dataclass
@@ -165,25 +174,23 @@ def _sniff_safetensors(path: Path, what: str) -> None:
             size = path.stat().st_size
     except OSError as e:
         raise ModelFilesError(f"{what}: cannot read {path}: {e}") from e
+    if len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{":
+        return  # the safetensors layout (its 8-byte header length may well start with 0x80, like a pickle)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise ModelFilesError(f"{what}: {path} is named .safetensors but is a PyTorch pickle file. {CONVERT_HINT}.")
     if head[:4] == b"GGUF":
         raise ModelFilesError(f"{what}: {path} is a GGUF file; only .safetensors weights are supported.")
     if len(head) < 9:
         raise ModelFilesError(f"{what}: {path} is truncated or empty ({size} bytes); re-download or re-copy it.")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > size - 8 or head[8:9] != b"{":
-        raise ModelFilesError(
-            f"{what}: {path} is not a valid safetensors file (bad header; truncated or not safetensors, "
-            f"{size} bytes); re-download or re-copy it."
-        )
+    raise ModelFilesError(
+        f"{what}: {path} is not a valid safetensors file (bad header; truncated or not safetensors, "
+        f"{size} bytes); re-download or re-copy it."
+    )
 
 
 @dataclass
 class _Header:
-    path: Path
     shapes: dict[str, tuple]
-    dtypes: dict[str, str]
     metadata: dict[str, str]
 
 
@@ -197,17 +204,13 @@ def _read_header(path: Path, what: str) -> _Header:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            shapes, dtypes = {}, {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                shapes[k] = tuple(sl.get_shape())
-                dtypes[k] = sl.get_dtype()
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # SafetensorError has no importable base class across versions
         raise ModelFilesError(
             f"{what}: {path} is truncated or corrupt and cannot be read as safetensors ({e}); "
             "re-download or re-copy it."
         ) from e
-    return _Header(path, shapes, dtypes, metadata)
+    return _Header(shapes, metadata)
 
 
 @dataclass
@@ -471,44 +474,80 @@ def _source(path_or_folder, sub: str, what: str) -> tuple[Path, bool]:
     return _component_dir(p, sub, what), False
 
 
+def _open_component(path_or_folder, sub: str, what: str, stem: str,
+                    cls_name: str | None) -> tuple[_Weights, bool, dict | None]:
+    """(weights from the headers, is a single file, the folder's config.json or None for a file);
+    a folder's config.json is read, and its class checked, before its weights."""
+    p, is_file = _source(path_or_folder, sub, what)
+    if is_file:
+        return _weights_from_file(p, what), True, None
+    cfg_json = _read_json(p / "config.json", what)
+    if cls_name:
+        _check_class(cfg_json, cls_name, str(p / "config.json"), what)
+    return _weights_from_folder(p, what, stem), False, cfg_json
+
+
+def _resolve_config(config: dict | None, w: _Weights, is_file: bool, cfg_json: dict | None, cls_name: str | None,
+                    infer: Callable[[dict, str, str], dict], mapping: dict[str, str], what: str) -> dict:
+    """`config` when given; else the folder's config.json or the file's 'config' metadata; else
+    inferred from the weight shapes."""
+    if config is None:
+        config = _metadata_config(w, what) if is_file else cfg_json
+        if cls_name:
+            _check_class(config, cls_name, f"the 'config' metadata of {w.label}", what)
+    if config is None:
+        config = infer({k: w.shapes[v] for k, v in mapping.items()}, w.label, what)
+    return config
+
+
 # ---- transformer ---------------------------------------------------------------------------
 
 _T_SIG = "patch_embed.proj.weight"
 
 
-def _infer_transformer_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
+def _shape_getter(shapes: dict[str, tuple], label: str, what: str, kind: str, hint: str) -> Callable[[str], tuple]:
     def get(k):
         if k not in shapes:
-            raise ModelFilesError(f"{what}: cannot infer the transformer config from {label}: key {k!r} missing "
-                                  "(is this a CogView4 transformer in diffusers key layout?).")
+            raise ModelFilesError(f"{what}: cannot infer the {kind} config from {label}: key {k!r} missing ({hint}).")
         return shapes[k]
 
-    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-    if not blocks:
-        raise ModelFilesError(f"{what}: {label} has no 'transformer_blocks.N.' tensors; not a CogView4 transformer.")
+    return get
+
+
+def _layer_count(shapes: dict[str, tuple], prefix: str, label: str, what: str, kind: str) -> int:
+    """1 + the largest N in the keys "<prefix>.N." (a ModelFilesError naming `kind` when there is none)."""
+    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    if not found:
+        raise ModelFilesError(f"{what}: {label} has no '{prefix}.N.' tensors; not {kind}.")
+    return max(found) + 1
+
+
+def _no_config_for(label: str, what: str, detail: str) -> ModelFilesError:
+    return ModelFilesError(
+        f"{what}: cannot infer the config of {label}: {detail}, which shape inference assumes (it is not "
+        "visible in the weight shapes). Store the component's config as JSON under the safetensors metadata "
+        "key 'config', or load its diffusers folder (config.json + weights)."
+    )
+
+
+def _infer_transformer_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
+    get = _shape_getter(shapes, label, what, "transformer", "is this a CogView4 transformer in diffusers key layout?")
+    num_layers = _layer_count(shapes, "transformer_blocks", label, what, "a CogView4 transformer")
     inner, proj_in = get(_T_SIG)
-    p = COGVIEW4_PATCH_SIZE
+    p = COGVIEW4_TRANSFORMER_SETTINGS["patch_size"]
     head_dim = COGVIEW4_HEAD_DIM
     if inner % head_dim:
-        head_dim = _TINY_TRANSFORMER_HEAD_DIM
-        warnings.warn(f"{label}: width {inner} is not a multiple of 128; assuming attention_head_dim="
-                      f"{head_dim} (tiny test model). Store a 'config' metadata entry to be explicit.", UserWarning)
-    if inner % head_dim:
-        raise ModelFilesError(f"{what}: cannot infer the head count of {label} (width {inner}); add a 'config' "
-                              "entry to the safetensors metadata.")
+        raise _no_config_for(label, what, f"its width {inner} is not a multiple of CogView4's head width {head_dim}")
     return dict(
-        patch_size=p,
+        COGVIEW4_TRANSFORMER_SETTINGS,
         in_channels=proj_in // (p * p),
         out_channels=get("proj_out.weight")[0] // (p * p),
-        num_layers=max(blocks) + 1,
+        num_layers=num_layers,
         attention_head_dim=head_dim,
         num_attention_heads=inner // head_dim,
         text_embed_dim=get("patch_embed.text_proj.weight")[1],
         time_embed_dim=get("transformer_blocks.0.norm1.linear.weight")[1],
         condition_dim=get("time_condition_embed.condition_embedder.linear_1.weight")[1] // 6,
-        pos_embed_max_size=128,
-        sample_size=128,
-        rope_axes_dim=(256, 256),
     )
 
 
@@ -519,21 +558,12 @@ def _clean_cfg(cfg: dict) -> dict:
 def _plan_transformer(path_or_folder, what="transformer", config: dict | None = None) -> _Plan:
     from diffusers import CogView4Transformer2DModel
 
-    p, is_file = _source(path_or_folder, "transformer", what)
-    if is_file:
-        w = _weights_from_file(p, what)
-    else:
-        cfg_json = _read_json(p / "config.json", what)
-        _check_class(cfg_json, "CogView4Transformer2DModel", str(p / "config.json"), what)
-        w = _weights_from_folder(p, what, "diffusion_pytorch_model")
+    cls_name = "CogView4Transformer2DModel"
+    w, is_file, cfg_json = _open_component(path_or_folder, "transformer", what, "diffusion_pytorch_model", cls_name)
     _check_kind(w, "transformer", what)
     mapping, outside = _strip_prefix(w.shapes, _T_SIG, lambda k: False)
-    if config is None:
-        config = _metadata_config(w, what) if is_file else cfg_json
-        _check_class(config, "CogView4Transformer2DModel", f"the 'config' metadata of {w.label}", what)
-    if config is None:
-        config = _infer_transformer_config({k: w.shapes[v] for k, v in mapping.items()}, w.label, what)
-    config = _clean_cfg(config)
+    config = _clean_cfg(_resolve_config(config, w, is_file, cfg_json, cls_name, _infer_transformer_config, mapping,
+                                        what))
     model = _empty_model(lambda: CogView4Transformer2DModel.from_config(config), what, config)
     note = (f"CogView4Transformer2DModel, {config.get('num_layers')} layers, "
             f"{config.get('num_attention_heads')}x{config.get('attention_head_dim')}")
@@ -559,23 +589,18 @@ def _infer_vae_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
             raise ModelFilesError(f"{what}: cannot infer the VAE config from {label}: {k!r} missing.")
         boc.append(shapes[k][0])
     lpb = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
-    groups = math.gcd(32, *boc)
+    groups = COGVIEW4_VAE_SETTINGS["norm_num_groups"]
+    if any(c % groups for c in boc):
+        raise _no_config_for(label, what, f"its block widths {boc} are not multiples of CogView4's {groups} norm groups")
     return dict(
+        COGVIEW4_VAE_SETTINGS,
         in_channels=shapes["encoder.conv_in.weight"][1],
         out_channels=shapes.get("decoder.conv_out.weight", (3,))[0],
         down_block_types=["DownEncoderBlock2D"] * n,
         up_block_types=["UpDecoderBlock2D"] * n,
         block_out_channels=boc,
         layers_per_block=lpb,
-        act_fn="silu",
         latent_channels=shapes[_V_SIG][1],
-        norm_num_groups=groups,
-        sample_size=1024,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
         use_quant_conv="quant_conv.weight" in shapes,
         use_post_quant_conv="post_quant_conv.weight" in shapes,
         mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.") for k in shapes),
@@ -585,24 +610,13 @@ def _infer_vae_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
 def _plan_vae(path_or_folder, what="vae", config: dict | None = None) -> _Plan:
     from diffusers import AutoencoderKL
 
-    p, is_file = _source(path_or_folder, "vae", what)
-    if is_file:
-        w = _weights_from_file(p, what)
-    else:
-        cfg_json = _read_json(p / "config.json", what)
-        _check_class(cfg_json, "AutoencoderKL", str(p / "config.json"), what)
-        w = _weights_from_folder(p, what, "diffusion_pytorch_model")
+    w, is_file, cfg_json = _open_component(path_or_folder, "vae", what, "diffusion_pytorch_model", "AutoencoderKL")
     if any(re.match(r"(.*\.)?encoder\.down\.\d+\.block\.", k) for k in w.shapes):
         raise ModelFilesError(f"{what}: {w.label} uses the original (LDM/SAT) VAE key layout (encoder.down.N.block...); "
                               f"use the diffusers-layout vae from {REPO_HINT} (vae/ folder or its safetensors file).")
     _check_kind(w, "vae", what)
     mapping, outside = _strip_prefix(w.shapes, _V_SIG, lambda k: False)
-    if config is None:
-        config = _metadata_config(w, what) if is_file else cfg_json
-        _check_class(config, "AutoencoderKL", f"the 'config' metadata of {w.label}", what)
-    if config is None:
-        config = _infer_vae_config({k: w.shapes[v] for k, v in mapping.items()}, w.label, what)
-    config = _clean_cfg(config)
+    config = _clean_cfg(_resolve_config(config, w, is_file, cfg_json, "AutoencoderKL", _infer_vae_config, mapping, what))
     model = _empty_model(lambda: AutoencoderKL.from_config(config), what, config)
     note = f"AutoencoderKL, block_out_channels {list(config.get('block_out_channels', []))}, " \
            f"{config.get('latent_channels')} latent channels"
@@ -620,32 +634,22 @@ def _glm_ignorable(k: str) -> bool:
 
 
 def _infer_glm_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
-    def get(k):
-        if k not in shapes:
-            raise ModelFilesError(f"{what}: cannot infer the GLM config from {label}: key {k!r} missing "
-                                  "(is this a transformers GlmModel / GLM-4 text encoder?).")
-        return shapes[k]
-
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k))}
-    if not layers:
-        raise ModelFilesError(f"{what}: {label} has no 'layers.N.' tensors; not a GLM text encoder.")
+    get = _shape_getter(shapes, label, what, "GLM", "is this a transformers GlmModel / GLM-4 text encoder?")
+    num_layers = _layer_count(shapes, "layers", label, what, "a GLM text encoder")
     vocab, hidden = get(_G_SIG)
     q_out = get("layers.0.self_attn.q_proj.weight")[0]
     k_out = get("layers.0.self_attn.k_proj.weight")[0]
     head_dim = GLM_HEAD_DIM
     if q_out % head_dim or k_out % head_dim:
-        head_dim = _TINY_GLM_HEAD_DIM
-        warnings.warn(f"{label}: attention widths {q_out}/{k_out} are not multiples of 128; assuming head_dim="
-                      f"{head_dim} (tiny test model). Store a 'config' metadata entry to be explicit.", UserWarning)
-    if q_out % head_dim or k_out % head_dim:
-        raise ModelFilesError(f"{what}: cannot infer the head count of {label}; add a 'config' metadata entry.")
+        raise _no_config_for(label, what, f"its attention widths {q_out}/{k_out} are not multiples of GLM-4's "
+                                          f"head width {head_dim}")
     return dict(
         model_type="glm",
         architectures=["GlmModel"],
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=get("layers.0.mlp.down_proj.weight")[1],
-        num_hidden_layers=max(layers) + 1,
+        num_hidden_layers=num_layers,
         num_attention_heads=q_out // head_dim,
         num_key_value_heads=k_out // head_dim,
         head_dim=head_dim,
@@ -674,18 +678,10 @@ def _glm_config(cfg: dict, what: str):
 def _plan_text_encoder(path_or_folder, what="text_encoder", config: dict | None = None) -> _Plan:
     from transformers import GlmModel
 
-    p, is_file = _source(path_or_folder, "text_encoder", what)
-    if is_file:
-        w = _weights_from_file(p, what)
-    else:
-        cfg_json = _read_json(p / "config.json", what)
-        w = _weights_from_folder(p, what, "model")
+    w, is_file, cfg_json = _open_component(path_or_folder, "text_encoder", what, "model", None)
     _check_kind(w, "text_encoder", what)
     mapping, outside = _strip_prefix(w.shapes, _G_SIG, _glm_ignorable)
-    if config is None:
-        config = _metadata_config(w, what) if is_file else cfg_json
-    if config is None:
-        config = _infer_glm_config({k: w.shapes[v] for k, v in mapping.items()}, w.label, what)
+    config = _resolve_config(config, w, is_file, cfg_json, None, _infer_glm_config, mapping, what)
     gcfg = _glm_config(config, what)
     model = _empty_model(lambda: GlmModel(gcfg), what, config)
     note = f"GlmModel, {gcfg.num_hidden_layers} layers, hidden {gcfg.hidden_size}, vocab {gcfg.vocab_size}"

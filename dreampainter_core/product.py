@@ -34,7 +34,8 @@ def _whole_number(value, what: str, minimum: int) -> int:
     return int(value)
 
 
-def _box_ratio(box_ratio) -> tuple[float, float]:
+def normalize_box_ratio(box_ratio) -> tuple[float, float]:
+    """(height ratio, width ratio), each in (0, 1]; InputError otherwise."""
     try:
         rh, rw = (float(v) for v in box_ratio)
     except (TypeError, ValueError):
@@ -246,7 +247,7 @@ def place_product(product, mask, width, height, placement="keep", box_ratio=(0.6
     height = _whole_number(height, "height", 1)
     if placement not in PLACEMENTS:
         raise InputError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}.")
-    box = _box_ratio(box_ratio)
+    box = normalize_box_ratio(box_ratio)
     fill_rgb = _fill_color(fill, product.device)
     binary = masks.binarize(mask)
     batch, src_h, src_w = binary.shape

@@ -28,6 +28,10 @@ from __future__ import annotations
 import torch
 
 REFERENCE_SCALES = ("target", "own")
+# Where reference tokens sit: "diagonal" (the paper's (h + i, w + j), what stage 2 trains
+# with) or "beside" (same rows, to the right: (i, w + j), the in-context layout the
+# training-free reference uses, as a diptych).
+REFERENCE_LAYOUTS = ("diagonal", "beside")
 
 
 def _inv_freq(head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +78,19 @@ def target_and_reference_positions(
     reference_grid: tuple[int, int] | None,
     axes_dim: tuple[int, int] = (256, 256),
     reference_scale: str = "target",
+    layout: str = "diagonal",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the target tokens followed by the reference tokens (if any)."""
     if reference_scale not in REFERENCE_SCALES:
         raise ValueError(f"reference_scale must be one of {REFERENCE_SCALES}, got {reference_scale!r}")
+    if layout not in REFERENCE_LAYOUTS:
+        raise ValueError(f"reference layout must be one of {REFERENCE_LAYOUTS}, got {layout!r}")
     rows, cols = grid_positions(*target_grid, axes_dim=axes_dim)
     if reference_grid is None:
         return rows, cols
     scale_grid = target_grid if reference_scale == "target" else reference_grid
-    ref_rows, ref_cols = grid_positions(*reference_grid, axes_dim=axes_dim, offset=axes_dim, scale_grid=scale_grid)
+    offset = axes_dim if layout == "diagonal" else (0, axes_dim[1])
+    ref_rows, ref_cols = grid_positions(*reference_grid, axes_dim=axes_dim, offset=offset, scale_grid=scale_grid)
     return torch.cat([rows, ref_rows]), torch.cat([cols, ref_cols])
 
 
@@ -94,8 +102,9 @@ def dreampainter_rope(
     reference_scale: str = "target",
     theta: float = 10000.0,
     device: torch.device | str | None = None,
+    layout: str = "diagonal",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = target_and_reference_positions(target_grid, reference_grid, axes_dim, reference_scale)
+    rows, cols = target_and_reference_positions(target_grid, reference_grid, axes_dim, reference_scale, layout)
     cos, sin = rope_cos_sin(rows, cols, head_dim, theta)
     if device is not None:
         cos, sin = cos.to(device), sin.to(device)

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import modulated_attention
+from .attention import AttentionModulation
 from .rope import REFERENCE_SCALES, dreampainter_rope
 
 LORA_ADAPTER = "dreampainter"
@@ -129,8 +129,7 @@ class DreamPainterAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         reference_tokens: int = 0,
-        attention_scale: float = 1.0,
-        renormalize: bool = False,
+        modulation: AttentionModulation | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
@@ -152,8 +151,8 @@ class DreamPainterAttnProcessor:
             key[:, :, text_len:, :] = apply_rotary_emb(key[:, :, text_len:, :], image_rotary_emb, use_real_unbind_dim=-2)
 
         total = query.shape[2]
-        if reference_tokens and attention_scale != 1.0:
-            out = modulated_attention(query, key, value, split=total - reference_tokens, scale=attention_scale, renormalize=renormalize)
+        if reference_tokens and modulation is not None and not modulation.is_plain:
+            out = modulation.attend(query, key, value, split=total - reference_tokens)
         else:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
@@ -353,16 +352,17 @@ class DreamPainterTransformer(nn.Module):
         crop_coords: torch.Tensor,
         control_latents: torch.Tensor | None = None,
         reference_latents: torch.Tensor | None = None,
-        attention_scale: float = 1.0,
-        renormalize_attention: bool = False,
+        modulation: AttentionModulation | None = None,
         token_mask: torch.Tensor | None = None,
         control_scale: float = 1.0,
+        reference_layout: str = "diagonal",
     ) -> torch.Tensor:
         """Velocity prediction ``[B, C, H, W]`` for the target latent.
 
         control_latents: ``[B, in_channels + 1, H, W]`` = [foreground latent, mask on the
         latent grid]; None runs the base alone. reference_latents: ``[B, in_channels, h, w]``
-        (any size divisible by the patch size). token_mask: ``[B, N_target]`` for mask guidance.
+        (any size divisible by the patch size). modulation: the attention control between
+        target and reference (None = plain attention). token_mask: ``[B, N_target]`` for mask guidance.
         """
         base = self.base
         p = self.patch_size
@@ -378,6 +378,7 @@ class DreamPainterTransformer(nn.Module):
             axes_dim=tuple(base.config.rope_axes_dim),
             reference_scale=self.config.reference_scale,
             device=hidden_states.device,
+            layout=reference_layout,
         )
         n_target = grid[0] * grid[1]
 
@@ -395,11 +396,7 @@ class DreamPainterTransformer(nn.Module):
         if reference_latents is not None:
             ref_tokens = base.patch_embed.proj(patchify(reference_latents.to(tokens.dtype), p))
             tokens = torch.cat([tokens, ref_tokens], dim=1)
-            attention_kwargs = {
-                "reference_tokens": ref_tokens.shape[1],
-                "attention_scale": float(attention_scale),
-                "renormalize": bool(renormalize_attention),
-            }
+            attention_kwargs = {"reference_tokens": ref_tokens.shape[1], "modulation": modulation}
 
         for index, block in enumerate(base.transformer_blocks):
             tokens, text = self._run_block(block, tokens, text, temb, rope, attention_kwargs)

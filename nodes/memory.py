@@ -143,10 +143,6 @@ def unload(patcher) -> bool:
     return done
 
 
-def is_loaded(patcher) -> bool:
-    return any(lm.model is patcher for lm in mm.current_loaded_models)
-
-
 # ---------------------------------------------------------------------------------------------
 # Interrupt checks inside the model
 # ---------------------------------------------------------------------------------------------

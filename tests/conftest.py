@@ -18,7 +18,7 @@ def _deterministic_torch():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A complete diffusers-layout tiny CogView4 folder (real classes, random weights)."""
-    from dreampainter_core.tiny import write_tiny_model
+    from train.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "cogview4-tiny", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stage2_weights(tiny_model_dir, tmp_path_factory):
     """A stage-2 DreamPainter file with non-zero gates and LoRA (so both have an effect)."""
-    from dreampainter_core.weights import write_random_dreampainter_weights
+    from train.tiny import write_random_dreampainter_weights
 
     return write_random_dreampainter_weights(tiny_model_dir, tmp_path_factory.mktemp("dp") / "stage2.safetensors", seed=1)
 
@@ -52,7 +52,7 @@ def tiny_single_files(tmp_path_factory):
 
     Returns {"folder": Path, "single": Path holding transformer/vae/text_encoder.safetensors}.
     """
-    from dreampainter_core.tiny import write_tiny_model
+    from train.tiny import write_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_single")
     folder = write_tiny_model(root / "cogview4-tiny", seed=0, single_files_dir=root / "single")

@@ -1,4 +1,4 @@
-"""dreampainter_core.metrics: object consistency, segmenters, PSNR, scene adherence, CLIP (CPU)."""
+"""train.metrics: object consistency, segmenters, PSNR, scene adherence, CLIP (CPU)."""
 
 import math
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreampainter_core import metrics as M
+from train import metrics as M
 from dreampainter_core.errors import InputError
 from train import synthetic as syn
 

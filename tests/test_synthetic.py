@@ -138,7 +138,7 @@ def test_scene_ground_truth_describes_the_prompt(scenes):
 
 
 def test_wall_tones_are_unnamed_visible_and_read_back_as_the_named_colour():
-    from dreampainter_core import metrics as M
+    from train import metrics as M
 
     # The rule behind WALL_TONES: a tone must stay its colour for the adherence metric ...
     for name, tones in syn.WALL_TONES.items():
@@ -168,7 +168,7 @@ def test_wall_tones_are_unnamed_visible_and_read_back_as_the_named_colour():
 
 
 def test_every_prompt_word_is_in_the_tiny_tokenizer_vocabulary():
-    from dreampainter_core.tiny import tiny_vocab
+    from train.tiny import tiny_vocab
 
     vocab = tiny_vocab()
     seen_patterns, seen_styles = set(), set()

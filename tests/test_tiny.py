@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dreampainter_core.tiny import (
+from train.tiny import (
     PAD_TOKEN,
     UNK_TOKEN,
     build_tiny_components,

@@ -281,7 +281,7 @@ def test_build_auto_mask_with_rembg(tmp_path, monkeypatch):
         calls["model"] = name
         return object()
 
-    def remove(img, session=None):
+    def remove(img, session=None, only_mask=False):
         a = np.array(img.convert("RGB"))
         alpha = np.zeros(a.shape[:2], np.uint8)
         alpha[10:30, 20:50] = 250  # a soft-ish alpha: saved as a hard mask

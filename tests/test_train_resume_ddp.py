@@ -1,7 +1,8 @@
 """Exact resume after a kill, and two-process CPU data parallelism (gloo) against one process.
 
-* resume: 6 steps straight == 3 steps, checkpoint, killed during step 5 (a subprocess that
-  hard-exits with os._exit(137) after step 5, before saving), then resumed from the step-3
+* resume: 6 steps straight == 3 steps, checkpoint, killed during step 5 (a subprocess whose
+  optimizer hard-exits with os._exit(137) right after step 5, before anything is saved: see
+  KILLED_AFTER_STEP_5), then resumed from the step-3
   checkpoint for the rest. Cosine LR with warmup, gradient accumulation, EMA and text
   dropout are on, so optimizer, scheduler, EMA, data position and per-sample noise all have
   to be restored. On one CPU thread the result is bit-identical (tolerance 0).
@@ -72,6 +73,23 @@ RESUME = [
 ]
 
 
+#: `python -m train.stage1` whose AdamW hard-exits (a kill: nothing after the last checkpoint
+#: survives) right after its 5th step, before the trainer logs or saves anything of step 5.
+KILLED_AFTER_STEP_5 = """
+import os, sys, torch
+adamw_step, steps = torch.optim.AdamW.step, []
+def step_then_die(self, *args, **kwargs):
+    out = adamw_step(self, *args, **kwargs)
+    steps.append(1)
+    if len(steps) == 5:
+        os._exit(137)
+    return out
+torch.optim.AdamW.step = step_then_die
+from train.trainer import main
+sys.exit(main(1, sys.argv[1:]))
+"""
+
+
 def test_resume_after_kill_is_exact(tiny_model_dir, tmp_path):
     manifest = write_synthetic_dataset(tmp_path / "data", num=6, size=64, seed=4)  # 3 steps per epoch
     straight = _run(tiny_config(1, tiny_model_dir, manifest, tmp_path / "straight", RESUME))
@@ -79,7 +97,7 @@ def test_resume_after_kill_is_exact(tiny_model_dir, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.stage1", *_cli(1, tiny_model_dir, manifest, killed, RESUME + ["train.kill_at_step=5"])],
+        [sys.executable, "-c", KILLED_AFTER_STEP_5, *_cli(1, tiny_model_dir, manifest, killed, RESUME)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 137, proc.stderr[-3000:]

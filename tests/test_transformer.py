@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_cogview4 import CogView4RotaryPosEmbed
 
+from dreampainter_core.attention import AttentionModulation
 from dreampainter_core.rope import dreampainter_rope, target_and_reference_positions
-from dreampainter_core.tiny import build_tiny_components
+from train.tiny import build_tiny_components
 from dreampainter_core.transformer import (
     DreamPainterConfig,
     DreamPainterTransformer,
@@ -128,13 +129,13 @@ def test_reference_tokens_change_target_and_renormalized_zero_scale_removes_them
     assert with_ref.shape == plain.shape
     assert (with_ref - plain).abs().max() > 1e-3
     # Renormalised modulation at 0: text+target attend only among themselves -> reference has no effect.
-    cut = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, attention_scale=0.0, renormalize_attention=True)
+    cut = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, modulation=AttentionModulation(0.0, renormalize=True))
     assert (cut - plain).abs().max().item() <= 1e-5
     # The paper's (un-renormalised) formula at 0 drops probability mass: not the same as no reference.
-    dropped = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, attention_scale=0.0)
+    dropped = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, modulation=AttentionModulation(0.0))
     assert (dropped - plain).abs().max() > 1e-4
     # Scale 1 is plain attention over all tokens.
-    one = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, attention_scale=1.0)
+    one = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, modulation=AttentionModulation(1.0))
     assert torch.equal(one, with_ref)
 
 

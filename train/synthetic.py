@@ -31,7 +31,7 @@ environment, background, style; see train.prompts), in simple words, e.g.
     一个红色的瓶子放在白色的桌子上，柔和的影子，蓝色条纹背景，室内摄影
 
 Every English word and Chinese character used is in the tiny test tokenizer's vocabulary
-(dreampainter_core.tiny), so a miniature model never sees [UNK]. Pattern words: plain ->
+(train.tiny), so a miniature model never sees [UNK]. Pattern words: plain ->
 "simple", stripes -> "striped", dots -> "dotted", checker -> "square pattern",
 gradient -> "glow" (a radial glow).
 
@@ -58,6 +58,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dreampainter_core.fileio import atomic_write_bytes
+
+from .metrics import nearest_palette_color, region_color, shade_distance, srgb_to_lab
 
 __all__ = [
     "PALETTE",
@@ -145,8 +147,8 @@ TINT = 0.22  # pattern secondary colour: this far towards white (dark colours) o
 FRONT_SHADE = 0.78  # the stand's front face
 SHADOW_STRENGTH = 0.55  # darkening at full shadow alpha
 PRODUCT_SHADE = (0.72, 1.08)  # product shading factors (cylinder / sphere / box faces)
-_PRODUCT_RULE_SHADE = (0.62, 1.15)  # what ColorShapeSegmenter accepts by default
 _SEPARATION = 0.24  # min distance (0..1 RGB) between any scene colour and the product's shade line
+#                     (the colour segmenter's rule: metrics.shade_distance, metrics.PRODUCT_RULE_SHADE)
 
 
 def _luma(rgb) -> float:
@@ -172,8 +174,6 @@ def tone_rgb(rgb, tone: str) -> tuple[int, int, int]:
 
 
 def _allowed_tones() -> dict[str, tuple[str, ...]]:
-    from dreampainter_core.metrics import nearest_palette_color, srgb_to_lab  # numpy only; no cycle
-
     out = {}
     for name, rgb in PALETTE.items():
         keep = []
@@ -211,13 +211,6 @@ def _a(word: str) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Sampling
-
-
-def _segment_distance(points: np.ndarray, rgb, shade=_PRODUCT_RULE_SHADE) -> np.ndarray:
-    """Distance (0..1 units) from colours [N, 3] (0..1) to the segment {k * rgb : k in shade}."""
-    c = np.asarray(rgb, np.float64) / 255.0
-    k = np.clip(points @ c / max(float(c @ c), 1e-12), shade[0], shade[1])
-    return np.linalg.norm(points - k[:, None] * c[None, :], axis=1)
 
 
 def _scene_colours(wall_rgb, pattern: str, table: str) -> np.ndarray:
@@ -266,7 +259,8 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
         scene_cols = _scene_colours(wall_rgb, pattern, table)
         allowed = [
             n for n in names
-            if n not in (bg, table) and _segment_distance(scene_cols, PALETTE[n]).min() > _SEPARATION
+            if n not in (bg, table)
+            and shade_distance(scene_cols, np.asarray(PALETTE[n], np.float64) / 255.0).min() > _SEPARATION
         ]
         if allowed:
             product_colour = allowed[int(rng.integers(len(allowed)))]
@@ -590,8 +584,6 @@ def wall_tone_colours(scene: dict, region: np.ndarray) -> dict[str, list[float]]
     """{tone: the wall's measured colour (metrics.region_color over `region`, 0..255)} for
     every tone the scene's wall colour may take, each drawn with the scene's own pattern:
     what metrics.tone_match compares a generated wall with (which of the blues is it?)."""
-    from dreampainter_core.metrics import region_color
-
     w, h = scene["size"]
     out = {}
     for tone in WALL_TONES[scene["background"]["color"]]:

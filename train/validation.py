@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dreampainter_core.fileio import atomic_path
+from dreampainter_core.options import ReferenceOptions, SamplingOptions
 
 from .dataset import ManifestDataset
 from .manifest import load_sample
@@ -87,17 +88,19 @@ class ValidationSet:
         rows = []
         for it in self.items:
             h, w = it["mask"].shape[-2:]
-            common = dict(width=int(w), height=int(h), steps=vcfg.steps, guidance_scale=vcfg.guidance_scale,
-                          seed=vcfg.seed, lora_scale=vcfg.lora_scale)
+            sampling = SamplingOptions(steps=vcfg.steps, guidance_scale=vcfg.guidance_scale, seed=vcfg.seed)
             row = [_pil(it["foreground"][0])]
             with autocast():
-                req = pipe.prepare_inputs(it["foreground"], it["mask"], None, **common)
+                req = pipe.prepare(it["foreground"], it["mask"], width=int(w), height=int(h), sampling=sampling,
+                                   reference=ReferenceOptions(lora_scale=vcfg.lora_scale))
                 row.append(_pil(pipe.generate(req, it["embeds"], self.negative).images[0]))
                 if self.with_reference:
                     row.append(_pil(it["reference"][0]) if it["reference"] is not None else None)
                     if it["reference"] is not None:
-                        req = pipe.prepare_inputs(it["foreground"], it["mask"], it["reference"],
-                                                  reference_size=vcfg.reference_size, **common)
+                        reference = ReferenceOptions(image=it["reference"], size=vcfg.reference_size,
+                                                     lora_scale=vcfg.lora_scale)
+                        req = pipe.prepare(it["foreground"], it["mask"], width=int(w), height=int(h),
+                                           sampling=sampling, reference=reference)
                         row.append(_pil(pipe.generate(req, it["embeds"], self.negative).images[0]))
                     else:
                         row.append(None)

@@ -1,4 +1,4 @@
-"""Tiny CogView4-shaped models with random weights, for tests and benchmarks.
+"""Tiny CogView4-shaped models with random weights, for tests, benchmarks and the miniature.
 
 Every component is the real class (diffusers ``CogView4Transformer2DModel``, ``AutoencoderKL``,
 ``FlowMatchEulerDiscreteScheduler``; transformers ``GlmModel`` and ``PreTrainedTokenizerFast``)
@@ -7,9 +7,13 @@ patch 2, two-stream blocks, GLM text encoder whose ``hidden_states[-2]`` feeds t
 are re-initialised from a seeded normal so that outputs are not ~0 and every block (including
 its AdaLN modulation) actually does something. Nothing here touches the network.
 
+Not part of what the node pack runs: ``train.miniature`` starts from these configs, tokenizer and
+random text encoder (the shipped miniature then loads from its own config.json files), and the
+tests and benchmarks build their models here.
+
 CLI::
 
-    python -m dreampainter_core.tiny --out DIR [--seed S] [--single-files DIR] [--with-dreampainter-weights]
+    python -m train.tiny --out DIR [--seed S] [--single-files DIR] [--with-dreampainter-weights]
 """
 
 from __future__ import annotations
@@ -21,12 +25,21 @@ from pathlib import Path
 
 import torch
 
+from dreampainter_core.loading import (
+    COGVIEW4_SCHEDULER_CONFIG,
+    COGVIEW4_TRANSFORMER_SETTINGS,
+    COGVIEW4_VAE_SETTINGS,
+    load_transformer,
+)
+from dreampainter_core.transformer import DreamPainterConfig, DreamPainterTransformer
+from dreampainter_core.weights import save_dreampainter_weights
+
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
 
-#: The tiny transformer's head width. It cannot be read from weight shapes; the loader falls
-#: back to it for single files whose width is not a multiple of CogView4's 128 (see loading.py).
+#: The tiny transformer's head width. It cannot be read from weight shapes (the loader assumes
+#: CogView4's 128), so the tiny single files carry their config in their metadata.
 TINY_TRANSFORMER_HEAD_DIM = 32
 #: Same for the tiny GLM text encoder (GLM-4-9B uses 128).
 TINY_GLM_HEAD_DIM = 16
@@ -37,7 +50,7 @@ DIFFUSERS_VERSION_TAG = "0.42.1"
 def tiny_transformer_config() -> dict:
     """Config for a 4-block, 2-head x 32 CogView4Transformer2DModel (inner width 64)."""
     return dict(
-        patch_size=2,
+        COGVIEW4_TRANSFORMER_SETTINGS,
         in_channels=16,
         out_channels=16,
         num_layers=4,
@@ -46,9 +59,7 @@ def tiny_transformer_config() -> dict:
         text_embed_dim=32,
         time_embed_dim=32,
         condition_dim=16,
-        pos_embed_max_size=128,
         sample_size=16,
-        rope_axes_dim=(256, 256),
     )
 
 
@@ -56,21 +67,15 @@ def tiny_vae_config() -> dict:
     """Config for a 4-level AutoencoderKL (8x downsampling, 16 latent channels), same structure
     as CogView4-6B's VAE: no quant convs, no mid-block attention, scaling 1.0, shift 0.0."""
     return dict(
+        COGVIEW4_VAE_SETTINGS,
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[8, 16, 32, 32],
         layers_per_block=1,
-        act_fn="silu",
         latent_channels=16,
         norm_num_groups=8,
-        sample_size=1024,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
         use_quant_conv=False,
         use_post_quant_conv=False,
         mid_block_add_attention=False,
@@ -95,8 +100,6 @@ def tiny_text_encoder_config(vocab_size: int, pad_token_id: int) -> dict:
 
 def tiny_scheduler_config() -> dict:
     """CogView4-6B's scheduler config (the tiny model uses the real one)."""
-    from .loading import COGVIEW4_SCHEDULER_CONFIG
-
     return dict(COGVIEW4_SCHEDULER_CONFIG)
 
 
@@ -350,8 +353,28 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, single_files_dir: str |
     return out
 
 
+def write_random_dreampainter_weights(base_dir, out_path, seed: int = 0, stage: int = 2,
+                                      config: DreamPainterConfig | None = None) -> Path:
+    """A DreamPainter file for tests and demos: random branch, NON-zero gates and LoRA so they have an effect."""
+    base = load_transformer(Path(base_dir) / "transformer", dtype=torch.float32, device="cpu")
+    num_layers = base.config.num_layers
+    config = config or DreamPainterConfig(
+        control_blocks=min(2, num_layers),
+        lora_rank=4 if stage == 2 else 0,
+    )
+    model = DreamPainterTransformer(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in list(model.control.named_parameters()) + [
+            (n, p) for n, p in model.base.named_parameters() if "lora_" in n
+        ]:
+            if "gates" in name or "lora_B" in name or "cond_embed" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return save_dreampainter_weights(model, out_path, base_model="tiny-random-cogview4")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dreampainter_core.tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--single-files", default=None, help="also write one safetensors file per component here")
@@ -360,8 +383,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = write_tiny_model(a.out, seed=a.seed, single_files_dir=a.single_files)
     if a.with_dreampainter_weights:
-        from .weights import write_random_dreampainter_weights
-
         write_random_dreampainter_weights(base_dir=out, out_path=out / "dreampainter_tiny.safetensors", seed=a.seed)
     print(out)
     return 0

@@ -36,7 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DreamPainterError, InputError
+from dreampainter_core.auto_mask import DEFAULT_MODEL as REMBG_DEFAULT_MODEL
+from dreampainter_core.auto_mask import rembg_masker, require_rembg
+from dreampainter_core.errors import InputError, MissingDependencyError
+from dreampainter_core.images import resize_cover
 
 __all__ = [
     "MissingDependencyError",
@@ -44,6 +47,9 @@ __all__ = [
     "mask_agreement",
     "Segmenter",
     "ColorShapeSegmenter",
+    "PRODUCT_RULE_SHADE",
+    "PRODUCT_RULE_TOLERANCE",
+    "shade_distance",
     "RembgSegmenter",
     "masked_psnr",
     "masked_max_abs_error",
@@ -70,10 +76,6 @@ __all__ = [
 ]
 
 
-class MissingDependencyError(DreamPainterError, ImportError):
-    """An optional package a metric needs is not installed; the message says what to install."""
-
-
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -83,17 +85,21 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _batch_of(x, name: str, pil_mode: str, item_ndim: int, layouts: str) -> tuple[np.ndarray, bool]:
+    """A PIL image (converted to `pil_mode`), array or tensor -> (array with a batch axis, single)."""
+    if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, (np.ndarray, torch.Tensor)):
+        x = np.asarray(x.convert(pil_mode))  # a PIL image
+    a = _np(x)
+    if a.ndim == item_ndim:
+        return a[None], True
+    if a.ndim == item_ndim + 1:
+        return a, False
+    raise InputError(f"{name}: expected {layouts}, got shape {list(a.shape)}")
+
+
 def _images(x, name: str = "image") -> tuple[np.ndarray, bool]:
     """-> (float64 [B, H, W, 3] in 0..1, whether the input was a single image)."""
-    if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, (np.ndarray, torch.Tensor)):
-        x = np.asarray(x.convert("RGB"))  # a PIL image
-    a = _np(x)
-    if a.ndim == 3:
-        a, single = a[None], True
-    elif a.ndim == 4:
-        single = False
-    else:
-        raise InputError(f"{name}: expected [H, W, 3] or [B, H, W, 3], got shape {list(a.shape)}")
+    a, single = _batch_of(x, name, "RGB", 3, "[H, W, 3] or [B, H, W, 3]")
     if a.shape[-1] != 3:
         raise InputError(f"{name}: expected 3 colour channels last, got shape {list(a.shape)}")
     if a.dtype == np.uint8:
@@ -107,16 +113,8 @@ def _images(x, name: str = "image") -> tuple[np.ndarray, bool]:
 
 
 def _masks(x, name: str = "mask") -> tuple[np.ndarray, bool]:
-    """-> (bool [B, H, W], single)."""
-    if hasattr(x, "convert") and hasattr(x, "size") and not isinstance(x, (np.ndarray, torch.Tensor)):
-        x = np.asarray(x.convert("L")) >= 128
-    a = _np(x)
-    if a.ndim == 2:
-        a, single = a[None], True
-    elif a.ndim == 3:
-        single = False
-    else:
-        raise InputError(f"{name}: expected [H, W] or [B, H, W], got shape {list(a.shape)}")
+    """-> (bool [B, H, W], single). uint8 (and PIL, as "L") is thresholded at 128, floats at 0.5."""
+    a, single = _batch_of(x, name, "L", 2, "[H, W] or [B, H, W]")
     if a.dtype == np.bool_:
         return a, single
     if a.dtype == np.uint8:
@@ -205,8 +203,15 @@ class Segmenter(Protocol):
     def __call__(self, images) -> torch.Tensor: ...
 
 
-def _shade_distance(pixels: np.ndarray, rgb: np.ndarray, shade: tuple[float, float]) -> np.ndarray:
-    """Distance of colours [..., 3] (0..1) to the segment {k * rgb : shade[0] <= k <= shade[1]}."""
+#: The colour segmenter's rule (ColorShapeSegmenter's defaults; train.synthetic keeps every scene
+#: colour away from a product's line under it): a pixel is product when it lies within
+#: PRODUCT_RULE_TOLERANCE (0..1 RGB units) of the shading line {k * product_rgb : k in PRODUCT_RULE_SHADE}.
+PRODUCT_RULE_SHADE = (0.62, 1.15)
+PRODUCT_RULE_TOLERANCE = 0.1
+
+
+def shade_distance(pixels: np.ndarray, rgb: np.ndarray, shade: tuple[float, float] = PRODUCT_RULE_SHADE) -> np.ndarray:
+    """Distance of colours [..., 3] (0..1) to the segment {k * rgb : shade[0] <= k <= shade[1]} (rgb 0..1)."""
     denom = max(float(rgb @ rgb), 1e-12)
     k = np.clip(pixels @ rgb / denom, shade[0], shade[1])
     return np.linalg.norm(pixels - k[..., None] * rgb, axis=-1)
@@ -228,7 +233,8 @@ class ColorShapeSegmenter:
     product_rgb: the colour in 0..255, one (r, g, b) for the whole batch or one per item.
     """
 
-    def __init__(self, product_rgb, tolerance: float = 0.1, shade: tuple[float, float] = (0.62, 1.15),
+    def __init__(self, product_rgb, tolerance: float = PRODUCT_RULE_TOLERANCE,
+                 shade: tuple[float, float] = PRODUCT_RULE_SHADE,
                  fill_holes: bool = False, min_area: int | None = None, keep_largest: int | None = None):
         rgb = np.asarray(product_rgb, np.float64)
         if rgb.ndim == 1:
@@ -245,7 +251,7 @@ class ColorShapeSegmenter:
         self.keep_largest = keep_largest
 
     def __call__(self, images) -> torch.Tensor:
-        from . import masks as mask_ops
+        from dreampainter_core import masks as mask_ops
 
         x, _ = _images(images, "images")
         rgb = self.rgb
@@ -254,7 +260,7 @@ class ColorShapeSegmenter:
         out = np.zeros(x.shape[:3], bool)
         for i in range(x.shape[0]):
             c = rgb[i if rgb.shape[0] > 1 else 0]
-            out[i] = _shade_distance(x[i], c, self.shade) <= self.tolerance
+            out[i] = shade_distance(x[i], c, self.shade) <= self.tolerance
         h, w = x.shape[1:3]
         min_area = self.min_area if self.min_area is not None else max(4, round(0.0005 * h * w))
         result = np.zeros(out.shape, np.float32)
@@ -280,59 +286,29 @@ class ColorShapeSegmenter:
         return torch.from_numpy(result)
 
 
-REMBG_HINT = (
-    "pip install rembg onnxruntime  (U²-Net weights: rembg downloads u2netp.onnx, ~4.7 MB, to "
-    "~/.u2net on first use; offline, put the file there or point U2NET_HOME at its folder)"
-)
-
-
 class RembgSegmenter:
-    """Salient-object segmentation with U²-Net through `rembg` (for real product photos).
+    """Salient-object segmentation with U²-Net through rembg (dreampainter_core.auto_mask), for
+    real product photos.
 
     model: a rembg model name ("u2netp", the small U²-Net, by default; "u2net", "isnet-general-use"...).
     The alpha matte is thresholded at `threshold`. Raises MissingDependencyError naming what
-    to install when rembg (or its onnxruntime) is missing.
+    to install when rembg (or its onnxruntime) is missing; the model is loaded on first use.
     """
 
-    def __init__(self, model: str = "u2netp", threshold: float = 0.5, session=None):
-        try:
-            import rembg  # noqa: F401
-        except (ImportError, SystemExit) as e:  # rembg exits when it finds no onnxruntime
-            raise MissingDependencyError(f"RembgSegmenter needs the 'rembg' package ({e!r}); {REMBG_HINT}") from None
+    def __init__(self, model: str = REMBG_DEFAULT_MODEL, threshold: float = 0.5):
+        require_rembg("RembgSegmenter", model)
         self.model = model
         self.threshold = float(threshold)
-        self._session = session
-
-    def _get_session(self):
-        if self._session is None:
-            from rembg import new_session
-
-            try:
-                self._session = new_session(self.model)
-            except (ImportError, SystemExit) as e:
-                raise MissingDependencyError(f"rembg could not start ({e!r}); {REMBG_HINT}") from None
-        return self._session
 
     def __call__(self, images) -> torch.Tensor:
-        import io
-
         from PIL import Image
-        from rembg import remove
 
         x, _ = _images(images, "images")
-        session = self._get_session()
+        masker = rembg_masker(self.model, "RembgSegmenter")
         out = np.zeros(x.shape[:3], np.float32)
         for i in range(x.shape[0]):
             pil = Image.fromarray(np.round(x[i] * 255).astype(np.uint8))
-            res = remove(pil, session=session, only_mask=True)
-            if isinstance(res, (bytes, bytearray)):
-                res = Image.open(io.BytesIO(res))
-            if isinstance(res, np.ndarray):
-                res = Image.fromarray(res)
-            alpha = res.getchannel("A") if res.mode in ("RGBA", "LA") else res.convert("L")
-            if alpha.size != pil.size:
-                alpha = alpha.resize(pil.size, Image.BILINEAR)
-            out[i] = (np.asarray(alpha, np.float32) / 255.0) >= self.threshold
+            out[i] = (masker.alpha(pil).astype(np.float32) / 255.0) >= self.threshold
         return torch.from_numpy(out)
 
 
@@ -607,7 +583,7 @@ def _region_pair(generated, reference, region):
     x, sx = _images(generated, "generated")
     y, _ = _images(reference, "reference")
     if y.shape[1:3] != x.shape[1:3]:  # bring the reference to the generated size (cover + centre crop)
-        y = _resize_cover(y, x.shape[1], x.shape[2])
+        y = resize_cover(torch.from_numpy(y).float(), x.shape[2], x.shape[1]).double().numpy()
     if region is None:
         r, sr = np.ones(x.shape[:3], bool), True
     else:
@@ -615,15 +591,6 @@ def _region_pair(generated, reference, region):
         _same_hw("generated", x, "region", r)
     x, y, r = _batch(x, y, r)
     return x, y, r, sx
-
-
-def _resize_cover(y: np.ndarray, h: int, w: int) -> np.ndarray:
-    t = torch.from_numpy(y).permute(0, 3, 1, 2).float()
-    scale = max(h / t.shape[-2], w / t.shape[-1])
-    nh, nw = max(h, round(t.shape[-2] * scale)), max(w, round(t.shape[-1] * scale))
-    t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - h) // 2, (nw - w) // 2
-    return t[:, :, top : top + h, left : left + w].clamp(0, 1).permute(0, 2, 3, 1).double().numpy()
 
 
 def reference_similarity(generated, reference, region=None, bins: int = 8):
@@ -691,7 +658,7 @@ def palette_fit(image, palette: Mapping[str, Sequence[int]], region=None, tolera
             continue
         best = np.full(px.shape[0], np.inf)
         for c in cols:
-            best = np.minimum(best, _shade_distance(px, c, shade))
+            best = np.minimum(best, shade_distance(px, c, shade))
             # tint segment from c to c + tint (1 - c)
             direction = tint * (1.0 - c)
             dd = max(float(direction @ direction), 1e-12)
@@ -747,7 +714,7 @@ def composite(product, mask, background) -> torch.Tensor:
     y, _ = _images(background, "background")
     _same_hw("product", x, "mask", m)
     if y.shape[1:3] != x.shape[1:3]:
-        y = _resize_cover(y, x.shape[1], x.shape[2])
+        y = resize_cover(torch.from_numpy(y).float(), x.shape[2], x.shape[1]).double().numpy()
     x, m, y = _batch(x, m, y)
     return torch.from_numpy(np.where(m[..., None], x, y).astype(np.float32))
 
