@@ -12,7 +12,7 @@ backward, gradient clipping and the optimizer step. Stage 1 trains the control b
 frozen); stage 2 trains LoRA (rank --lora-rank on all block linears; base and branch frozen)
 with a reference of --ref-size pixels in every sample (the costlier half of the 50/50 mix).
 
-Presets: ``tiny`` = dreampainter_core.tiny's 4-block model (random weights); ``full`` =
+Presets: ``tiny`` = train.tiny's 4-block model (random weights); ``full`` =
 CogView4-6B's transformer config (28 blocks, 4096 wide) with random weights, built directly
 on the device (nothing is downloaded or read). Frozen weights are stored in --dtype; trained
 parameters, gradients and AdamW state in fp32; with --dtype bf16 the step runs under bf16
@@ -59,7 +59,7 @@ def build_base(preset: str, device, dtype):
     from diffusers import CogView4Transformer2DModel
 
     if preset == "tiny":
-        from dreampainter_core.tiny import build_tiny_components
+        from train.tiny import build_tiny_components
 
         base = build_tiny_components(0)["transformer"]
         return base.to(device=device, dtype=dtype)

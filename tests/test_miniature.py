@@ -161,3 +161,32 @@ def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path
         + [(1, 1.25, None)] * 2 + [(1, 1.25, 3.0)]
     miniature.embed(smoke_run, models_dir=models, docs_dir=docs)  # again: replaces in place
     assert embedded_model(models).weights.is_file()
+
+
+def test_committed_recipe_has_the_fingerprints_of_the_committed_run():
+    """The committed model's run (docs/miniature/summary.json) recorded each phase's fingerprint: the
+    committed recipe must still give them, or rerunning it would retrain (and mix up) phases."""
+    recorded = json.loads((miniature.REPO / "docs" / "miniature" / "summary.json").read_text())["phases"]
+    mini = Miniature("unused", load_recipe())
+    assert {p: mini.fingerprint(p) for p in PHASES} == {p: recorded[p]["fingerprint"] for p in PHASES}
+
+
+def test_bad_recipe_values_are_refused_naming_the_key(tmp_path):
+    text = miniature.DEFAULT_RECIPE.read_text()
+    for old, new, msg in (
+        ("lr = 1e-3\nwarmup_steps = 50", 'lr = "fast"\nwarmup_steps = 50', r"vae\.lr: expected a number, got 'fast'"),
+        ("num_layers = 6", "num_layerz = 6", r"unknown key base\.num_layerz; keys of \[base\]: .*num_layers"),
+        ("num_layers = 6", "", r"missing base\.num_layers"),
+        ("[export]\nmax_mb = 20.0", "", r"missing \[export\]"),
+        ('precision = "bf16"', 'precision = "fp16"', r"precision must be one of bf16, fp32; got 'fp16'"),
+        ("empty_prompt_prob = 0.1", "empty_prompt_prob = 1.5", r"base\.empty_prompt_prob must be in \[0, 1\], got 1\.5"),
+        ("source_probs = [0.5, 0.25, 0.25]", "source_probs = [0.5, 0.5]", r"vae\.source_probs must be three weights"),
+        ("[smoke.vae]\nsteps = 2", "[smoke.vae]\nsteps = 2.5", r"vae\.steps: expected an integer, got 2\.5"),  # checked without --smoke too
+    ):
+        assert text.count(old) == 1, old
+        bad = tmp_path / "recipe.toml"
+        bad.write_text(text.replace(old, new))
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(bad)
+        assert miniature.main(["--out", str(tmp_path / "run"), "--recipe", str(bad)]) == 2
+    assert not (tmp_path / "run").exists()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ from dreampainter_core.transformer import DEFAULT_LORA_TARGETS
 
 from .buckets import DEFAULT_RATIOS
 
-__all__ = ["ConfigError", "Config", "default_config", "load_config", "apply_overrides", "config_to_dict", "dump_toml"]
+__all__ = ["ConfigError", "Config", "default_config", "load_config", "apply_overrides", "config_to_dict", "dump_toml",
+           "read_table", "explicit_values"]
 
 
 class ConfigError(DreamPainterError, ValueError):
@@ -94,7 +96,6 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 20000  # optimizer steps; sets the LR schedule's length (ours)
     stop_after: int = 0  # stop (checkpoint + export) once this step is reached; 0 = max_steps
-    kill_at_step: int = 0  # TESTING: os._exit(137) right after this step, before any save (a simulated kill)
     mixed_precision: str = "bf16"  # bf16 (autocast) | no
     gradient_checkpointing: bool = True
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform: the sampler-space time s in (0, 1)
@@ -248,8 +249,20 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _optional(tp):
+    """X for a field typed ``X | None``, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
 def _coerce(value: Any, tp, where: str) -> Any:
     """Check/convert a value from a file (already parsed) to the field's type."""
+    inner = _optional(tp)
+    if inner is not None:
+        return None if value is None else _coerce(value, inner, where)
     origin = typing.get_origin(tp)
     if origin is list:
         (elem,) = typing.get_args(tp)
@@ -354,10 +367,36 @@ def _check_key(section: str, key: str) -> tuple[Any, Any]:
     return cls, hints[key]
 
 
-def _check_choice(section: str, key: str, value: Any) -> None:
-    allowed = CHOICES.get((section, key))
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _check_choice(section: str, key: str, value: Any, choices: dict = CHOICES) -> None:
+    allowed = choices.get((section, key))
     if allowed is not None and value not in allowed:
-        raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{_dotted(section, key)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _typed_values(cls, values: Any, section: str, source: str, choices: dict = CHOICES) -> dict[str, Any]:
+    """One table's values checked and converted by the declared field types of dataclass `cls`
+    (and `choices`, keyed (section, key)): an unknown key, a wrong type or a value outside its
+    choices is a ConfigError that names the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table of keys")
+    hints = _hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            where = f"keys of [{section}]" if section else "top-level keys"
+            raise ConfigError(f"{source}: unknown key {_dotted(section, key)}; {where}: {', '.join(hints)}")
+        if dataclasses.is_dataclass(hints[key]):  # a sub-table: read_table reads it
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{_dotted(section, key)}] must be a table of keys")
+            out[key] = value
+            continue
+        out[key] = _coerce(value, hints[key], f"{source}: {_dotted(section, key)}")
+        _check_choice(section, key, out[key], choices)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,15 +437,51 @@ def merge_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
             continue
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table of keys")
         target = getattr(cfg, section)
-        for key, value in values.items():
-            _, tp = _check_key(section, key)
-            value = _coerce(value, tp, f"{source}: {section}.{key}")
-            _check_choice(section, key, value)
+        for key, value in _typed_values(type(target), values, section, source).items():
             setattr(target, key, value)
     return cfg
+
+
+def read_table(cls, values: Any, source: str, section: str = "", choices: dict = CHOICES):
+    """Dataclass `cls` from a parsed file's table, checked as config files are (unknown keys, types,
+    `choices`). Fields that are dataclasses are read from sub-tables (``[section.key]``); a field
+    without a default must be given. The keys the table set are kept for explicit_values."""
+    kwargs = _typed_values(cls, values, section, source, choices)
+    hints = _hints(cls)
+    for key, value in kwargs.items():
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = read_table(hints[key], values[key], source, _dotted(section, key), choices)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        what = [f"[{_dotted(section, k)}]" if dataclasses.is_dataclass(hints[k]) else _dotted(section, k) for k in missing]
+        raise ConfigError(f"{source}: missing {', '.join(what)}")
+    obj = cls(**kwargs)
+    obj._given = frozenset(values)
+    return obj
+
+
+def explicit_values(obj) -> dict[str, Any]:
+    """A dataclass's fields that its table set (read_table) or that differ from their defaults,
+    sub-tables likewise: the settings as written, typed (a new field whose default keeps the old
+    behaviour leaves this unchanged)."""
+    given = getattr(obj, "_given", frozenset())
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = explicit_values(value)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if f.name in given or default is dataclasses.MISSING or value != default:
+            out[f.name] = value
+    return out
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -3,12 +3,14 @@ on CPU, both DreamPainter stages on top of it, and the paper's evaluation, in on
 
     python -m train.miniature --out runs/miniature [--budget-minutes 90] [--smoke] [--until PHASE]
 
-Phases (configs/miniature/recipe.toml holds every setting; stage 1 and 2 use
-configs/miniature/stage1.toml / stage2.toml with the project's own trainer):
+Phases (configs/miniature/recipe.toml holds every setting, read into the typed ``Recipe`` with
+train.config's checks; stage 1 and 2 use configs/miniature/stage1.toml / stage2.toml with the
+project's own trainer, and the VAE and base phases step through that trainer's
+``train.trainer.Optimization``: AdamW, its warmup + cosine LR schedule, gradient clipping, EMA):
 
 1. ``data``: ``train.synthetic`` scenes (train / val / test manifests) in ``DIR/data``.
 2. ``text``: the frozen, randomly initialised tiny GLM text encoder, its tokenizer (the synthetic
-   vocabulary) and CogView4's scheduler, from ``dreampainter_core.tiny``, into ``DIR/model``.
+   vocabulary) and CogView4's scheduler, from ``train.tiny``, into ``DIR/model``.
 3. ``vae``: a 16-channel AutoencoderKL with CogView4's structure (8x, no quant convs), trained
    on random crops with L1 + L2 (+ a small KL); the latent scale/shift measured on training
    images goes into its config (the pipeline applies ``scaling_factor`` / ``shift_factor``).
@@ -28,8 +30,11 @@ Every component is saved in bf16 as soon as it is trained and the later phases l
 
 Resume: a finished phase writes ``DIR/phases/<phase>.json`` (time, metrics, a fingerprint of its
 settings and of the phases before it) and is skipped next time; a phase whose settings changed
-stops the run with a message instead of silently mixing models. Stage 1 / 2 also resume from
-their own checkpoints inside a phase. ``DIR/summary.json`` collects timings and numbers.
+stops the run with a message instead of silently mixing models. Inside a phase, the VAE and
+base write the trainer's checkpoints to ``DIR/vae`` / ``DIR/base`` every ``checkpoint_every``
+steps (dropped when the phase is done) and stage 1 / 2 the trainer's own to ``DIR/stage1`` /
+``DIR/stage2``; an interrupted phase continues from its last one exactly, and only with the same
+settings (``miniature_fingerprint.txt``). ``DIR/summary.json`` collects timings and numbers.
 
 Budget: the step counts in the recipe are sized for ``budget_minutes`` (90) on 2 CPU cores;
 ``--budget-minutes B`` scales every training phase's steps by B / 90. Steps, not the clock, decide
@@ -50,6 +55,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,21 +64,169 @@ import torch
 
 from dreampainter_core.fileio import atomic_write_bytes, atomic_write_text
 
+from .config import ConfigError, OptimConfig, explicit_values, read_config_file, read_table
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "configs" / "miniature" / "recipe.toml"
 PHASES = ("data", "text", "vae", "base", "stage1", "stage2", "export", "evaluate")
 WEIGHTS_NAME = "dreampainter.safetensors"
 BASE_MODEL_NAME = "dreampainter-miniature-base"
 RECIPE_VERSION = 1
+_STAMP = "miniature_fingerprint.txt"
 
-__all__ = ["PHASES", "load_recipe", "Miniature", "main", "vae_config", "transformer_config"]
+__all__ = ["PHASES", "Recipe", "load_recipe", "read_recipe", "Miniature", "main", "vae_config", "transformer_config"]
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     pass
 
 
 # ----------------------------------------------------------------------------- recipe
+# The recipe's tables, typed (train.config.read_table checks every key and value as the trainer's
+# config files are checked). A field without a default must be in the recipe.
+
+
+@dataclass(kw_only=True)
+class DataRecipe:
+    count: int
+    size: int
+    splits: str
+
+
+@dataclass
+class TextRecipe:
+    """Nothing to set: the frozen text encoder is drawn from the seed."""
+
+
+@dataclass(kw_only=True)
+class TrainedRecipe:
+    """What the VAE and base phases share: steps (at the recipe's budget) and the optimizer."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int  # at most a fifth of the steps
+    min_lr_ratio: float  # cosine floor
+    # Steps between checkpoints in DIR/<phase> (0: only at the end): an interrupted phase continues
+    # from the last one exactly, so this does not change what is trained (nor the fingerprint).
+    checkpoint_every: int = 250
+
+    def optim(self, steps: int) -> OptimConfig:
+        """The trainer's optimizer settings for a run of `steps`: AdamW, warmup, cosine."""
+        return OptimConfig(lr=self.lr, betas=list(self.betas), weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, scheduler="cosine",
+                           warmup_steps=min(self.warmup_steps, steps // 5), min_lr_ratio=self.min_lr_ratio)
+
+
+@dataclass(kw_only=True)
+class VaeRecipe(TrainedRecipe):
+    block_out_channels: list[int]
+    layers_per_block: int
+    norm_num_groups: int
+    sample_size: int = 128
+    crop: int
+    l1_weight: float
+    l2_weight: float
+    kl_weight: float
+    source_probs: list[float]  # target scene, background reference, product on white
+    eval_images: int
+    stats_images: int
+
+
+@dataclass(kw_only=True)
+class BaseRecipe(TrainedRecipe):
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    time_embed_dim: int
+    ema_decay: float
+    timestep_sampling: str
+    logit_mean: float
+    logit_std: float
+    text_warmup_steps: int = 0
+    text_warmup_from: float = 0.9
+    high_noise_prob: float = 0.0
+    high_noise_from: float = 0.8
+    empty_prompt_prob: float
+    second_prompt_prob: float
+    log_every: int
+    eval_samples: int
+    eval_steps: int
+    checkpoint_every: int = 500
+
+
+@dataclass(kw_only=True)
+class StageRecipe:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    validations: int = 1
+    eval_samples: int = 0
+
+
+@dataclass(kw_only=True)
+class EvaluateRecipe:
+    limit: int
+    steps: int
+    guidance: float
+    reference_guidance: float | None = None
+    sweep_limit: int = 0
+    sweeps: list[str] = field(default_factory=list)
+    sweep_values: str = ""
+    plot: str = "auto"
+
+
+@dataclass(kw_only=True)
+class ExportRecipe:
+    max_mb: float
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    seed: int = 0
+    budget_minutes: float = 90.0
+    precision: str = "bf16"
+    training_attention: str = "math"
+    data: DataRecipe
+    text: TextRecipe = field(default_factory=TextRecipe)
+    vae: VaeRecipe
+    base: BaseRecipe
+    stage1: StageRecipe
+    stage2: StageRecipe
+    evaluate: EvaluateRecipe
+    export: ExportRecipe
+    smoke: bool = False
+
+
+_CHOICES = {("", "precision"): ("bf16", "fp32"), ("", "training_attention"): ("math", "auto"),
+            ("base", "timestep_sampling"): ("logit_normal", "uniform"), ("evaluate", "plot"): ("auto", "pil", "matplotlib")}
+_NOT_FINGERPRINTED = ("checkpoint_every",)
+
+
+def _check(r: Recipe) -> None:
+    """What each key's type allows but the recipe does not."""
+    checks = [("budget_minutes", r.budget_minutes > 0, "> 0")]
+    for name in ("vae", "base"):
+        sec = getattr(r, name)
+        checks += [(f"{name}.steps", sec.steps >= 1, ">= 1"), (f"{name}.batch_size", sec.batch_size >= 1, ">= 1"),
+                   (f"{name}.lr", sec.lr > 0, "> 0"), (f"{name}.betas", len(sec.betas) == 2, "two numbers"),
+                   (f"{name}.warmup_steps", sec.warmup_steps >= 0, ">= 0")]
+    p, b = r.vae.source_probs, r.base
+    checks += [("vae.source_probs", len(p) == 3 and min(p) >= 0 and sum(p) > 0,
+                "three weights >= 0 (scene, reference, product on white)"),
+               ("base.ema_decay", 0 < b.ema_decay < 1, "in (0, 1)"), ("base.log_every", b.log_every >= 1, ">= 1")]
+    checks += [(f"base.{k}", 0 <= getattr(b, k) <= 1, "in [0, 1]")
+               for k in ("empty_prompt_prob", "second_prompt_prob", "high_noise_prob")]
+    checks += [(f"base.{k}", 0 <= getattr(b, k) < 1, "in [0, 1)") for k in ("high_noise_from", "text_warmup_from")]
+    problems = []
+    for name, ok, what in checks:
+        if not ok:
+            section, _, key = name.rpartition(".")
+            problems.append(f"{name} must be {what}, got {getattr(getattr(r, section) if section else r, key)}")
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -89,17 +243,28 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_recipe(path: str | os.PathLike | None = None, smoke: bool = False) -> dict:
-    import tomllib
-
+    """The recipe file's tables (``smoke``: its ``[smoke.*]`` tables merged over the others), checked
+    with and without them; read_recipe (or Miniature) types them."""
     path = Path(path) if path is not None else DEFAULT_RECIPE
-    recipe = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        recipe = read_config_file(path)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
     smoke_tables = recipe.pop("smoke", {})
-    if smoke:
-        recipe = _merge(recipe, smoke_tables)
-    recipe["smoke"] = bool(smoke)
-    for section in ("data", "vae", "base", "stage1", "stage2", "evaluate", "export"):
-        if section not in recipe:
-            raise RecipeError(f"{path}: missing [{section}]")
+    merged = {**_merge(recipe, smoke_tables), "smoke": True}
+    recipe["smoke"] = False
+    read_recipe(recipe, str(path))
+    read_recipe(merged, f"{path} with its [smoke.*] tables")
+    return merged if smoke else recipe
+
+
+def read_recipe(tables: dict, source: str = "recipe") -> Recipe:
+    """The typed Recipe of a recipe's tables; a bad value is a RecipeError naming its key."""
+    try:
+        recipe = read_table(Recipe, tables, source, choices=_CHOICES)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    _check(recipe)
     return recipe
 
 
@@ -128,13 +293,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -183,24 +341,24 @@ def _training_attention(kind: str):
     return contextlib.nullcontext()
 
 
-def vae_config(sec: dict) -> dict:
+def vae_config(sec: VaeRecipe) -> dict:
     """The VAE's diffusers config: CogView4's structure (tiny.tiny_vae_config) at the recipe's widths."""
-    from dreampainter_core.tiny import tiny_vae_config
+    from .tiny import tiny_vae_config
 
     cfg = tiny_vae_config()
-    cfg.update(block_out_channels=list(sec["block_out_channels"]), layers_per_block=int(sec["layers_per_block"]),
-               norm_num_groups=int(sec["norm_num_groups"]), sample_size=int(sec.get("sample_size", 128)))
+    cfg.update(block_out_channels=list(sec.block_out_channels), layers_per_block=sec.layers_per_block,
+               norm_num_groups=sec.norm_num_groups, sample_size=sec.sample_size)
     cfg["down_block_types"] = ["DownEncoderBlock2D"] * len(cfg["block_out_channels"])
     cfg["up_block_types"] = ["UpDecoderBlock2D"] * len(cfg["block_out_channels"])
     return cfg
 
 
-def transformer_config(sec: dict, text_dim: int, size: int) -> dict:
-    from dreampainter_core.tiny import tiny_transformer_config
+def transformer_config(sec: BaseRecipe, text_dim: int, size: int) -> dict:
+    from .tiny import tiny_transformer_config
 
     cfg = tiny_transformer_config()
-    cfg.update(num_layers=int(sec["num_layers"]), num_attention_heads=int(sec["num_attention_heads"]),
-               attention_head_dim=int(sec["attention_head_dim"]), time_embed_dim=int(sec["time_embed_dim"]),
+    cfg.update(num_layers=sec.num_layers, num_attention_heads=sec.num_attention_heads,
+               attention_head_dim=sec.attention_head_dim, time_embed_dim=sec.time_embed_dim,
                text_embed_dim=int(text_dim), sample_size=size // 8)
     return cfg
 
@@ -213,27 +371,25 @@ def _n_params(m: torch.nn.Module) -> int:
 
 
 class Miniature:
-    def __init__(self, out: str | os.PathLike, recipe: dict, budget_minutes: float | None = None,
+    def __init__(self, out: str | os.PathLike, recipe: Recipe | dict, budget_minutes: float | None = None,
                  echo: Callable[[str], None] | None = None):
+        """`recipe`: a Recipe, or the tables of one (load_recipe)."""
         self.out = Path(out)
-        self.recipe = recipe
-        self.seed = int(recipe.get("seed", 0))
-        ref = float(recipe.get("budget_minutes", 90))
-        self.budget = ref if budget_minutes is None else float(budget_minutes)
+        self.recipe = recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)
+        self.seed = recipe.seed
+        self.budget = recipe.budget_minutes if budget_minutes is None else float(budget_minutes)
         if self.budget <= 0:
             raise RecipeError("--budget-minutes must be > 0")
-        self.scale = 1.0 if recipe["smoke"] else self.budget / ref
+        self.scale = 1.0 if recipe.smoke else self.budget / recipe.budget_minutes
         self.echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
         self.data_dir = self.out / "data"
         self.model_dir = self.out / "model"
         self.phase_dir = self.out / "phases"
         self.weights_path = self.model_dir / WEIGHTS_NAME
         self.fingerprints: dict[str, str] = {}
-        self.precision = str(recipe.get("precision", "bf16"))
-        if self.precision not in _DTYPES:
-            raise RecipeError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        self.precision = recipe.precision
         self.dtype = _DTYPES[self.precision]
-        self.attention = str(recipe.get("training_attention", "math"))
+        self.attention = recipe.training_attention
 
     # ---- bookkeeping -----------------------------------------------------------------
     def _phase_settings(self, phase: str) -> Any:
@@ -241,30 +397,31 @@ class Miniature:
         common = {"seed": self.seed, "version": RECIPE_VERSION, "precision": self.precision}
         if phase in ("base", "stage1", "stage2"):
             common["attention"] = self.attention
-        if phase == "data":
-            return {**common, **r["data"]}
         if phase == "text":
             return common
+        # The phase's table as written (explicit_values: a new key left at its default changes nothing)
+        sec = explicit_values(getattr(r, phase))
         if phase in ("vae", "base"):
-            sec = dict(r[phase])
-            sec["steps"] = _scaled(int(sec["steps"]), self.scale)
-            return {**common, **sec}
+            sec = {k: v for k, v in sec.items() if k not in _NOT_FINGERPRINTED}
+            return {**common, **sec, "steps": self.steps(phase)}
         if phase in ("stage1", "stage2"):
-            sec = dict(r[phase])
             sec["config_text"] = (REPO / sec["config"]).read_text(encoding="utf-8")
             sec["scale"] = self.scale
-            return {**common, **sec}
         if phase == "export":
-            return {**common, **r["export"], "sampling": self.sampling()}
-        return {**common, **r["evaluate"]}
+            sec["sampling"] = self.sampling()
+        return {**common, **sec}
+
+    def steps(self, phase: str) -> int:
+        """The VAE's or base's step count at this run's budget."""
+        return _scaled(getattr(self.recipe, phase).steps, self.scale)
 
     def sampling(self) -> dict:
         """The sampler settings the evaluation runs at, written into the model's miniature.json: the
         demo (dreampainter_core.generate) uses them, so it shows the model as it was measured."""
-        e = self.recipe["evaluate"]
-        out = {"steps": int(e["steps"]), "guidance": float(e["guidance"])}
-        if e.get("reference_guidance") is not None:
-            out["reference_guidance"] = float(e["reference_guidance"])
+        e = self.recipe.evaluate
+        out = {"steps": e.steps, "guidance": e.guidance}
+        if e.reference_guidance is not None:
+            out["reference_guidance"] = e.reference_guidance
         return out
 
     def fingerprint(self, phase: str) -> str:
@@ -288,12 +445,33 @@ class Miniature:
                 f"run's. Use another --out, or delete {path} and the phases after it to redo them.")
         return rec
 
+    def _claim(self, phase: str, out: Path) -> Path:
+        """`out`, the folder of a phase that trains with checkpoints: the phase resumes from them, so
+        only from a run with these very settings (stamped with the phase's fingerprint)."""
+        stamp = out / _STAMP
+        if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() != self.fingerprint(phase):
+            raise RecipeError(f"{out} holds an unfinished {phase} run with other settings (or on other earlier phases); "
+                              f"delete {out} to start this phase afresh.")
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self.fingerprint(phase) + "\n", encoding="utf-8")
+        return out
+
+    def _release(self, phase: str) -> None:
+        """The VAE or base phase is done (its marker follows): drop its checkpoints, so that redoing
+        the phase trains it afresh."""
+        from .checkpoint import list_checkpoints
+
+        out = self.out / phase
+        for ck in list_checkpoints(out):
+            shutil.rmtree(ck)
+        (out / _STAMP).unlink(missing_ok=True)
+
     def run(self, until: str | None = None) -> dict:
         until = until or PHASES[-1]
         if until not in PHASES:
             raise RecipeError(f"--until must be one of {', '.join(PHASES)}")
         self.out.mkdir(parents=True, exist_ok=True)
-        summary = {"recipe": self.recipe, "budget_minutes": self.budget, "step_scale": self.scale,
+        summary = {"recipe": explicit_values(self.recipe), "budget_minutes": self.budget, "step_scale": self.scale,
                    "threads": torch.get_num_threads(), "phases": {}}
         t_all = time.perf_counter()
         for phase in PHASES[: PHASES.index(until) + 1]:
@@ -320,18 +498,18 @@ class Miniature:
     def phase_data(self) -> dict:
         from .synthetic import split_counts, write_scenes
 
-        d = self.recipe["data"]
+        d = self.recipe.data
         tmp = self.out / ".data.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        write_scenes(tmp, int(d["count"]), size=int(d["size"]), seed=self.seed, splits=d["splits"])
+        write_scenes(tmp, d.count, size=d.size, seed=self.seed, splits=d.splits)
         _replace_dir(tmp, self.data_dir)
-        n = split_counts(int(d["count"]), d["splits"])
-        return {"train": n[0], "val": n[1], "test": n[2], "size": int(d["size"])}
+        n = split_counts(d.count, d.splits)
+        return {"train": n[0], "val": n[1], "test": n[2], "size": d.size}
 
     # ---- 2. text encoder, tokenizer, scheduler -----------------------------------------
     def phase_text(self) -> dict:
-        from dreampainter_core.tiny import build_tiny_components, cogview4_model_index, save_tokenizer_portable
+        from .tiny import build_tiny_components, cogview4_model_index, save_tokenizer_portable
 
         comps = build_tiny_components(self.seed)
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -373,30 +551,26 @@ class Miniature:
 
         from dreampainter_core.loading import load_vae
 
-        sec = self.recipe["vae"]
-        steps = _scaled(int(sec["steps"]), self.scale)
-        bs, crop = int(sec["batch_size"]), int(sec["crop"])
+        from .trainer import Optimization
+
+        sec = self.recipe.vae
+        steps = self.steps("vae")
+        bs = sec.batch_size
         train = self._images(self._split("train"))
         sources = ("image", "reference", "foreground")
-        probs = np.asarray(sec["source_probs"], np.float64)
+        probs = np.asarray(sec.source_probs, np.float64)
         probs = probs / probs.sum()
         n, h, w = train["image"].shape[:3]
-        crop = min(crop, h, w)
+        crop = min(sec.crop, h, w)
 
         torch.manual_seed(self.seed * 1009 + 11)
-        cfg = vae_config(sec)
-        vae = AutoencoderKL(**cfg)
+        vae = AutoencoderKL(**vae_config(sec))
         vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=float(sec["lr"]), betas=(0.9, 0.99), weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
-            s, steps, min(int(sec["warmup_steps"]), steps // 5), float(sec["min_lr_ratio"])))
+        opt = Optimization(vae, dict(vae.named_parameters()), sec.optim(steps), steps)
         self.echo(f"[vae] {_n_params(vae):,} parameters; {steps} steps of {bs} crops of {crop} px on {n} scenes")
-        log_rows = []
-        t0 = time.perf_counter()
-        acc = {"l1": 0.0, "l2": 0.0, "kl": 0.0, "n": 0}
-        log_every = max(1, min(100, steps // 10))
-        for step in range(steps):
-            rng = np.random.default_rng([self.seed, 3, step])
+
+        def step(i: int) -> dict[str, float]:
+            rng = np.random.default_rng([self.seed, 3, i])
             src = rng.choice(3, size=bs, p=probs)
             idx = rng.integers(n, size=bs)
             oy = rng.integers(0, h - crop + 1, size=bs)
@@ -415,29 +589,18 @@ class Miniature:
             l1 = (y - x).abs().mean()
             l2 = ((y - x) ** 2).mean()
             kl = post.kl().mean()
-            loss = float(sec["l1_weight"]) * l1 + float(sec["l2_weight"]) * l2 + float(sec["kl_weight"]) * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            for key, val in (("l1", l1), ("l2", l2), ("kl", kl)):
-                acc[key] += float(val.detach())
-            acc["n"] += 1
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                k = acc["n"]
-                el = time.perf_counter() - t0
-                row = {"step": step + 1, "l1": acc["l1"] / k, "l2": acc["l2"] / k, "kl": acc["kl"] / k,
-                       "psnr_train": 10 * math.log10(4.0 / max(acc["l2"] / k, 1e-12)), "seconds": round(el, 1)}
-                log_rows.append(row)
-                self.echo(f"[vae] step {step + 1}/{steps} l1 {row['l1']:.4f} train-crop PSNR {row['psnr_train']:.2f} dB "
-                          f"kl {row['kl']:.0f} ({el / (step + 1):.2f} s/step)")
-                acc = {"l1": 0.0, "l2": 0.0, "kl": 0.0, "n": 0}
-        train_seconds = time.perf_counter() - t0
+            (sec.l1_weight * l1 + sec.l2_weight * l2 + sec.kl_weight * kl).backward()
+            return {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
+
+        def row(mean: dict, grad_norm) -> tuple[dict, str]:
+            psnr = 10 * math.log10(4.0 / max(mean["l2"], 1e-12))
+            return {**mean, "psnr_train": psnr}, f"l1 {mean['l1']:.4f} train-crop PSNR {psnr:.2f} dB kl {mean['kl']:.0f}"
+
+        log_rows, train_seconds = self._train("vae", opt, steps, step, max(1, min(100, steps // 10)), row)
         vae.eval().requires_grad_(False)
 
         # Latent scale/shift (as SD3/Flux VAEs): the base then sees ~unit-variance latents.
-        k = min(int(sec["stats_images"]), n)
+        k = min(sec.stats_images, n)
         with torch.no_grad(), _autocast(self.precision):
             lat = torch.cat([vae.encode(torch.from_numpy(train["image"][i : i + 32]).permute(0, 3, 1, 2).float() / 127.5 - 1)
                              .latent_dist.mode().float() for i in range(0, k, 32)])
@@ -450,7 +613,7 @@ class Miniature:
 
         # Held-out reconstruction with the shipped (bf16) weights, run in `precision` as inference does.
         shipped = load_vae(self.model_dir / "vae", dtype=self.dtype)
-        val = self._images(self._split("val")[: int(sec["eval_images"])])
+        val = self._images(self._split("val")[: sec.eval_images])
         psnr: dict[str, list[float]] = {"image": [], "foreground": [], "reference": [], "product": []}
         with torch.no_grad():
             for i in range(len(val["image"])):
@@ -462,6 +625,7 @@ class Miniature:
                     if kind == "image":
                         m = torch.from_numpy(val["mask"][i])
                         psnr["product"].append(_psnr(y[0].permute(1, 2, 0)[m], x[0].permute(1, 2, 0)[m]))
+        self._release("vae")
         return {
             "params": _n_params(shipped), "steps": steps, "batch_size": bs, "crop": crop,
             "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / steps, 3),
@@ -487,12 +651,13 @@ class Miniature:
         from dreampainter_core.transformer import DreamPainterTransformer
 
         from . import flow
-        from .ema import EMA
+        from .config import EmaConfig
+        from .trainer import Optimization
 
-        sec = self.recipe["base"]
-        steps = _scaled(int(sec["steps"]), self.scale)
-        bs = int(sec["batch_size"])
-        size = int(self.recipe["data"]["size"])
+        sec = self.recipe.base
+        steps = self.steps("base")
+        bs = sec.batch_size
+        size = self.recipe.data.size
 
         # The shipped (bf16) VAE and text encoder, run in `precision` (as the stage trainers and
         # inference run them).
@@ -530,77 +695,61 @@ class Miniature:
         mu = flow.mu_for(scheduler, seq_len)
         nt = scheduler.config.num_train_timesteps
         size_t = torch.tensor([[size, size]], dtype=torch.float32)
-        trainable = {k: p for k, p in base.named_parameters()}
-        opt = torch.optim.AdamW(trainable.values(), lr=float(sec["lr"]), betas=tuple(sec["betas"]),
-                                weight_decay=float(sec["weight_decay"]))
-        warm = min(int(sec["warmup_steps"]), steps // 5)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warm, float(sec["min_lr_ratio"])))
-        ema = EMA(trainable, float(sec["ema_decay"]), warmup=True)
+        opt = Optimization(base, dict(base.named_parameters()), sec.optim(steps), steps,
+                           EmaConfig(enabled=True, decay=sec.ema_decay, warmup=True))
         batches_per_epoch = max(1, n // bs)
         perms: dict[int, np.ndarray] = {}
-        log_every = max(1, int(sec["log_every"]))
-        log_rows, acc, acc_n = [], 0.0, 0
         stats = {"empty_prompts": 0, "second_prompts": 0, "samples": 0}
         self.echo(f"[base] {steps} steps of {bs}; {seq_len} image tokens, mu {mu:.3f}; "
                   f"{len(texts)} prompts encoded in {enc_seconds:.0f} s")
-        high_p, high_from = float(sec.get("high_noise_prob", 0.0)), float(sec.get("high_noise_from", 0.8))
-        warm_steps = _scaled(int(sec.get("text_warmup_steps", 0)), self.scale) if not self.recipe["smoke"] else 0
-        warm_from = float(sec.get("text_warmup_from", 0.9))
-        t0 = time.perf_counter()
-        with _training_attention(self.attention):
-            for step in range(steps):
-                epoch, k = divmod(step, batches_per_epoch)
-                if epoch not in perms:
-                    perms = {epoch: np.random.default_rng([self.seed, 4, epoch]).permutation(n)}
-                idx = perms[epoch][k * bs : (k + 1) * bs]
-                noises, times, prompts = [], [], []
-                for j, i in enumerate(idx):
-                    g = flow.sample_generator(self.seed, step, 0, j)
-                    drop = torch.rand(1, generator=g).item() < float(sec["empty_prompt_prob"])
-                    second = torch.rand(1, generator=g).item() < float(sec["second_prompt_prob"])
-                    t = flow.draw_time(g, sec["timestep_sampling"], float(sec["logit_mean"]), float(sec["logit_std"]))
-                    if step < warm_steps:  # text warm-up: only times where the prompt is all there is
-                        t = warm_from + (1.0 - warm_from) * t
-                    else:  # a share into [high_from, 1): see the recipe
-                        t = flow.into_high_noise(g, t, high_p, high_from)
-                    times.append(t)
-                    noises.append(torch.randn(x0_all.shape[1:], generator=g, dtype=torch.float32))
-                    prompts.append("" if drop else (prompts_zh[i] if second else prompts_en[i]))
-                    stats["empty_prompts"] += int(drop)
-                    stats["second_prompts"] += int(second and not drop)
-                stats["samples"] += len(idx)
-                s = torch.cat(times)
-                sigma = flow.shift_sigma(scheduler, s, mu)
-                x_t, target = flow.flow_pair(x0_all[idx], torch.stack(noises), sigma)
-                groups: dict[int, list[int]] = {}
-                for j, p in enumerate(prompts):
-                    groups.setdefault(texts[p].shape[0], []).append(j)
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                for _, js in sorted(groups.items()):
-                    jx = torch.tensor(js)
-                    with _autocast(self.precision):
-                        v = model(x_t[jx], torch.stack([texts[prompts[j]] for j in js]), s[jx] * nt,
-                                  size_t.repeat(len(js), 1), size_t.repeat(len(js), 1), torch.zeros(len(js), 2))
-                    per = ((v.float() - target[jx]) ** 2).mean(dim=(1, 2, 3))
-                    (per.sum() / len(idx)).backward()
-                    total += float(per.detach().sum())
-                gn = torch.nn.utils.clip_grad_norm_(trainable.values(), float(sec["max_grad_norm"]))
-                opt.step()
-                sched.step()
-                ema.update()
-                acc += total / len(idx)
-                acc_n += 1
-                if (step + 1) % log_every == 0 or step + 1 == steps:
-                    el = time.perf_counter() - t0
-                    row = {"step": step + 1, "loss": acc / acc_n, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
-                           "seconds": round(el, 1)}
-                    log_rows.append(row)
-                    self.echo(f"[base] step {step + 1}/{steps} loss {row['loss']:.4f} ({el / (step + 1):.2f} s/step)")
-                    acc, acc_n = 0.0, 0
-        train_seconds = time.perf_counter() - t0
+        warm_steps = _scaled(sec.text_warmup_steps, self.scale) if not self.recipe.smoke else 0
 
-        ema.swap()  # export the EMA weights
+        def step(i: int) -> dict[str, float]:
+            nonlocal perms
+            epoch, k = divmod(i, batches_per_epoch)
+            if epoch not in perms:
+                perms = {epoch: np.random.default_rng([self.seed, 4, epoch]).permutation(n)}
+            idx = perms[epoch][k * bs : (k + 1) * bs]
+            noises, times, prompts = [], [], []
+            for j, r in enumerate(idx):
+                g = flow.sample_generator(self.seed, i, 0, j)
+                drop = torch.rand(1, generator=g).item() < sec.empty_prompt_prob
+                second = torch.rand(1, generator=g).item() < sec.second_prompt_prob
+                t = flow.draw_time(g, sec.timestep_sampling, sec.logit_mean, sec.logit_std)
+                if i < warm_steps:  # text warm-up: only times where the prompt is all there is
+                    t = sec.text_warmup_from + (1.0 - sec.text_warmup_from) * t
+                else:  # a share into [high_noise_from, 1): see the recipe
+                    t = flow.into_high_noise(g, t, sec.high_noise_prob, sec.high_noise_from)
+                times.append(t)
+                noises.append(torch.randn(x0_all.shape[1:], generator=g, dtype=torch.float32))
+                prompts.append("" if drop else (prompts_zh[r] if second else prompts_en[r]))
+                stats["empty_prompts"] += int(drop)
+                stats["second_prompts"] += int(second and not drop)
+            stats["samples"] += len(idx)
+            s = torch.cat(times)
+            sigma = flow.shift_sigma(scheduler, s, mu)
+            x_t, target = flow.flow_pair(x0_all[idx], torch.stack(noises), sigma)
+            groups: dict[int, list[int]] = {}
+            for j, p in enumerate(prompts):
+                groups.setdefault(texts[p].shape[0], []).append(j)
+            total = 0.0
+            for _, js in sorted(groups.items()):
+                jx = torch.tensor(js)
+                with _autocast(self.precision):
+                    v = model(x_t[jx], torch.stack([texts[prompts[j]] for j in js]), s[jx] * nt,
+                              size_t.repeat(len(js), 1), size_t.repeat(len(js), 1), torch.zeros(len(js), 2))
+                per = ((v.float() - target[jx]) ** 2).mean(dim=(1, 2, 3))
+                (per.sum() / len(idx)).backward()
+                total += float(per.detach().sum())
+            return {"loss": total / len(idx)}
+
+        def row(mean: dict, grad_norm) -> tuple[dict, str]:
+            return {"loss": mean["loss"], "grad_norm": grad_norm, "lr": opt.lr}, f"loss {mean['loss']:.4f}"
+
+        with _training_attention(self.attention):
+            log_rows, train_seconds = self._train("base", opt, steps, step, max(1, sec.log_every), row, stats)
+
+        opt.ema.swap()  # export the EMA weights
         base.eval().requires_grad_(False)
         _save_bf16_into_place(base, self.model_dir / "transformer")
         atomic_write_text(self.out / "base" / "train_log.json", json.dumps(log_rows, indent=1) + "\n")
@@ -610,10 +759,54 @@ class Miniature:
             "encode_seconds": round(enc_seconds, 1), "prompts": len(texts), **stats,
             "last_loss": log_rows[-1]["loss"] if log_rows else None,
         }
-        if int(sec["eval_samples"]) > 0:
-            summary = self._quick_eval(None, int(sec["eval_samples"]), int(sec["eval_steps"]), "none")
+        if sec.eval_samples > 0:
+            summary = self._quick_eval(None, sec.eval_samples, sec.eval_steps, "none")
             metrics["val_t2i"] = summary.get("t2i")
+        self._release("base")
         return metrics
+
+    # ---- the training loop of the VAE and base phases -------------------------------------
+    def _train(self, phase: str, opt, steps: int, step: Callable[[int], dict], log_every: int,
+               row: Callable[[dict, float | None], tuple[dict, str]], stats: dict | None = None) -> tuple[list, float]:
+        """Train `phase` for `steps` through the stage trainer's step (train.trainer.Optimization: its
+        optimizer, LR schedule, gradient clipping and EMA). ``step(i)`` runs step i's forward and
+        backward passes and returns the numbers to average over each log interval; ``row(means,
+        grad_norm)`` makes the train_log row of them and its log message. Checkpoints in the trainer's
+        format go to DIR/<phase> every ``checkpoint_every`` steps and at the end: an interrupted phase
+        continues from the last one exactly (every draw is keyed by seed and step; `stats`, counters
+        that `step` keeps, are restored). Returns (log rows, training seconds)."""
+        from .checkpoint import latest_checkpoint, read_checkpoint, rng_state
+        from .trainer import write_checkpoint
+
+        out = self._claim(phase, self.out / phase)
+        start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
+        last = latest_checkpoint(out)
+        if last is not None:
+            ck = read_checkpoint(last)
+            opt.restore(ck)
+            st = ck["state"]
+            start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
+            if stats is not None:
+                stats.update(st["stats"])
+            self.echo(f"[{phase}] resumed from {last} at step {start}")
+        t0 = time.perf_counter() - seconds
+        every = getattr(self.recipe, phase).checkpoint_every
+        for i in range(start, steps):
+            values, grad_norm = opt.step(lambda: step(i))
+            for k, v in values.items():
+                acc[k] = acc.get(k, 0.0) + v
+            acc_n += 1
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                el = time.perf_counter() - t0
+                body, message = row({k: v / acc_n for k, v in acc.items()}, grad_norm)
+                rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
+                self.echo(f"[{phase}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
+                acc, acc_n = {}, 0
+            if (every > 0 and (i + 1) % every == 0) or i + 1 == steps:
+                loop = {"phase": phase, "log_rows": rows, "acc": acc, "acc_n": acc_n,
+                        "seconds": time.perf_counter() - t0, "stats": stats or {}}
+                write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
+        return rows, time.perf_counter() - t0
 
     def _quick_eval(self, weights: Path | None, limit: int, steps: int, mode: str) -> dict:
         """train.evaluate's measurements on the first `limit` val scenes, with the shipped files."""
@@ -621,7 +814,7 @@ class Miniature:
 
         pipe = self._pipeline(weights)
         samples = load_samples(self.data_dir / "val.jsonl", limit)
-        report, _ = evaluate(pipe, samples, steps=steps, guidance=float(self.recipe["evaluate"]["guidance"]),
+        report, _ = evaluate(pipe, samples, steps=steps, guidance=self.recipe.evaluate.guidance,
                              seed=self.seed, reference_mode=mode, segmenter="color")
         keys = ("n", "prompt_adherence", "background_color", "table_color", "pattern", "quality", "object_consistency",
                 "product_psnr_raw", "mask_iou", "reference_similarity", "reference_pixel_similarity")
@@ -632,8 +825,8 @@ class Miniature:
     def stage_config(self, stage: int):
         from .config import apply_overrides, load_config, validate
 
-        sec = self.recipe[f"stage{stage}"]
-        path = REPO / sec["config"]
+        sec: StageRecipe = getattr(self.recipe, f"stage{stage}")
+        path = REPO / sec.config
         file_cfg = load_config(stage, path)
         out = self.out / f"stage{stage}"
         overrides = [
@@ -648,11 +841,11 @@ class Miniature:
         ]
         if stage == 2:
             overrides.append(f"model.stage1_weights={self.out / 'stage1' / 'dreampainter_stage1.safetensors'}")
-        cfg = load_config(stage, path, overrides + list(sec.get("overrides", [])))
+        cfg = load_config(stage, path, overrides + sec.overrides)
         steps = cfg.train.max_steps
         derived = [
             f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps // 5)}",
-            f"validation.every={max(1, steps // max(1, int(sec.get('validations', 1))))}",
+            f"validation.every={max(1, steps // max(1, sec.validations))}",
             f"checkpoint.every={min(cfg.checkpoint.every, steps)}" if cfg.checkpoint.every > 0 else "checkpoint.every=0",
             "checkpoint.export_dtype=bf16",
             f"model.dtype={self.precision}",
@@ -665,14 +858,7 @@ class Miniature:
         from .trainer import run
 
         cfg = self.stage_config(stage)
-        out = Path(cfg.checkpoint.output_dir)
-        # The trainer resumes from checkpoints in `out`: only from a run with these very settings.
-        stamp = out / "miniature_fingerprint.txt"
-        if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() != self.fingerprint(f"stage{stage}"):
-            raise RecipeError(f"{out} holds an unfinished stage-{stage} run with other settings (or on another base); "
-                              f"delete {out} to start this stage afresh.")
-        out.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(self.fingerprint(f"stage{stage}") + "\n", encoding="utf-8")
+        out = self._claim(f"stage{stage}", Path(cfg.checkpoint.output_dir))
         (out / "miniature_config.toml").write_text(dump_toml(cfg), encoding="utf-8")
         t0 = time.perf_counter()
         with _training_attention(self.attention):
@@ -690,10 +876,10 @@ class Miniature:
         }
         if stage == 2:
             metrics["references_used"] = result.stats.get("references_used")
-        limit = int(self.recipe[f"stage{stage}"].get("eval_samples", 0))
+        limit = getattr(self.recipe, f"stage{stage}").eval_samples
         if limit > 0:
-            steps = int(self.recipe["evaluate"]["steps"])
-            metrics["val"] = self._quick_eval(Path(result.export_path), limit, steps, "none" if stage == 1 else "both")
+            metrics["val"] = self._quick_eval(Path(result.export_path), limit, self.recipe.evaluate.steps,
+                                              "none" if stage == 1 else "both")
         return metrics
 
     def phase_stage1(self) -> dict:
@@ -719,19 +905,19 @@ class Miniature:
             raise RecipeError(f"weights not stored in bf16: {not_bf16}")
         files = {str(f.relative_to(self.model_dir)): f.stat().st_size for f in sorted(self.model_dir.rglob("*")) if f.is_file()}
         total = sum(files.values())
-        limit = float(self.recipe["export"]["max_mb"]) * 1e6
+        limit = self.recipe.export.max_mb * 1e6
         if total > limit:
             raise RecipeError(f"{self.model_dir} holds {total / 1e6:.2f} MB, over the {limit / 1e6:g} MB limit")
         pipe = self._pipeline(self.weights_path)  # loads: base + DreamPainter file
         info = {
             "made_by": "python -m train.miniature", "recipe_version": RECIPE_VERSION, "seed": self.seed,
-            "smoke": self.recipe["smoke"], "budget_minutes": self.budget,
+            "smoke": self.recipe.smoke, "budget_minutes": self.budget,
             "weights": WEIGHTS_NAME, "base_model_name": BASE_MODEL_NAME,
             "params": {"transformer": _n_params(pipe.transformer.base), "vae": _n_params(pipe.vae),
                        "text_encoder": _n_params(pipe.text_encoder),
                        "dreampainter": sum(v.numel() for v in pipe.transformer.control_state_dict().values())
                        + sum(v.numel() for v in pipe.transformer.lora_state_dict().values())},
-            "resolution": int(self.recipe["data"]["size"]),
+            "resolution": self.recipe.data.size,
             "sampling": self.sampling(),
         }
         atomic_write_text(self.model_dir / "miniature.json", json.dumps(info, indent=2) + "\n")
@@ -743,17 +929,17 @@ class Miniature:
     def phase_evaluate(self) -> dict:
         from .evaluate import main as evaluate_main
 
-        e = self.recipe["evaluate"]
+        e = self.recipe.evaluate
         eval_dir = self.out / "eval"
         sampling = self.sampling()  # what export wrote into miniature.json
         common = ["--model", str(self.model_dir), "--weights", str(self.weights_path),
                   "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(sampling["steps"]),
                   "--guidance", str(sampling["guidance"]), "--seed", str(self.seed), "--segmenter", "color",
-                  "--dtype", self.precision, "--plot", str(e.get("plot", "auto"))]
+                  "--dtype", self.precision, "--plot", e.plot]
         if "reference_guidance" in sampling:
             common += ["--reference-guidance", str(sampling["reference_guidance"])]
         t0 = time.perf_counter()
-        rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(int(e["limit"])),
+        rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(e.limit),
                                      "--reference-mode", "both"])
         if rc != 0:
             raise RecipeError(f"train.evaluate failed (exit {rc})")
@@ -765,12 +951,11 @@ class Miniature:
             metrics[mode] = {k: v for k, v in body["summary"].items() if not k.endswith("_n")}
         if report.get("comparison"):
             metrics["comparison"] = report["comparison"]
-        sweeps = list(e.get("sweeps", []))
-        if sweeps and int(e.get("sweep_limit", 0)) > 0:
+        if e.sweeps and e.sweep_limit > 0:
             t1 = time.perf_counter()
-            args = common + ["--out", str(eval_dir / "sweep.json"), "--limit", str(int(e["sweep_limit"])),
-                             "--reference-mode", "manifest", "--sweep-values", str(e["sweep_values"])]
-            for s in sweeps:
+            args = common + ["--out", str(eval_dir / "sweep.json"), "--limit", str(e.sweep_limit),
+                             "--reference-mode", "manifest", "--sweep-values", e.sweep_values]
+            for s in e.sweeps:
                 args += ["--sweep", s]
             rc = evaluate_main(args)
             if rc != 0:
@@ -883,7 +1068,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(a.recipe, smoke=a.smoke)
         mini = Miniature(a.out, recipe, a.budget_minutes)
         summary = mini.run(a.until)
-    except RecipeError as e:
+    except ConfigError as e:  # RecipeError, or a stage's config
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(summary['phases'])} phases, {summary['seconds_all_phases']:.0f} s in all "

@@ -60,7 +60,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .config import Config, ConfigError, dump_toml
+from .config import Config, ConfigError, EmaConfig, OptimConfig, dump_toml
 from .dataset import BucketBatchSampler, ManifestDataset, collate
 from .distributed import (
     DistEnv,
@@ -76,7 +76,7 @@ from .logs import TrainLogger
 
 log = logging.getLogger("train")
 
-__all__ = ["Trainer", "TrainResult", "GlobalBatchSampler", "run", "main"]
+__all__ = ["Trainer", "TrainResult", "GlobalBatchSampler", "Optimization", "lr_lambda", "write_checkpoint", "run", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -187,8 +187,9 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-def _lr_lambda(cfg: Config) -> Callable[[int], float]:
-    o, total = cfg.optim, cfg.train.max_steps
+def lr_lambda(o: OptimConfig, total: int) -> Callable[[int], float]:
+    """The LR factor of each step of a `total`-step run: linear warmup over ``o.warmup_steps``, then
+    constant, or cosine down to ``o.min_lr_ratio`` at `total`."""
     warm = max(0, o.warmup_steps)
 
     def f(step: int) -> float:
@@ -200,6 +201,124 @@ def _lr_lambda(cfg: Config) -> Callable[[int], float]:
         return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+class Optimization:
+    """The optimizer side of a training run and its step: AdamW (or 8-bit AdamW) over the trained
+    parameters, the LR schedule (lr_lambda), the EMA when enabled, and their checkpoint state.
+
+    ``step(backward)`` is one optimizer step: zero the gradients, run ``backward`` (the forward and
+    backward passes of the step's micro-batches; its result is returned), clip the gradients to
+    ``optim.max_grad_norm`` (0 = off), step the optimizer and the schedule, update the EMA. The
+    stage trainer (Trainer) and the miniature recipe's VAE and base phases (train/miniature.py)
+    train through this.
+
+    `module` names the parameters in checkpoints (its named_parameters); `params` are the trained ones.
+    """
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], optim: OptimConfig, total_steps: int,
+                 ema: EmaConfig | None = None):
+        self.module, self.params, self.max_grad_norm = module, params, optim.max_grad_norm
+        kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+        if optim.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise ConfigError(
+                    "optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
+                    "it needs a CUDA GPU). Use optim.optimizer=adamw instead."
+                ) from e
+            self.optimizer = bnb.optim.AdamW8bit(list(params.values()), **kwargs)
+        else:
+            self.optimizer = torch.optim.AdamW(list(params.values()), **kwargs)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
+        self.ema = EMA(params, ema.decay, ema.warmup) if ema is not None and ema.enabled else None
+
+    def step(self, backward: Callable[[], Any]) -> tuple[Any, float | None]:
+        """(what `backward` returned, the gradient norm before clipping or None when clipping is off)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        out = backward()
+        grad_norm = None
+        if self.max_grad_norm > 0:
+            grad_norm = clip_grad_norm(list(self.params.values()), self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return out, grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def gather(self) -> tuple[dict, dict, dict | None]:
+        """(trained parameters, optimizer state keyed by parameter name, EMA shadow or None) as full
+        CPU tensors: what write_checkpoint stores (a collective under FSDP: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        opts = _state_options(cpu_offload=True, ignore_frozen_params=True)
+        trainable = get_model_state_dict(self.module, options=opts)
+        osd = get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+        ema = {k: _compact(full_tensor(v)) for k, v in self.ema.shadow.items()} if self.ema else None
+        return {k: v for k, v in trainable.items() if k in self.params}, osd, ema
+
+    def restore(self, ck: dict, rank: int = 0) -> None:
+        """Load a checkpoint (read_checkpoint) into the parameters, optimizer, schedule, EMA and this
+        rank's RNGs."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        path = ck["path"]
+        missing = set(self.params) - set(ck["trainable"])
+        if missing:
+            raise ConfigError(f"{path} lacks trained parameters of this model, e.g. {sorted(missing)[:3]}")
+        set_model_state_dict(self.module, ck["trainable"], options=_state_options(strict=False))
+        set_optimizer_state_dict(self.module, self.optimizer, ck["optimizer"], options=_state_options())
+        self.lr_scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None:
+            if ck["ema"] is None:
+                raise ConfigError(f"{path} has no EMA state but ema.enabled is true")
+            self.ema.load(ck["ema"], ck["state"].get("ema_updates", 0))
+        if rank in ck["rng"]:
+            set_rng_state(*ck["rng"][rank])
+
+
+def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered: tuple, rngs: list, state: dict,
+                     keep_last: int, config_text: str | None = None,
+                     extra: Callable[[CheckpointWriter], None] | None = None) -> Path:
+    """Write ``out/checkpoint-<step>`` (train/checkpoint.py) from ``optimization.gather()``'s tensors,
+    every rank's rng_state() and the JSON `state` (step and whatever the loop needs to continue
+    exactly); `extra(writer)` may add files. Returns the checkpoint folder."""
+    trainable, osd, ema = gathered
+    w = CheckpointWriter(out, step)
+    try:
+        w.tensors("trainable.safetensors", trainable)
+        if ema is not None:
+            w.tensors("ema.safetensors", ema)
+        ot, ometa = flatten_optimizer_state(osd)
+        w.tensors("optimizer.safetensors", ot)
+        w.json("optimizer.json", ometa)
+        w.json("scheduler.json", optimization.lr_scheduler.state_dict())
+        rt, rm = {}, {}
+        for r, (tensors, meta) in enumerate(rngs):
+            rt.update({f"rank{r}.{k}": v for k, v in tensors.items()})
+            rm[f"rank{r}"] = meta
+        w.tensors("rng.safetensors", rt)
+        w.json("rng.json", rm)
+        if config_text is not None:
+            w.text("config.toml", config_text)
+        if extra is not None:
+            extra(w)
+        ema_updates = optimization.ema.updates if optimization.ema else 0
+        return w.commit({"step": step, "ema_updates": ema_updates, **state}, keep_last)
+    except BaseException:
+        w.abort()
+        raise
 
 
 class Trainer:
@@ -546,67 +665,26 @@ class Trainer:
         self.replicated = [p for p in self.trainable.values() if not is_dtensor(p)]
 
     def _build_optimizer(self) -> None:
-        o = self.cfg.optim
-        params = list(self.trainable.values())
-        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if o.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise ConfigError(
-                    "optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
-                    "it needs a CUDA GPU). Use optim.optimizer=adamw instead."
-                ) from e
-            self.optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-        else:
-            self.optimizer = torch.optim.AdamW(params, **kwargs)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
-        e = self.cfg.ema
-        self.ema = EMA(self.trainable, e.decay, e.warmup) if e.enabled else None
+        self.optimization = Optimization(self.model, self.trainable, self.cfg.optim, self.cfg.train.max_steps, self.cfg.ema)
+        self.optimizer, self.lr_scheduler, self.ema = (
+            self.optimization.optimizer, self.optimization.lr_scheduler, self.optimization.ema)
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _state_options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
     def save_checkpoint(self) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        opts = self._state_options()
-        trainable = get_model_state_dict(self.model, options=opts)
-        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        ema = {k: _compact(full_tensor(v)) for k, v in self.ema.shadow.items()} if self.ema else None
+        gathered = self.optimization.gather()
+        trainable, _, ema = gathered
         rngs = self.env.gather_objects(rng_state())
         path = None
         if self.env.is_main:
-            w = CheckpointWriter(self.out, self.step)
-            try:
-                w.tensors("trainable.safetensors", {k: v for k, v in trainable.items() if k in self.trainable})
-                if ema is not None:
-                    w.tensors("ema.safetensors", ema)
-                ot, ometa = flatten_optimizer_state(osd)
-                w.tensors("optimizer.safetensors", ot)
-                w.json("optimizer.json", ometa)
-                w.json("scheduler.json", self.lr_scheduler.state_dict())
-                rt, rm = {}, {}
-                for r, (tensors, meta) in enumerate(rngs):
-                    rt.update({f"rank{r}.{k}": v for k, v in tensors.items()})
-                    rm[f"rank{r}"] = meta
-                w.tensors("rng.safetensors", rt)
-                w.json("rng.json", rm)
-                w.text("config.toml", dump_toml(self.cfg))
-                if self.cfg.checkpoint.export_every_checkpoint:
-                    self._export_to(w.path("dreampainter.safetensors"), gathered=(trainable, ema))
-                path = w.commit({
-                    "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "stage": self.stage,
-                    "world": self.env.world, "batch_size": self.cfg.train.batch_size,
-                    "global_batch": self.cfg.train.batch_size * self.env.world, "grad_accum": self.cfg.train.grad_accum,
-                    "ema_updates": self.ema.updates if self.ema else 0, "stats": {k: v for k, v in self.stats.items() if k != "loaded"},
-                }, self.cfg.checkpoint.keep_last)
-            except BaseException:
-                w.abort()
-                raise
+            export = None
+            if self.cfg.checkpoint.export_every_checkpoint:
+                export = lambda w: self._export_to(w.path("dreampainter.safetensors"), gathered=(trainable, ema))  # noqa: E731
+            path = write_checkpoint(self.out, self.step, self.optimization, gathered, rngs, {
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "stage": self.stage,
+                "world": self.env.world, "batch_size": self.cfg.train.batch_size,
+                "global_batch": self.cfg.train.batch_size * self.env.world, "grad_accum": self.cfg.train.grad_accum,
+                "stats": {k: v for k, v in self.stats.items() if k != "loaded"},
+            }, self.cfg.checkpoint.keep_last, dump_toml(self.cfg), extra=export)
         elif self.cfg.checkpoint.export_every_checkpoint:
             self._export_to(None, gathered=(trainable, ema))
         self.env.barrier()
@@ -614,8 +692,6 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
         r = self.cfg.checkpoint.resume
         if r in ("none", ""):
             return
@@ -634,18 +710,7 @@ class Trainer:
                 f"this run has {global_batch} x {t.grad_accum}. The data order and the step semantics would change: "
                 "resume with the same train.batch_size x processes and train.grad_accum (or checkpoint.resume=none)."
             )
-        missing = set(self.trainable) - set(ck["trainable"])
-        if missing:
-            raise ConfigError(f"{path} lacks trained parameters of this model, e.g. {sorted(missing)[:3]}")
-        set_model_state_dict(self.model, ck["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(self.model, self.optimizer, ck["optimizer"], options=StateDictOptions(full_state_dict=True))
-        self.lr_scheduler.load_state_dict(ck["scheduler"])
-        if self.ema is not None:
-            if ck["ema"] is None:
-                raise ConfigError(f"{path} has no EMA state but ema.enabled is true")
-            self.ema.load(ck["ema"], st.get("ema_updates", 0))
-        if self.env.rank in ck["rng"]:
-            set_rng_state(*ck["rng"][self.env.rank])
+        self.optimization.restore(ck, self.env.rank)
         self.step, self.epoch, self.batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
         for k, v in st.get("stats", {}).items():
             if k in self.stats and isinstance(v, (int, float)):
@@ -871,9 +936,7 @@ class Trainer:
                 self._probe()
             batches = self._batches()
             per_step = t.batch_size * t.grad_accum
-            while self.step < stop_at:
-                t0 = time.perf_counter()
-                self.optimizer.zero_grad(set_to_none=True)
+            def backward() -> torch.Tensor:  # the step's micro-batches
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 for micro in range(t.grad_accum):
                     epoch, k, batch = next(batches)
@@ -887,17 +950,13 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = epoch, k + 1
                 if self.fsdp_modules:
                     sync_replicated_grads(self.replicated, env)
-                grad_norm = None
-                if cfg.optim.max_grad_norm > 0:
-                    grad_norm = clip_grad_norm(list(self.trainable.values()), cfg.optim.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                if self.ema is not None:
-                    self.ema.update()
+                return loss_sum
+
+            while self.step < stop_at:
+                t0 = time.perf_counter()
+                loss_sum, grad_norm = self.optimization.step(backward)
                 self.step += 1
                 dt = time.perf_counter() - t0
-                if t.kill_at_step and self.step == t.kill_at_step:
-                    os._exit(137)  # a simulated kill: nothing after the last checkpoint survives
                 log_now = self.step % cfg.log.every == 0 or self.step == stop_at or self.step == 1
                 if log_now:
                     mean = float(env.all_reduce_mean((loss_sum / per_step).to(self.device if self.device.type == "cuda" else "cpu")))
