@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import CogView4Pipeline, CogView4Transformer2DModel  # noqa: E402
 
+from dreampainter_core.options import ControlOptions, ReferenceOptions, SamplingOptions  # noqa: E402
 from dreampainter_core.pipeline import SMALL_MODEL_SIZES, DreamPainterPipeline  # noqa: E402
-from dreampainter_core.tiny import build_tiny_components  # noqa: E402
+from train.tiny import build_tiny_components  # noqa: E402
 from dreampainter_core.transformer import DreamPainterConfig, DreamPainterTransformer  # noqa: E402
 
 
@@ -115,19 +116,27 @@ def main(argv=None):
         request = ours.prepare_inputs(product, mask, reference, steps=1)
         foreground, canvas_mask = request.product, request.mask
         control = ours.prepare_control(foreground, canvas_mask)
-        ref_latents = ours.encode_reference(request.reference, args.reference_size)
+        ref_latents = ours.encode_reference(request.reference.image, args.reference_size)
     noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
 
     def run_stock(steps):
         stock(prompt_embeds=embeds, negative_prompt_embeds=negative, height=size, width=size,
               num_inference_steps=steps, guidance_scale=3.5, latents=noise.clone(), output_type="latent")
 
-    def runner(pipe, with_control=True, reference=False, **extra):
+    def runner(pipe, with_control=True, reference=False, merge_lora=None, guidance_end=1.0, known=None,
+               in_context=None, **reference_options):
         def run(steps):
-            pipe.sample(noise, embeds, negative, steps=steps, guidance_scale=3.5, height=size, width=size,
+            pipe.sample(noise, embeds, negative, height=size, width=size,
+                        sampling=SamplingOptions(steps=steps, guidance_scale=3.5, guidance_end=guidance_end),
+                        reference=ReferenceOptions(**reference_options), merge_lora=merge_lora,
                         control_latents=control if with_control else None,
-                        reference_latents=ref_latents if reference else None, **extra)
+                        reference_latents=ref_latents if reference else None, known=known,
+                        reference_trajectory=None if in_context is None else (in_context, torch.randn_like(in_context)))
         return run
+
+    with torch.no_grad():
+        known = plain.known_region(foreground, canvas_mask, ControlOptions())  # training-free: the product held
+        in_context = {side: plain.encode_reference(reference[None], side) for side in (size // 2, size)}
 
     variants = [
         ("diffusers CogView4Pipeline (baseline)", run_stock),
@@ -135,8 +144,13 @@ def main(argv=None):
         ("ours, control branch, lora_scale=0", runner(ours, lora_scale=0.0)),
         ("ours, control branch + LoRA (merged)", runner(ours)),
         ("ours, control branch + LoRA (unmerged)", runner(ours, merge_lora=False)),
+        ("ours, control branch + LoRA, guidance_end=0.6", runner(ours, guidance_end=0.6)),
         (f"ours, + {args.reference_size}px reference", runner(ours, reference=True)),
         ("ours, + reference, attention_scale=0.5", runner(ours, reference=True, attention_scale=0.5)),
+        ("training-free (base only, product held)", runner(plain, with_control=False, known=known)),
+        *[(f"training-free + in-context {side}px reference", runner(plain, with_control=False, known=known,
+                                                                    in_context=in_context[side]))
+          for side in in_context],
     ]
     tokens = (size // 16) ** 2
     print(f"model: {args.layers} blocks, {args.heads} heads x {args.head_dim}, {size}x{size} -> {tokens} image tokens; "

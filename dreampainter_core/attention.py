@@ -20,13 +20,18 @@ Shapes follow SDPA: ``[..., N, D]`` (typically ``[B, heads, N, D]``, already RoP
 from __future__ import annotations
 
 import math
+import numbers
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = [
+    "AttentionModulation",
     "GROUP_A",
     "GROUP_B",
     "group_key_scales",
@@ -66,13 +71,38 @@ def _check_args(query: Tensor, key: Tensor, value: Tensor, split, scale) -> tupl
             f"modulated_attention: split must be in [0, N] = [0, {n}] (tokens [0, split) are "
             f"text + target, [split, N) the reference), got {split}."
         )
-    scale = float(scale)
-    if not math.isfinite(scale) or scale < 0.0:
-        raise ValueError(
-            f"modulated_attention: scale must be a finite number >= 0 (1 = no modulation, "
-            f"0 = groups do not see each other), got {scale}."
+    return split, check_modulation_scale(scale, "modulated_attention: scale")
+
+
+def check_modulation_scale(scale, name: str = "attention_scale") -> float:
+    """The one rule for S's between-group value: a finite number >= 0."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+        raise InputError(
+            f"{name} must be a finite number >= 0 (1 = plain attention, > 1 = attend more to the other "
+            f"group, 0 = the groups do not see each other), got {scale!r}"
         )
-    return split, scale
+    return float(scale)
+
+
+@dataclass(frozen=True)
+class AttentionModulation:
+    """The reference attention control, checked once here and carried to the attention processor."""
+
+    scale: float = 1.0
+    renormalize: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale", check_modulation_scale(self.scale))
+        object.__setattr__(self, "renormalize", bool(self.renormalize))
+
+    @property
+    def is_plain(self) -> bool:
+        """S is all ones: plain attention, bit for bit."""
+        return self.scale == 1.0
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, split: int) -> Tensor:
+        """``modulated_attention`` without re-checking what construction checked."""
+        return _modulated(query, key, value, split, self.scale, self.renormalize)
 
 
 def group_key_scales(
@@ -134,6 +164,10 @@ def modulated_attention(
     Keeps the input dtype and device; differentiable.
     """
     split, scale = _check_args(query, key, value, split, scale)
+    return _modulated(query, key, value, split, scale, renormalize)
+
+
+def _modulated(query: Tensor, key: Tensor, value: Tensor, split: int, scale: float, renormalize: bool) -> Tensor:
     n = query.shape[-2]
     if scale == 1.0 or split == 0 or split == n:
         # S is all ones: exactly plain attention in both modes.

@@ -114,6 +114,8 @@ def main(argv=None) -> int:
                         help="guidance towards the reference, separate from --cfg (default: = --cfg, the reference "
                              "left out of the negative pass; 1 = in both passes, follows it least; other values "
                              "cost a 3rd model pass per step)")
+    parser.add_argument("--guidance-end", type=float, default=1.0,
+                        help="fraction of the steps, from the first, that use --cfg (default 1 = all; lower is faster)")
     parser.add_argument("--mask-guidance", action="store_true")
     parser.add_argument("--placement", choices=("keep", "center"), default="keep")
     parser.add_argument("--no-paste-back", action="store_true")
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
                              device=args.device, guidance=args.cfg, reference_guidance=args.reference_guidance)
             print(f"demo (embedded miniature model, {time.time() - start:.1f} s): " + ", ".join(str(p) for p in paths))
             return 0
+        from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
         from .pipeline import DreamPainterPipeline
 
         if not args.product:
@@ -140,19 +143,21 @@ def main(argv=None) -> int:
             mask = torch.from_numpy(np.asarray(product_image.getchannel("A"), dtype=np.float32) / 255.0)
         else:
             parser.error("--mask is required when the product image has no alpha channel")
+        options = dict(  # built (and checked) before the model loads
+            sampling=SamplingOptions(steps=args.steps or 50, seed=args.seed, guidance_end=args.guidance_end,
+                                     guidance_scale=DEFAULT_GUIDANCE if args.cfg is None else args.cfg),
+            reference=ReferenceOptions(image=load_image(args.reference) if args.reference else None,
+                                       lora_scale=args.lora_scale, attention_scale=args.attention_scale,
+                                       guidance=args.reference_guidance),
+            control=ControlOptions(mask_guidance=args.mask_guidance),
+            output=OutputOptions(placement=args.placement, paste_back=not args.no_paste_back),
+        )
         pipe = DreamPainterPipeline.from_pretrained(
             args.base, dreampainter_weights=args.weights, dtype=DTYPES[args.dtype], device=args.device,
             allow_fp16=args.dtype == "fp16",
         )
-        reference = load_image(args.reference) if args.reference else None
-        images = pipe(
-            args.prompt, product, mask, reference=reference, negative_prompt=args.negative_prompt,
-            width=args.width, height=args.height, steps=args.steps or 50,
-            guidance_scale=DEFAULT_GUIDANCE if args.cfg is None else args.cfg, seed=args.seed,
-            lora_scale=args.lora_scale, attention_scale=args.attention_scale, mask_guidance=args.mask_guidance,
-            placement=args.placement, paste_back=not args.no_paste_back, batch_size=args.batch,
-            reference_guidance=args.reference_guidance,
-        )
+        request = pipe.prepare(product, mask, width=args.width, height=args.height, batch_size=args.batch, **options)
+        images = pipe.run(args.prompt, request, args.negative_prompt).images
         out = Path(args.out)
         paths = [save_image_atomic(images[0], out)] if len(images) == 1 else [
             save_image_atomic(img, out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")) for i, img in enumerate(images)

@@ -10,6 +10,7 @@ and the training code reuse them instead of re-implementing them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -20,15 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CapabilityError, DreamPainterError, InputError
-from .images import as_image_batch, as_mask_batch, check_product_and_mask
+from .images import as_image_batch, as_mask_batch, check_product_and_mask, resize_cover
+from . import masks
 from .masks import mask_to_token_grid
+from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions, options_from_keywords
 from .product import paste_back as paste_back_product
 from .product import place_product
 from .transformer import DreamPainterTransformer
 
 logger = logging.getLogger("dreampainter")
 
-PLACEMENTS = ("keep", "center")
 
 
 class GenerationCancelled(DreamPainterError):
@@ -97,6 +99,7 @@ class DreamPainterOutput:
     latents: torch.Tensor  # [B, C, h, w] final latents
     foreground: torch.Tensor  # [B, H, W, 3] product on the canvas
     mask: torch.Tensor  # [B, H, W] binary product mask on the canvas
+    mode: str = "dreampainter"  # how the product was held: "dreampainter" or "training_free"
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, base_shift: float = 0.25, max_shift: float = 0.75) -> float:
@@ -114,6 +117,25 @@ def _as_prompt_list(prompt, batch: int, name: str) -> list[str]:
             return list(prompt) * batch
         raise InputError(f"{name}: got {len(prompt)} prompts for a batch of {batch}; give one prompt or one per image")
     raise InputError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: torch.dtype, device,
+                  max_sequence_length: int = 1024) -> torch.Tensor:
+    """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16.
+
+    The text encoder runs where it is; the embeddings come back as `dtype` on `device`.
+    """
+    inputs = tokenizer(
+        list(prompts), padding="longest", max_length=max_sequence_length, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    )
+    ids = inputs.input_ids
+    pad = (16 - ids.shape[1] % 16) % 16
+    if pad:
+        ids = torch.cat([torch.full((ids.shape[0], pad), tokenizer.pad_token_id, dtype=ids.dtype), ids], dim=1)
+    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    return out.to(dtype=dtype, device=device)
 
 
 class DreamPainterPipeline:
@@ -176,22 +198,12 @@ class DreamPainterPipeline:
         return self.transformer.device
 
     # ---- text --------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024, device=None) -> torch.Tensor:
-        """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16."""
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
+        """encode_prompt (the module function) with this pipeline's parts: in the transformer's dtype, on its device."""
         if self.text_encoder is None or self.tokenizer is None:
             raise CapabilityError("this pipeline was built without a text encoder; pass prompt embeddings instead")
-        device = device or self.text_encoder.device
-        inputs = self.tokenizer(
-            list(prompts), padding="longest", max_length=max_sequence_length, truncation=True,
-            add_special_tokens=True, return_tensors="pt",
-        )
-        ids = inputs.input_ids
-        pad = (16 - ids.shape[1] % 16) % 16
-        if pad:
-            ids = torch.cat([torch.full((ids.shape[0], pad), self.tokenizer.pad_token_id, dtype=ids.dtype), ids], dim=1)
-        out = self.text_encoder(ids.to(device), output_hidden_states=True).hidden_states[-2]
-        return out.to(dtype=self.transformer.dtype, device=self.device)
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts, dtype=self.transformer.dtype,
+                             device=self.device, max_sequence_length=max_sequence_length)
 
     # ---- images <-> latents ---------------------------------------------------------------
     @torch.no_grad()
@@ -224,15 +236,27 @@ class DreamPainterPipeline:
         z_m = self.latent_mask(mask).to(z_f.device)
         return torch.cat([z_f, z_m], dim=1)
 
-    def reference_canvas(self, reference: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-        """Resize (cover) and centre-crop a reference batch [B, H, W, 3] to (width, height)."""
-        width, height = (size, size) if isinstance(size, int) else size
-        x = reference.permute(0, 3, 1, 2)
-        scale = max(width / x.shape[-1], height / x.shape[-2])
-        new_h, new_w = max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-        return x[:, :, top : top + height, left : left + width].clamp(0, 1).permute(0, 2, 3, 1)
+    @torch.no_grad()
+    def known_region(self, foreground: torch.Tensor, mask: torch.Tensor, control: ControlOptions) -> "KnownRegion":
+        """The training-free mode's held region: the product latent and a per-latent-pixel strength.
+
+        The strength is the share of the (held) steps a latent pixel is held for, in the manner
+        of differential diffusion: 1 inside the (dilated) mask, a ramp over ``region_feather``
+        pixels outside it, then area-averaged onto the latent grid, so a latent pixel half
+        covered by the product is held for half the steps.
+        """
+        region = mask
+        if control.region_dilate:
+            region = masks.dilate(region, 2 * control.region_dilate + 1)
+        region = masks.feather(region, control.region_feather)
+        return KnownRegion(self.encode_image(foreground), self.latent_mask(region), control.harmonize)
+
+    def product_over_reference(self, foreground: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The product (hard mask) pasted over the reference, cover-resized to the canvas."""
+        height, width = foreground.shape[1:3]
+        backdrop = resize_cover(reference.to(foreground), width, height)
+        m = (mask > 0.5).to(foreground.dtype).unsqueeze(-1)
+        return m * foreground + (1 - m) * backdrop
 
     def default_reference_size(self, width: int, height: int) -> int:
         # The paper trains with 512 and 800 px square references; never larger than the target.
@@ -242,7 +266,10 @@ class DreamPainterPipeline:
 
     @torch.no_grad()
     def encode_reference(self, reference: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-        return self.encode_image(self.reference_canvas(reference, size))
+        """A reference batch [B, H, W, 3] -> latents, resized (cover + centre crop) to size = side or
+        (width, height); one already at that size (the Reference node's canvas) is used as it is."""
+        width, height = (size, size) if isinstance(size, int) else size
+        return self.encode_image(resize_cover(reference, width, height))
 
     # ---- schedule -------------------------------------------------------------------------
     def schedule(self, steps: int, image_seq_len: int, denoise: float = 1.0, mu: float | None = None):
@@ -274,27 +301,23 @@ class DreamPainterPipeline:
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         *,
-        steps: int,
-        guidance_scale: float,
         height: int,
         width: int,
+        sampling: SamplingOptions,
+        reference: ReferenceOptions | None = None,
+        control: ControlOptions | None = None,
         control_latents: torch.Tensor | None = None,
         reference_latents: torch.Tensor | None = None,
         init_latents: torch.Tensor | None = None,
-        denoise: float = 1.0,
-        mu: float | None = None,
-        lora_scale: float = 1.0,
-        attention_scale: float = 1.0,
-        renormalize_attention: bool = False,
         token_mask: torch.Tensor | None = None,
-        control_scale: float = 1.0,
         callback: Callable[[StepInfo], object] | None = None,
         merge_lora: bool | None = None,
-        reference_guidance: float | None = None,
+        known: "KnownRegion | None" = None,
+        reference_trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents.
 
-        ``reference_guidance`` (g_r; used only with reference_latents) guides towards the
+        ``reference.guidance`` (g_r; used only with reference_latents) guides towards the
         reference separately from the text (g = guidance_scale, n = negative prompt):
 
             v = v(n, no ref) + g_r * (v(n, ref) - v(n, no ref)) + g * (v(prompt, ref) - v(n, ref))
@@ -306,52 +329,73 @@ class DreamPainterPipeline:
         Why it matters: with the reference in both passes, guidance amplifies only what the
         prompt adds over the reference, so the reference is followed less as cfg rises
         (measured on the miniature at cfg 3.5: reference similarity below plain T2I).
+        Steps past ``sampling.guidance_end`` run as without text CFG.
+
+        ``known`` (training-free mode) holds a region on the known latent's own trajectory:
+        wherever it is held, the latents at sigma are ``sigma * noise + (1 - sigma) * known``
+        (blended latent diffusion for flow matching), with the same noise as the rest.
+        ``reference_trajectory`` = (clean reference latents, their noise): in-context reference
+        tokens, noised to each step's sigma, beside the target (same rows).
 
         ``merge_lora``: merge the scaled LoRA into the weights for the run (fast, and exact
         afterwards: the weights are backed up on the CPU and restored; see
         DreamPainterTransformer.lora_for_inference). None = the model's
         ``merge_lora_at_inference`` setting.
         """
+        reference = reference or ReferenceOptions()
+        control = control or ControlOptions()
         model = self.transformer
         device, dtype = self.device, model.dtype
         batch = noise.shape[0]
         seq_len = (height // self.vae_scale_factor) * (width // self.vae_scale_factor) // model.patch_size**2
-        scheduler, timesteps = self.schedule(steps, seq_len, denoise, mu)
+        scheduler, timesteps = self.schedule(sampling.steps, seq_len, sampling.denoise, sampling.shift)
         sigmas = scheduler.sigmas[len(scheduler.sigmas) - 1 - len(timesteps) :]
         latents = noise.to(device=device, dtype=torch.float32)
-        if denoise < 1.0:
+        if sampling.denoise < 1.0:
             if init_latents is None:
                 raise InputError("denoise < 1 needs starting latents (init_latents): there is nothing to partially denoise")
             sigma0 = sigmas[0].to(device)
             latents = sigma0 * latents + (1.0 - sigma0) * init_latents.to(device=device, dtype=torch.float32)
+        if known is not None:
+            known = known.on(device)
+            latents = known.hold(latents, noise.to(device), float(sigmas[0]), 0.0)
 
         size = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)
         crop = torch.zeros_like(size)
-        do_cfg = guidance_scale > 1.0 and negative_embeds is not None
+        guidance_scale = sampling.guidance_scale
+        do_cfg = sampling.uses_cfg and negative_embeds is not None
+        cfg_steps = sampling.cfg_steps(len(timesteps)) if do_cfg else 0
         extra = dict(
             control_latents=None if control_latents is None else control_latents.to(device=device, dtype=dtype),
             reference_latents=None if reference_latents is None else reference_latents.to(device=device, dtype=dtype),
-            attention_scale=attention_scale,
-            renormalize_attention=renormalize_attention,
+            modulation=reference.modulation,
             token_mask=token_mask,
-            control_scale=control_scale,
+            control_scale=control.control_scale,
         )
-        reference_guidance = (guidance_scale if do_cfg else 1.0) if reference_guidance is None else float(reference_guidance)
-        guide_reference = reference_latents is not None and reference_guidance != 1.0
+        if reference_trajectory is not None:
+            clean_reference, reference_noise = (x.to(device=device, dtype=torch.float32) for x in reference_trajectory)
+            extra["reference_layout"] = "beside"
+            reference_latents = clean_reference  # for guide_reference below
         without_reference = dict(extra, reference_latents=None)
         merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)
-        with model.lora_for_inference(lora_scale, merge=merge):
+        with model.lora_for_inference(reference.lora_scale, merge=merge):
             for i, t in enumerate(timesteps):
+                cfg_now = i < cfg_steps
+                reference_guidance = (guidance_scale if cfg_now else 1.0) if reference.guidance is None else reference.guidance
+                guide_reference = reference_latents is not None and reference_guidance != 1.0
+                if reference_trajectory is not None:
+                    sigma_now = float(sigmas[i])
+                    extra["reference_latents"] = (sigma_now * reference_noise + (1 - sigma_now) * clean_reference).to(dtype)
                 model_input = latents.to(dtype)
                 timestep = t.expand(batch).to(device)
                 args = (model_input, prompt_embeds, timestep, size, size, crop)
                 negative_args = (model_input, negative_embeds, timestep, size, size, crop)
                 v = model(*args, **extra)
-                if do_cfg and (not guide_reference or reference_guidance == guidance_scale):
+                if cfg_now and (not guide_reference or reference_guidance == guidance_scale):
                     # Two passes: the reference in both (g_r = 1), or in neither negative input (g_r = g).
                     v_uncond = model(*negative_args, **(without_reference if guide_reference else extra))
                     v = v_uncond + guidance_scale * (v - v_uncond)
-                elif do_cfg:
+                elif cfg_now:
                     v_negative = model(*negative_args, **extra)
                     v_uncond = model(*negative_args, **without_reference)
                     v = v_uncond + reference_guidance * (v_negative - v_uncond) + guidance_scale * (v - v_negative)
@@ -361,67 +405,39 @@ class DreamPainterPipeline:
                 sigma = float(sigmas[i])
                 denoised_estimate = latents - sigma * v.float() if callback is not None else None
                 latents = scheduler.step(v, t, latents, return_dict=False)[0]
+                if known is not None:
+                    latents = known.hold(latents, noise.to(device), float(sigmas[i + 1]), (i + 1) / len(timesteps))
                 if callback is not None:
                     if callback(StepInfo(i, len(timesteps), float(t), sigma, latents, denoised_estimate)) is False:
                         raise GenerationCancelled(f"generation stopped by the callback after step {i + 1} of {len(timesteps)}")
         return latents
 
-    # ---- validation -------------------------------------------------------------------------
-    def _check_scalars(self, steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale,
-                       reference_guidance=None):
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-        if reference_guidance is not None and (
-                isinstance(reference_guidance, bool) or not isinstance(reference_guidance, (int, float))
-                or not math.isfinite(reference_guidance) or reference_guidance < 0):
-            raise InputError(f"reference_guidance must be None (= guidance_scale) or a finite number >= 0 (1 = the "
-                             f"reference in both CFG passes, higher = follow the reference more), got {reference_guidance!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("lora_scale", lora_scale),
-                            ("attention_scale", attention_scale), ("denoise", denoise), ("control_scale", control_scale)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-        if guidance_scale < 0:
-            raise InputError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if attention_scale < 0:
-            raise InputError(f"attention_scale must be >= 0 (0 = ignore the other group, 1 = plain attention), got {attention_scale}")
-        if not 0.0 < denoise <= 1.0:
-            raise InputError(f"denoise must be in (0, 1], got {denoise}")
-        if placement not in PLACEMENTS:
-            raise InputError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-
     # ---- the whole thing ------------------------------------------------------------------
-    def prepare_inputs(
+    def prepare(
         self,
         product,
         mask,
-        reference=None,
+        *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 50,
-        guidance_scale: float = 3.5,
-        seed: int = 0,
-        lora_scale: float = 1.0,
-        attention_scale: float = 1.0,
-        mask_guidance: bool = False,
-        placement: str = "keep",
-        paste_back: bool = True,
-        callback: Callable[[StepInfo], object] | None = None,
-        *,
+        sampling: SamplingOptions | None = None,
+        reference: ReferenceOptions | None = None,
+        control: ControlOptions | None = None,
+        output: OutputOptions | None = None,
         batch_size: int | None = None,
-        denoise: float = 1.0,
         init_image=None,
-        shift: float | None = None,
-        control_scale: float = 1.0,
-        renormalize_attention: bool = False,
-        reference_size: int | tuple[int, int] | None = None,
-        box_ratio: tuple[float, float] = (0.6, 0.6),
-        feather: int | None = None,
+        callback: Callable[[StepInfo], object] | None = None,
         merge_lora: bool | None = None,
-        reference_guidance: float | None = None,
     ) -> "GenerationRequest":
-        """Check and convert every input (cheap: no model runs). Raises InputError/CapabilityError."""
-        self._check_scalars(steps, guidance_scale, lora_scale, attention_scale, denoise, placement, control_scale,
-                            reference_guidance)
+        """Check the images against the model and each other (cheap: no model runs).
+
+        The option objects checked their own values when they were built; this checks what
+        needs the model or the images. Raises InputError/CapabilityError.
+        """
+        sampling = sampling or SamplingOptions()
+        reference = reference or ReferenceOptions()
+        control = control or ControlOptions()
+        output = output or OutputOptions()
         product_b, mask_b = check_product_and_mask(as_image_batch(product, "product"), as_mask_batch(mask, "mask"))
         batch = product_b.shape[0]
         if batch_size is not None:
@@ -430,18 +446,22 @@ class DreamPainterPipeline:
             if batch == 1 and batch_size > 1:
                 product_b, mask_b = product_b.expand(batch_size, -1, -1, -1), mask_b.expand(batch_size, -1, -1)
                 batch = batch_size
-        ref_b = None
-        if reference is not None:
-            if not self.transformer.supports_reference:
+        mode = control.resolved_mode(self.transformer.control is not None)
+        if reference.image is not None:
+            if mode == "dreampainter" and not self.transformer.supports_reference:
                 raise CapabilityError(
                     "a reference image was given, but this DreamPainter model has no reference support "
-                    "(it is a stage-1 file or has no DreamPainter weights). Remove the reference, or load a "
-                    "stage-2 DreamPainter file."
+                    "(it is a stage-1 file or has no DreamPainter weights). Use mode='training_free' (it follows a "
+                    "reference with any model), remove the reference, or load a stage-2 DreamPainter file."
                 )
-            ref_b = as_image_batch(reference, "reference")
-            if ref_b.shape[0] not in (1, batch):
-                raise InputError(f"reference: got {ref_b.shape[0]} images for a batch of {batch}; give 1 or {batch}")
-            ref_b = ref_b.expand(batch, -1, -1, -1)
+            if mode == "training_free" and reference.training_free_method == "init" and sampling.denoise < 1.0:
+                raise InputError(
+                    "denoise < 1 and a training-free reference both set where sampling starts: with "
+                    "training_free_reference='init', reference_strength is the denoise; leave denoise at 1"
+                )
+            if reference.image.shape[0] not in (1, batch):
+                raise InputError(f"reference: got {reference.image.shape[0]} images for a batch of {batch}; give 1 or {batch}")
+            reference = dataclasses.replace(reference, image=reference.image.expand(batch, -1, -1, -1))
         width = width or product_b.shape[2]
         height = height or product_b.shape[1]
         self.size_rule.check(width, height)
@@ -453,20 +473,21 @@ class DreamPainterPipeline:
             if init_b.shape[0] not in (1, batch):
                 raise InputError(f"init_image: got {init_b.shape[0]} images for a batch of {batch}")
             init_b = init_b.expand(batch, -1, -1, -1)
-        if reference_size is not None:
-            sizes = (reference_size, reference_size) if isinstance(reference_size, int) else tuple(reference_size)
+        if reference.size is not None:
             step = self.vae_scale_factor * self.transformer.patch_size
-            if any(s < step or s % step for s in sizes):
-                raise InputError(f"reference_size {reference_size} must be a positive multiple of {step} px")
+            if any(s % step for s in reference.size):
+                raise InputError(f"reference_size {reference.size[0]}x{reference.size[1]} must be a positive multiple "
+                                 f"of {step} px")
         return GenerationRequest(
-            product=product_b, mask=mask_b, reference=ref_b, width=int(width), height=int(height), steps=int(steps),
-            guidance_scale=float(guidance_scale), seed=int(seed), lora_scale=float(lora_scale),
-            attention_scale=float(attention_scale), mask_guidance=bool(mask_guidance), placement=placement,
-            paste_back=bool(paste_back), callback=callback, denoise=float(denoise), init_image=init_b,
-            shift=shift, control_scale=float(control_scale), renormalize_attention=bool(renormalize_attention),
-            reference_size=reference_size, box_ratio=tuple(box_ratio), feather=feather, merge_lora=merge_lora,
-            reference_guidance=None if reference_guidance is None else float(reference_guidance),
+            product=product_b, mask=mask_b, width=int(width), height=int(height), sampling=sampling,
+            reference=reference, control=control, output=output, mode=mode, init_image=init_b, callback=callback,
+            merge_lora=merge_lora,
         )
+
+    def prepare_inputs(self, product, mask, reference=None, **keywords) -> "GenerationRequest":
+        """``prepare`` from ``pipe(...)``'s flat keywords (see ``__call__``)."""
+        groups, left = options_from_keywords(reference=reference, **keywords)
+        return self.prepare(product, mask, **groups, **left)
 
     @torch.no_grad()
     def generate(self, request: "GenerationRequest", prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None) -> DreamPainterOutput:
@@ -474,56 +495,132 @@ class DreamPainterPipeline:
         r = request
         batch = r.product.shape[0]
         prompt_embeds = self._batch_embeds(prompt_embeds, batch, "prompt_embeds")
-        if r.guidance_scale > 1.0:
+        if r.sampling.uses_cfg:
             if negative_embeds is None:
                 raise InputError("guidance_scale > 1 needs negative prompt embeddings (an empty negative prompt is fine)")
             negative_embeds = self._batch_embeds(negative_embeds, batch, "negative_embeds")
         else:
             negative_embeds = None
-        if self.transformer.control is None and not getattr(self, "_warned_no_weights", False):
+        if r.mode == "dreampainter" and self.transformer.control is None and not getattr(self, "_warned_no_weights", False):
             self._warned_no_weights = True
             logger.warning("no DreamPainter weights loaded: the base model paints the whole canvas; the product comes back only through paste-back")
 
         # `source` is the photo placed the same way, with its real pixels around the product:
         # the paste-back feather blends those, not the blank fill (which would leave a halo).
         foreground, canvas_mask, source = place_product(
-            r.product, r.mask, r.width, r.height, placement=r.placement, box_ratio=r.box_ratio, return_source=True
+            r.product, r.mask, r.width, r.height, placement=r.output.placement, box_ratio=r.output.box_ratio,
+            return_source=True,
         )
-        control = self.prepare_control(foreground, canvas_mask) if self.transformer.control is not None else None
-        ref_latents = None
-        if r.reference is not None:
-            ref_latents = self.encode_reference(r.reference, r.reference_size or self.default_reference_size(r.width, r.height))
+        training_free = r.mode == "training_free"
+        use_control = not training_free and self.transformer.control is not None
+        control = self.prepare_control(foreground, canvas_mask) if use_control else None
+        known = self.known_region(foreground, canvas_mask, r.control) if training_free else None
+        ref_latents = in_context = None
+        init_latents, sampling = None, r.sampling
+        if r.reference.image is not None:
+            if not training_free:
+                ref_latents = self.encode_reference(r.reference.image, r.reference.size or self.default_reference_size(r.width, r.height))
+            elif r.reference.training_free_method == "in_context":
+                in_context = self.encode_reference(r.reference.image, r.reference.size or (r.width, r.height))
+            else:  # "init": the product over the reference, partly denoised
+                init_latents = self.encode_image(self.product_over_reference(foreground, canvas_mask, r.reference.image))
+                sampling = dataclasses.replace(sampling, denoise=r.reference.strength)
         token_mask = None
-        if r.mask_guidance and control is not None:
+        if r.control.mask_guidance and control is not None:
             p = self.vae_scale_factor * self.transformer.patch_size
             token_mask = mask_to_token_grid(canvas_mask, r.height // p, r.width // p).to(self.device)
-        init_latents = None
-        if r.denoise < 1.0:
+        if sampling.denoise < 1.0 and init_latents is None:
             init_latents = self.encode_image(r.init_image if r.init_image is not None else foreground)
 
         # Noise in float32 from a CPU generator: the same numbers on every device, as diffusers does.
-        generator = torch.Generator("cpu").manual_seed(r.seed)
+        generator = torch.Generator("cpu").manual_seed(r.sampling.seed)
         shape = (batch, self.transformer.in_channels, r.height // self.vae_scale_factor, r.width // self.vae_scale_factor)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        reference_trajectory = None
+        if in_context is not None:  # drawn after the target's noise, so T2I's numbers stay the same
+            reference_trajectory = (in_context, torch.randn(in_context.shape, generator=generator, dtype=torch.float32))
         latents = self.sample(
-            noise, prompt_embeds, negative_embeds, steps=r.steps, guidance_scale=r.guidance_scale, height=r.height,
-            width=r.width, control_latents=control, reference_latents=ref_latents, init_latents=init_latents,
-            denoise=r.denoise, mu=None if r.shift is None else float(r.shift), lora_scale=r.lora_scale,
-            attention_scale=r.attention_scale, renormalize_attention=r.renormalize_attention, token_mask=token_mask,
-            control_scale=r.control_scale, callback=r.callback, merge_lora=r.merge_lora,
-            reference_guidance=r.reference_guidance,
+            noise, prompt_embeds, negative_embeds, height=r.height, width=r.width, sampling=sampling,
+            reference=r.reference, control=r.control, control_latents=control, reference_latents=ref_latents,
+            init_latents=init_latents, token_mask=token_mask, callback=r.callback, merge_lora=r.merge_lora,
+            known=known, reference_trajectory=reference_trajectory,
         )
         images = self.decode(latents).cpu()
-        if r.paste_back:
-            images = paste_back_product(images, foreground, canvas_mask, feather=self.feather_radius(r), source=source)
-        return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask)
+        if r.output.paste_back:
+            images = paste_back_product(images, foreground, canvas_mask, feather=r.output.feather_radius, source=source)
+        return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask, mode=r.mode)
 
-    @staticmethod
-    def feather_radius(request: "GenerationRequest") -> int:
-        # Default 1 px: an anti-aliasing ramp over the photo's own edge pixels. Wider ramps
-        # bring back a ring of the photo's old background (white on studio shots): use them
-        # for loose masks only.
-        return 1 if request.feather is None else int(request.feather)
+    @torch.no_grad()
+    def inpaint(
+        self,
+        prompt,
+        image,
+        mask,
+        *,
+        negative_prompt="",
+        sampling: SamplingOptions | None = None,
+        control: ControlOptions | None = None,
+        output: OutputOptions | None = None,
+        lora_scale: float = 1.0,
+        callback: Callable[[StepInfo], object] | None = None,
+        merge_lora: bool | None = None,
+        return_dict: bool = False,
+    ):
+        """Generate where ``mask`` is 1 and keep ``image`` everywhere else: the training-free
+        known-region sampler with the mask inverted (the context is held on its own noised
+        trajectory). With paste-back, every pixel outside the mask is the input's, exactly, and
+        ``output.feather`` px of the context blend into the generated region.
+
+        Works with any model the pack loads (the control branch is not used). Used to remove
+        a product from a photo (``train.data references``) and to insert one (DreamPaint).
+        """
+        sampling = sampling or SamplingOptions()
+        control = control or ControlOptions()
+        output = output or OutputOptions()
+        lora_scale = ReferenceOptions(lora_scale=lora_scale).lora_scale
+        context, hole = self._check_inpaint_inputs(image, mask)
+        batch, height, width = context.shape[0], context.shape[1], context.shape[2]
+        keep = 1.0 - hole
+        known = self.known_region(context, keep, control)
+        prompt_embeds = self._batch_embeds(self.encode_prompt(_as_prompt_list(prompt, batch, "prompt")), batch, "prompt")
+        negative_embeds = None
+        if sampling.uses_cfg:
+            negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
+            negative_embeds = self._batch_embeds(self.encode_prompt(negatives), batch, "negative_prompt")
+        generator = torch.Generator("cpu").manual_seed(sampling.seed)
+        shape = (batch, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        init_latents = known.latents if sampling.denoise < 1.0 else None
+        latents = self.sample(
+            noise, prompt_embeds, negative_embeds, height=height, width=width, sampling=sampling,
+            reference=ReferenceOptions(lora_scale=lora_scale), control=control, init_latents=init_latents,
+            callback=callback, merge_lora=merge_lora, known=known,
+        )
+        images = self.decode(latents).cpu()
+        if output.paste_back:
+            images = paste_back_product(images, context, keep, feather=output.feather_radius, source=context)
+        out = DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole, mode="inpaint")
+        return out if return_dict else out.images
+
+    def _check_inpaint_inputs(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        context = as_image_batch(image, "image")
+        hole = as_mask_batch(mask, "mask").to(context.device)
+        if tuple(context.shape[1:3]) != tuple(hole.shape[1:3]):
+            raise InputError(f"mask size {hole.shape[2]}x{hole.shape[1]} (WxH) does not match the image's "
+                             f"{context.shape[2]}x{context.shape[1]}; resize the mask to the image")
+        batch = max(context.shape[0], hole.shape[0])
+        if context.shape[0] not in (1, batch) or hole.shape[0] not in (1, batch):
+            raise InputError(f"{context.shape[0]} images and {hole.shape[0]} masks: give one mask per image, or one for all")
+        context, hole = context.expand(batch, -1, -1, -1), (hole > 0.5).float().expand(batch, -1, -1)
+        for i, count in enumerate(hole.flatten(1).sum(dim=1).tolist()):
+            if count == 0:
+                raise InputError(f"mask for image {i} is empty: nothing to generate (1 = the region to generate, "
+                                 "0 = the photo kept). Check that the mask is not all black or inverted.")
+            if count == hole.shape[1] * hole.shape[2]:
+                raise InputError(f"mask for image {i} covers the whole image: no context to keep (1 = the region "
+                                 "to generate, 0 = the photo kept). Mask only the region to repaint.")
+        self.size_rule.check(int(context.shape[2]), int(context.shape[1]))
+        return context.contiguous(), hole.contiguous()
 
     def _batch_embeds(self, embeds: torch.Tensor, batch: int, name: str) -> torch.Tensor:
         if embeds.dim() != 3 or embeds.shape[0] not in (1, batch):
@@ -560,50 +657,62 @@ class DreamPainterPipeline:
     ):
         """Generate backgrounds; returns ``[B, H, W, 3]`` float 0..1 (or DreamPainterOutput).
 
-        All inputs are checked before any model runs. Keyword options (see
-        ``prepare_inputs``): batch_size (repeats a single product), denoise (< 1 starts
-        from init_image, default the product on its blank canvas), init_image, shift,
-        control_scale, renormalize_attention, reference_size, box_ratio, feather, merge_lora,
-        reference_guidance (see ``sample``).
+        All inputs are checked before any model runs. Keyword options (each belongs to one
+        option object, ``dreampainter_core.options``): batch_size (repeats a single product),
+        denoise (< 1 starts from init_image, default the product on its blank canvas),
+        init_image, shift, guidance_end, control_scale, renormalize_attention, reference_size,
+        reference_guidance (see ``sample``), box_ratio, feather, merge_lora.
         """
         request = self.prepare_inputs(
-            product, mask, reference, width, height, steps, guidance_scale, seed, lora_scale, attention_scale,
-            mask_guidance, placement, paste_back, callback, **options,
+            product, mask, reference, width=width, height=height, steps=steps, guidance_scale=guidance_scale,
+            seed=seed, lora_scale=lora_scale, attention_scale=attention_scale, mask_guidance=mask_guidance,
+            placement=placement, paste_back=paste_back, callback=callback, **options,
         )
+        out = self.run(prompt, request, negative_prompt)
+        return out if return_dict else out.images
+
+    def run(self, prompt, request: "GenerationRequest", negative_prompt="") -> DreamPainterOutput:
+        """Encode the prompt(s) (one, or one per image) and generate a prepared request."""
         batch = request.product.shape[0]
         prompts = _as_prompt_list(prompt, batch, "prompt")
         negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
         prompt_embeds = self.encode_prompt(prompts)
-        negative_embeds = self.encode_prompt(negatives) if request.guidance_scale > 1.0 else None
-        out = self.generate(request, prompt_embeds, negative_embeds)
-        return out if return_dict else out.images
+        negative_embeds = self.encode_prompt(negatives) if request.sampling.uses_cfg else None
+        return self.generate(request, prompt_embeds, negative_embeds)
 
 
 @dataclass
 class GenerationRequest:
-    """Checked inputs of one generation (see DreamPainterPipeline.prepare_inputs)."""
+    """Checked inputs of one generation (see DreamPainterPipeline.prepare)."""
 
-    product: torch.Tensor
-    mask: torch.Tensor
-    reference: torch.Tensor | None
+    product: torch.Tensor  # [B, H, W, 3]
+    mask: torch.Tensor  # [B, H, W]
     width: int
     height: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    lora_scale: float
-    attention_scale: float
-    mask_guidance: bool
-    placement: str
-    paste_back: bool
-    callback: Callable[[StepInfo], object] | None
-    denoise: float
-    init_image: torch.Tensor | None
-    shift: float | None
-    control_scale: float
-    renormalize_attention: bool
-    reference_size: int | tuple[int, int] | None
-    box_ratio: tuple[float, float]
-    feather: int | None
+    sampling: SamplingOptions
+    reference: ReferenceOptions  # its image, if any, expanded to the batch
+    control: ControlOptions
+    output: OutputOptions
+    mode: str = "dreampainter"  # resolved: "dreampainter" or "training_free"
+    init_image: torch.Tensor | None = None
+    callback: Callable[[StepInfo], object] | None = None
     merge_lora: bool | None = None
-    reference_guidance: float | None = None
+
+
+@dataclass
+class KnownRegion:
+    """What the training-free mode holds: a latent and where, for how long, it is held."""
+
+    latents: torch.Tensor  # [B, C, h, w] float32: the product's clean latent
+    strength: torch.Tensor  # [B, 1, h, w] in 0..1: the share of the held steps each pixel is held for
+    harmonize: float = 0.0  # the share of the last steps that run unconstrained
+
+    def on(self, device) -> "KnownRegion":
+        return KnownRegion(self.latents.to(device), self.strength.to(device), self.harmonize)
+
+    def held(self, progress: float) -> torch.Tensor:
+        """[B, 1, h, w] bool: pixels held once ``progress`` (0..1) of the steps are done."""
+        return (self.strength > 0) & (progress <= self.strength * (1.0 - self.harmonize))
+
+    def hold(self, latents: torch.Tensor, noise: torch.Tensor, sigma: float, progress: float) -> torch.Tensor:
+        return torch.where(self.held(progress), sigma * noise + (1.0 - sigma) * self.latents, latents)

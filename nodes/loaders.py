@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from types import SimpleNamespace
 
 import torch
 from comfy_api.latest import io
@@ -14,12 +13,14 @@ import comfy.model_management as mm
 
 from ..dreampainter_core.errors import ModelFilesError
 from ..dreampainter_core.loading import default_scheduler, load_text_encoder, load_tokenizer, load_transformer, load_vae
-from ..dreampainter_core.pipeline import DreamPainterPipeline
+from ..dreampainter_core.pipeline import encode_prompt
 from ..dreampainter_core.transformer import DreamPainterTransformer
 from ..dreampainter_core.weights import build_from_weights, read_dreampainter_metadata
 from . import memory, paths
+from .schema_tools import search_aliases, widget_problem
 from .sockets import (
-    CATEGORY,
+    CATEGORY_CONDITIONING,
+    CATEGORY_LOADERS,
     DreamPainterConditioning,
     DreamPainterConditioningType,
     DreamPainterModel,
@@ -120,7 +121,8 @@ class DreamPainterModelLoader(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterModelLoader",
             display_name="DreamPainter Model Loader",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
+            **search_aliases("load model", "CogView4", "DreamPainter weights", "block swap", "fp8", "加载模型"),
             description="Loads the CogView4 transformer (a diffusers folder under models/diffusers or a single file "
                         "under models/diffusion_models) and a DreamPainter weight file from models/dreampainter.",
             inputs=[
@@ -146,9 +148,16 @@ class DreamPainterModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, transformer, dreampainter_weights):
-        # File names are checked when the node runs, with a message naming the folders searched
-        # and where to get the file (ComfyUI's own check only says "Value not in list").
+    def validate_inputs(cls, transformer=None, dreampainter_weights=None, memory_mode=None, swap_blocks=None):
+        # transformer, dreampainter_weights: named so that ComfyUI's bare "Value not in list" leaves them
+        # to the run, whose message names the folders searched and where to get the file.
+        problem = widget_problem(cls, memory_mode=memory_mode, swap_blocks=swap_blocks)
+        if problem:
+            return problem
+        if memory_mode == "block_swap" and swap_blocks == 0:  # would silently run as memory_mode gpu
+            return ("DreamPainter Model Loader: memory_mode is block_swap but swap_blocks is 0, so every "
+                    "transformer block would stay on the GPU. Set swap_blocks to how many blocks stay on the CPU "
+                    "(CogView4-6B has 28, about 0.45 GiB each in bf16), or set memory_mode to gpu.")
         return True
 
     @classmethod
@@ -185,26 +194,14 @@ def _tokenizer_path(text_encoder: str, te_path: str, tokenizer: str) -> str:
     )
 
 
-class _TextOnlyPipeline(DreamPainterPipeline):
-    """The core pipeline's prompt encoding, without a transformer: embeddings come out float32 on
-    ComfyUI's intermediate device (the sampler casts them to the transformer's dtype)."""
-
-    def __init__(self, tokenizer, text_encoder):  # noqa: D107 - no super(): nothing else is needed
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.transformer = SimpleNamespace(dtype=torch.float32)
-
-    @property
-    def device(self) -> torch.device:
-        return mm.intermediate_device()
-
-
 class DreamPainterTextEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DreamPainterTextEncoderLoader",
             display_name="DreamPainter Text Encoder Loader (GLM-4)",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
+            **search_aliases("GLM-4", "text encoder", "load text encoder", "tokenizer", "加载文本编码器"),
             description="Loads CogView4's GLM-4-9B text encoder and its tokenizer. It is moved onto the GPU "
                         "only while encoding.",
             inputs=[
@@ -226,8 +223,8 @@ class DreamPainterTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text_encoder, tokenizer):
-        return True  # checked in execute, with a helpful message
+    def validate_inputs(cls, text_encoder=None, tokenizer=None):
+        return True  # named to leave them to execute, whose message says where the files go
 
     @classmethod
     def execute(cls, text_encoder, tokenizer, weight_dtype, device) -> io.NodeOutput:
@@ -252,7 +249,8 @@ class DreamPainterTextEncode(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterTextEncode",
             display_name="DreamPainter Text Encode",
-            category=CATEGORY,
+            category=CATEGORY_CONDITIONING,
+            **search_aliases("prompt", "text encode", "background prompt", "negative prompt", "提示词"),
             description="Encodes the background prompt and a negative prompt with GLM-4; the text encoder "
                         "leaves the GPU afterwards.",
             inputs=[
@@ -269,10 +267,11 @@ class DreamPainterTextEncode(io.ComfyNode):
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
         memory.load(text_encoder.patcher)
         try:
-            pipe = _TextOnlyPipeline(text_encoder.tokenizer, text_encoder.text_encoder)
-            positive = pipe.encode_prompt([prompt])
+            # float32 on ComfyUI's intermediate device: the sampler casts them to the transformer's dtype
+            tok, te, out = text_encoder.tokenizer, text_encoder.text_encoder, mm.intermediate_device()
+            positive = encode_prompt(tok, te, [prompt], dtype=torch.float32, device=out)
             mm.throw_exception_if_processing_interrupted()
-            negative = pipe.encode_prompt([negative_prompt or ""])
+            negative = encode_prompt(tok, te, [negative_prompt or ""], dtype=torch.float32, device=out)
         finally:
             memory.unload(text_encoder.patcher)  # GLM-4-9B is ~19 GB: never keep it next to the DiT
         return io.NodeOutput(DreamPainterConditioning(positive, negative, prompt, negative_prompt or ""))
@@ -289,7 +288,8 @@ class DreamPainterVAELoader(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterVAELoader",
             display_name="DreamPainter VAE Loader (CogView4)",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
+            **search_aliases("VAE", "load VAE", "CogView4 VAE", "加载 VAE"),
             description="Loads CogView4's 16-channel VAE (diffusers layout), which ComfyUI's own VAE loader cannot.",
             inputs=[
                 io.Combo.Input("vae", options=paths.with_missing(
@@ -303,8 +303,8 @@ class DreamPainterVAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae):
-        return True  # checked in execute, with a helpful message
+    def validate_inputs(cls, vae=None):
+        return True  # named to leave it to execute, whose message says where the files go
 
     @classmethod
     def execute(cls, vae, weight_dtype) -> io.NodeOutput:

@@ -53,11 +53,9 @@ class SamplerProgress:
     def __init__(self, total: int, preview_map=None):
         self.bar = comfy.utils.ProgressBar(total)
         self.preview_map = preview_map
-        self.steps_done = 0
 
     def __call__(self, info) -> None:
         mm.throw_exception_if_processing_interrupted()
-        self.steps_done = info.step + 1
         preview = None
         if self.preview_map is not None and info.denoised is not None:
             preview = ("JPEG", latent_to_preview(info.denoised[0], self.preview_map), args.preview_size)

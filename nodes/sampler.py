@@ -7,11 +7,20 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+from ..dreampainter_core.options import (
+    MODES,
+    TRAINING_FREE_REFERENCE,
+    ControlOptions,
+    OutputOptions,
+    ReferenceOptions,
+    SamplingOptions,
+)
 from ..dreampainter_core.pipeline import DreamPainterPipeline
 from . import memory
 from .progress import SamplerProgress, fit_preview_map, previews_enabled
+from .schema_tools import core_problem, search_aliases, widget_problem, widget_values
 from .sockets import (
-    CATEGORY,
+    CATEGORY_SAMPLING,
     DreamPainterConditioningType,
     DreamPainterModelType,
     DreamPainterReferenceType,
@@ -31,8 +40,23 @@ REFERENCE_CFG_TIP = ("Guidance towards the reference image, separate from cfg (u
                      "as cfg: the reference is left out of the negative pass (2 model passes per step). 1 = the "
                      "reference in both passes (2 passes): follows it least. Higher follows it more; a value "
                      "other than 1 or cfg costs a third pass per step.")
+GUIDANCE_END_TIP = ("Fraction of the steps, from the first, that use cfg; the rest run without the negative pass "
+                    "(about half their cost). 1 = cfg on every step. Late steps only refine detail, so 0.6-0.8 "
+                    "often looks the same, faster.")
+MODE_TIP = ("How the product is kept. auto: the control branch when a DreamPainter file is loaded, else "
+            "training_free. training_free: works with the public CogView4 alone: the product's latent is held on its "
+            "own noised path at every step (blended latent diffusion) while the background is painted around it. "
+            "The title badge shows which mode ran.")
+HARMONIZE_TIP = ("training_free: share of the last steps that run without holding the product, so its edge and "
+                 "contact shadow can blend in (paste_back restores the product pixels). 0 = held to the end.")
+REFERENCE_STRENGTH_TIP = ("training_free with a reference (init): how much of the schedule repaints the product over the "
+                          "reference, like denoise. Lower keeps more of the reference; 1 ignores it.")
+TRAINING_FREE_REFERENCE_TIP = ("training_free with a reference: init = start from the product over the reference "
+                               "(reference_strength); in_context = the reference beside the canvas as extra tokens, "
+                               "attention_scale weighs it (experimental: in-context ability needs a large model).")
 #: Before/after pairs the sampler sends to the web extension's compare slider (web/dreampainter.js).
 COMPARE_KEY = "dreampainter_compare"
+MODE_KEY = "dreampainter_mode"  # which mode ran, for the title badge
 COMPARE_LIMIT = 8
 
 
@@ -49,21 +73,31 @@ def compare_previews(product: torch.Tensor, images: torch.Tensor, limit: int = C
     return {COMPARE_KEY: [{"before": b, "after": a} for b, a in zip(saved_before, saved_after)]}
 
 
-def run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                lora_scale, attention_scale, mask_guidance, paste_back, reference=None, reference_cfg=0.0):
+def sampler_options(seed, steps, cfg, shift, denoise, lora_scale, attention_scale, mask_guidance, paste_back,
+                    reference=None, reference_cfg=0.0, guidance_end=1.0, mode="auto",
+                    harmonize=ControlOptions.harmonize, reference_strength=ReferenceOptions.strength,
+                    training_free_reference="init") -> dict:
+    """The node's widgets -> the core's option objects (each checks its values as it is built).
+    The widgets' own conventions (0 = auto) are translated here and nowhere else."""
+    image = None if reference is None else reference.image
+    return dict(
+        sampling=SamplingOptions(steps=steps, guidance_scale=cfg, seed=seed, shift=None if shift <= 0 else shift,
+                                 denoise=denoise, guidance_end=guidance_end),
+        reference=ReferenceOptions(image=image, size=None if image is None else (image.shape[2], image.shape[1]),
+                                   lora_scale=lora_scale, attention_scale=attention_scale,
+                                   guidance=None if reference_cfg <= 0 else reference_cfg,
+                                   strength=reference_strength, training_free_method=training_free_reference),
+        control=ControlOptions(mode=mode, mask_guidance=mask_guidance, harmonize=harmonize),
+        output=OutputOptions(paste_back=paste_back, placement="keep"),
+    )
+
+
+def run_sampler(model, conditioning, vae, product, mask, batch_size, options: dict):
     """Returns the core's DreamPainterOutput. All inputs are checked before any model is loaded."""
     pipe = DreamPainterPipeline(None, None, vae.vae, model.transformer, model.scheduler)
-    progress = SamplerProgress(steps)
-    request = pipe.prepare_inputs(
-        product, mask,
-        reference=None if reference is None else reference.image,
-        steps=steps, guidance_scale=cfg, seed=seed, lora_scale=lora_scale, attention_scale=attention_scale,
-        mask_guidance=mask_guidance, placement="keep", paste_back=paste_back, callback=progress,
-        batch_size=None if batch_size <= 1 else batch_size, denoise=denoise,
-        shift=None if shift <= 0 else float(shift),
-        reference_size=None if reference is None else (reference.width, reference.height),
-        reference_guidance=None if reference_cfg <= 0 else float(reference_cfg),
-    )
+    progress = SamplerProgress(options["sampling"].steps)
+    request = pipe.prepare(product, mask, batch_size=None if batch_size <= 1 else batch_size, callback=progress,
+                           **options)
     memory.load(model.patcher, vae.patcher)
     try:
         if previews_enabled():
@@ -86,7 +120,8 @@ class DreamPainterSampler(io.ComfyNode):
         return io.Schema(
             node_id="DreamPainterSampler",
             display_name="DreamPainter Sampler",
-            category=CATEGORY,
+            category=CATEGORY_SAMPLING,
+            **search_aliases("sampler", "inpaint", "background", "product background", "KSampler", "生成背景"),
             description="Paints a new background around the product (kept through the control branch and, with "
                         "paste_back, pixel-exact). The output has the product image's size.",
             inputs=[
@@ -115,21 +150,40 @@ class DreamPainterSampler(io.ComfyNode):
                 io.Boolean.Input("paste_back", default=True,
                                  tooltip="Paste the original product pixels back (feathered edge)."),
                 DreamPainterReferenceType.Input("reference", optional=True,
-                                                tooltip="Optional reference image (needs a stage-2 model)."),
+                                                tooltip="Optional reference image: a stage-2 model follows it through its LoRA; "
+                                                        "without one, mode training_free follows it (see "
+                                                        "training_free_reference)."),
                 # Optional, so API-format prompts written before it existed still validate.
                 io.Float.Input("reference_cfg", default=0.0, min=0.0, max=30.0, step=0.1, round=0.01, optional=True,
                                tooltip=REFERENCE_CFG_TIP),
+                io.Float.Input("guidance_end", default=1.0, min=0.0, max=1.0, step=0.05, round=0.01, optional=True,
+                               tooltip=GUIDANCE_END_TIP),
+                io.Combo.Input("mode", options=list(MODES), default="auto", optional=True, tooltip=MODE_TIP),
+                io.Float.Input("harmonize", default=ControlOptions.harmonize, min=0.0, max=1.0, step=0.05, round=0.01,
+                               optional=True, tooltip=HARMONIZE_TIP),
+                io.Float.Input("reference_strength", default=ReferenceOptions.strength, min=0.01, max=1.0, step=0.01,
+                               optional=True, tooltip=REFERENCE_STRENGTH_TIP),
+                io.Combo.Input("training_free_reference", options=list(TRAINING_FREE_REFERENCE), default="init",
+                               optional=True, tooltip=TRAINING_FREE_REFERENCE_TIP),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
                      io.Mask.Output(display_name="mask")],
         )
 
     @classmethod
-    def execute(cls, model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                lora_scale, attention_scale, mask_guidance, paste_back, reference=None,
-                reference_cfg=0.0) -> io.NodeOutput:
-        out = run_sampler(model, conditioning, vae, product, mask, seed, steps, cfg, shift, denoise, batch_size,
-                          lora_scale, attention_scale, mask_guidance, paste_back, reference, reference_cfg)
-        previews = compare_previews(product, out.images)
-        return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu(),
-                             ui=previews or None)
+    def validate_inputs(cls, cfg=None, shift=None, denoise=None, lora_scale=None, attention_scale=None,
+                        reference_cfg=None, guidance_end=None, harmonize=None, reference_strength=None):
+        # The FLOAT widgets (a JSON NaN passes ComfyUI's min/max), then what execute does with them:
+        # sampler_options builds the core's option objects, which check their values as they are built.
+        floats = dict(cfg=cfg, shift=shift, denoise=denoise, lora_scale=lora_scale, attention_scale=attention_scale,
+                      reference_cfg=reference_cfg, guidance_end=guidance_end, harmonize=harmonize,
+                      reference_strength=reference_strength)
+        return widget_problem(cls, **floats) or core_problem(
+            "DreamPainter Sampler", sampler_options, {"guidance_scale": "cfg", "reference_guidance": "reference_cfg"},
+            **widget_values(cls, exclude=("batch_size",), **floats)) or True
+
+    @classmethod
+    def execute(cls, model, conditioning, vae, product, mask, batch_size, **widgets) -> io.NodeOutput:
+        out = run_sampler(model, conditioning, vae, product, mask, batch_size, sampler_options(**widgets))
+        ui_data = {**compare_previews(product, out.images), MODE_KEY: [out.mode]}
+        return io.NodeOutput(out.images, {"samples": out.latents.float().cpu()}, out.mask.float().cpu(), ui=ui_data)

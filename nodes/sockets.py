@@ -16,6 +16,13 @@ DreamPainterVAEType = io.Custom("DREAMPAINTER_VAE")
 DreamPainterReferenceType = io.Custom("DREAMPAINTER_REFERENCE")
 
 CATEGORY = "DreamPainter"
+# The Add Node menu, by role ("DreamPainter/<role>"). The role names are the core's own category
+# names, which the frontend already translates (nodeCategories.loaders = "加载器", ...).
+CATEGORY_LOADERS = f"{CATEGORY}/loaders"  # model, text encoder, VAE
+CATEGORY_CONDITIONING = f"{CATEGORY}/conditioning"  # prompt, reference image
+CATEGORY_IMAGE = f"{CATEGORY}/image"  # product placement, paste back
+CATEGORY_MASK = f"{CATEGORY}/mask"  # auto mask, mask refine
+CATEGORY_SAMPLING = f"{CATEGORY}/sampling"  # the sampler
 
 
 @dataclass(eq=False)
@@ -69,7 +76,4 @@ class DreamPainterConditioning:
 class DreamPainterReference:
     """DREAMPAINTER_REFERENCE: the reference image(s) already resized to what the model sees."""
 
-    image: torch.Tensor  # [B, h, w, 3] float 0..1
-    width: int
-    height: int
-    policy: str
+    image: torch.Tensor  # [B, h, w, 3] float 0..1, at the size the model sees it

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from dreampainter_core.metrics import write_tiny_clip
+from train.metrics import write_tiny_clip
 from train import evaluate as ev
 from train import synthetic as syn
 

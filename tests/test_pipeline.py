@@ -42,7 +42,8 @@ def test_matches_diffusers_cogview4_pipeline(tiny_model_dir, base_pipe):
     reference = CogView4Pipeline.from_pretrained(tiny_model_dir)
     product, mask = _product()
     for steps, guidance, neg in [(4, 3.5, ""), (3, 5.0, "blurry, dark"), (2, 1.0, "")]:
-        ours = base_pipe(PROMPT, product, mask, negative_prompt=neg, steps=steps, guidance_scale=guidance, seed=7, paste_back=False)
+        ours = base_pipe(PROMPT, product, mask, negative_prompt=neg, steps=steps, guidance_scale=guidance, seed=7,
+                         paste_back=False, mode="dreampainter")
         theirs = reference(
             PROMPT, negative_prompt=neg, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance,
             generator=torch.Generator("cpu").manual_seed(7), output_type="pt",
@@ -148,7 +149,7 @@ def test_reference_guidance_velocity_is_the_three_pass_formula(stage2_pipe, monk
     model = stage2_pipe.transformer
     foreground, canvas_mask = place_product(request.product, request.mask, SIZE, SIZE, placement="keep")
     control = stage2_pipe.prepare_control(foreground, canvas_mask)
-    ref_latents = stage2_pipe.encode_reference(request.reference, stage2_pipe.default_reference_size(SIZE, SIZE))
+    ref_latents = stage2_pipe.encode_reference(request.reference.image, stage2_pipe.default_reference_size(SIZE, SIZE))
     size = torch.tensor([[SIZE, SIZE]], dtype=model.dtype)
     t = torch.tensor([info.timestep])
     with torch.no_grad():
@@ -279,8 +280,9 @@ def test_reference_with_stage1_model_is_refused_before_heavy_work(stage1_pipe, b
     product, mask = _product()
     for pipe in (stage1_pipe, base_pipe):
         _forbid_heavy_work(pipe, monkeypatch)
-        with pytest.raises(CapabilityError, match="no reference support"):
-            pipe(PROMPT, product, mask, reference=product, steps=2)
+        with pytest.raises(CapabilityError, match="no reference support") as info:
+            pipe(PROMPT, product, mask, reference=product, steps=2, mode="dreampainter")
+        assert "mode='training_free'" in str(info.value)  # names the way that works with this model
 
 
 def test_real_model_size_rule():

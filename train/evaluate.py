@@ -13,7 +13,7 @@ sweep values differ only by their condition. One generation per sample and mode,
 paste-back off; the paste-back result is composited from it exactly as the pipeline does
 (same feather), so both are measured from the same sample.
 
-Metrics (dreampainter_core.metrics has the exact definitions; the report repeats them):
+Metrics (train.metrics has the exact definitions; the report repeats them):
 
 - object_consistency: the paper's 1 - Σ(M_gen ∉ M_gt)/Σ M_gt on the paste-back-OFF image,
   M_gen from a product segmenter: ColorShapeSegmenter with the scene's known product
@@ -61,9 +61,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dreampainter_core.fileio import atomic_write_bytes
-from dreampainter_core import metrics as M
 from dreampainter_core.errors import DreamPainterError
+from dreampainter_core.options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
 
+from . import metrics as M
 from .manifest import ManifestError, load_sample, read_manifest
 from .synthetic import PALETTE, WALL_TONES, scene_regions, tone_palette, wall_tone_colours
 
@@ -236,8 +237,11 @@ def _rembg_segmenter():
 
 class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
-                 palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None):
+                 palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
+                 control: ControlOptions | None = None, reference_options: dict | None = None):
         self.pipe = pipe
+        self.control = control or ControlOptions(mode="dreampainter")
+        self.reference_options = reference_options or {}
         self.steps = steps
         self.guidance = guidance
         self.reference_guidance = reference_guidance
@@ -258,14 +262,19 @@ class Runner:
                  reference_guidance: float | None = None):
         from dreampainter_core.product import paste_back
 
-        request = self.pipe.prepare_inputs(
-            s.image, s.mask, s.reference if reference else None, steps=self.steps, guidance_scale=self.guidance,
-            seed=self.seed + s.index, lora_scale=lora_scale, attention_scale=attention_scale, paste_back=False,
-            reference_guidance=reference_guidance if reference_guidance is not None else self.reference_guidance,
+        request = self.pipe.prepare(
+            s.image, s.mask,
+            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index),
+            reference=ReferenceOptions(
+                image=s.reference if reference else None, lora_scale=lora_scale, attention_scale=attention_scale,
+                guidance=reference_guidance if reference_guidance is not None else self.reference_guidance,
+                **self.reference_options),
+            control=self.control,
+            output=OutputOptions(paste_back=False),
         )
         out = self.pipe.generate(request, self.embeds(s.prompt), self.negative)
         raw = out.images.float().clamp(0, 1)
-        pasted = paste_back(raw, out.foreground, out.mask, feather=self.pipe.feather_radius(request))
+        pasted = paste_back(raw, out.foreground, out.mask, feather=request.output.feather_radius)
         return raw, pasted, out.foreground, out.mask
 
     def measure(self, s: EvalSample, raw, pasted, foreground, mask) -> dict[str, Any]:
@@ -319,9 +328,16 @@ def load_pipeline(model: str, weights: str | None, dtype: torch.dtype = torch.fl
 def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: float = 3.5, seed: int = 0,
              reference_mode: str = "both", sweeps: tuple[str, ...] = (), sweep_values=None,
              segmenter: str = "auto", clip: M.ClipScorer | None = None, keep_images: int = 0,
-             progress: bool = False, reference_guidance: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
-    """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images)."""
-    supports_ref = bool(getattr(pipe.transformer, "supports_reference", False))
+             progress: bool = False, reference_guidance: float | None = None, control_mode: str = "dreampainter",
+             training_free_reference: str = "init", reference_strength: float = 0.8,
+             harmonize: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
+    """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
+
+    control_mode: how the product is held ("dreampainter": the control branch, or on a base model
+    plain T2I + paste-back; "training_free": the product's latent held on its noised trajectory,
+    which follows a reference with any model, by `training_free_reference`)."""
+    training_free = ControlOptions(mode=control_mode).resolved_mode(pipe.transformer.control is not None) == "training_free"
+    supports_ref = training_free or bool(getattr(pipe.transformer, "supports_reference", False))
     has_lora = bool(getattr(pipe.transformer, "has_lora", False))
     notes: list[str] = []
     with_refs = [s for s in samples if s.reference is not None]
@@ -334,7 +350,11 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "tr2i" in modes and not with_refs:
         modes = [m for m in modes if m != "tr2i"]
         notes.append("no sample in the manifest has a reference: TR2I skipped")
-    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance)
+    control = ControlOptions(mode=control_mode) if harmonize is None else ControlOptions(mode=control_mode,
+                                                                                       harmonize=harmonize)
+    runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
+                    control=control, reference_options=dict(training_free_method=training_free_reference,
+                                                            strength=reference_strength))
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -414,6 +434,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "steps": steps,
         "guidance_scale": guidance,
         "reference_guidance": reference_guidance,
+        "control_mode": "training_free" if training_free else "dreampainter",
         "seed": seed,
         "n_samples": len(samples),
         "n_with_reference": len(with_refs),
@@ -647,6 +668,12 @@ def main(argv=None) -> int:
     p.add_argument("--reference-guidance", type=float, default=None,
                    help="TR2I guidance towards the reference, separate from --guidance (default: = --guidance, the "
                         "reference left out of the negative pass; 1: in both passes)")
+    p.add_argument("--mode", choices=("dreampainter", "training_free", "auto"), default="dreampainter",
+                   help="how the product is held: dreampainter (the control branch; on a base model plain T2I + "
+                        "paste-back) or training_free (its latent held on its noised trajectory; any model)")
+    p.add_argument("--training-free-reference", choices=("init", "in_context"), default="init")
+    p.add_argument("--reference-strength", type=float, default=0.8)
+    p.add_argument("--harmonize", type=float, default=None, help="training_free: share of free last steps")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K samples")
     p.add_argument("--reference-mode", choices=("none", "manifest", "both"), default="both",
@@ -692,7 +719,9 @@ def main(argv=None) -> int:
         report, kept = evaluate(pipe, samples, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                 reference_mode=a.reference_mode, sweeps=tuple(dict.fromkeys(a.sweep)),
                                 sweep_values=values, segmenter=segmenter, clip=clip, keep_images=a.sheet,
-                                progress=a.progress, reference_guidance=a.reference_guidance)
+                                progress=a.progress, reference_guidance=a.reference_guidance, control_mode=a.mode,
+                                training_free_reference=a.training_free_reference,
+                                reference_strength=a.reference_strength, harmonize=a.harmonize)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

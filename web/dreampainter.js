@@ -5,7 +5,9 @@
 //   steps through a batch. An orange frame and a title badge warn when 0 < lora_scale < 0.4,
 //   where the paper finds the LoRA stops understanding the reference (attention_scale is the
 //   slider that stays coherent down there).
-//   Once the result is there, the compare slider replaces the stale live step preview.
+//   Once the result is there, the compare slider replaces the stale live step preview. A title
+//   badge says which mode ran (`dreampainter_mode`: dreampainter, or training-free without
+//   DreamPainter weights).
 // * DreamPainter Mask Refine: a caption above its overlay preview with what refining did
 //   (share of the canvas kept, pixels added / removed), sent as `dreampainter_mask`.
 //
@@ -18,6 +20,8 @@ const SAMPLER = "DreamPainterSampler";
 const MASK_REFINE = "DreamPainterMaskRefine";
 const LORA_WARN_BELOW = 0.4;
 const ORANGE = "#e8912d";
+const TEAL = "#3fb7a8";  // the training-free mode badge
+const GREY = "#9aa0a6";
 
 const state = (window.__dreampainter = Object.assign(window.__dreampainter || {}, {
   version: "0.1.0",
@@ -223,6 +227,11 @@ function patchSampler(nodeType) {
     this.__dreampainter.stepPreviews = true;
   });
   chain(proto, "onExecuted", function (message) {
+    const mode = message?.dreampainter_mode;
+    if (this.__dreampainter && Array.isArray(mode) && mode.length) {
+      this.__dreampainter.mode = String(mode[0]);
+      this.setDirtyCanvas(true, false);
+    }
     const pairs = message?.dreampainter_compare;
     const w = this.__dreampainter?.compare;
     if (!w || !Array.isArray(pairs) || !pairs.length) return;
@@ -241,6 +250,12 @@ function patchSampler(nodeType) {
       dropStepPreview(this);
       this.setDirtyCanvas(true, true);
     }
+    const T = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+    let right = this.size[0] - 6;  // title badges are laid out from the right
+    const ran = this.__dreampainter?.mode;
+    if (ran) {  // which mode the last run used (auto picks training_free without DreamPainter weights)
+      right = titleBadge(ctx, ran.replace("_", "-"), right, T, ran === "training_free" ? TEAL : GREY) - 4;
+    }
     const lora = widget(this, "lora_scale");
     const v = Number(lora?.value);
     if (!lora || !(v > 0 && v < LORA_WARN_BELOW)) return;
@@ -254,17 +269,23 @@ function patchSampler(nodeType) {
       ctx.roundRect?.(8, y - 2, this.size[0] - 16, H + 4, 6);
       ctx.stroke();
     }
-    const T = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-    ctx.font = "bold 11px sans-serif";
-    const text = "lora < 0.4 \u26a0";
-    const tw = ctx.measureText(text).width + 10;
-    ctx.fillStyle = ORANGE;
-    ctx.fillRect(this.size[0] - tw - 6, -T + 7, tw, T - 14);
-    ctx.fillStyle = "#111";
-    ctx.textBaseline = "middle";
-    ctx.fillText(text, this.size[0] - tw - 1, -T / 2);
+    titleBadge(ctx, "lora < 0.4 \u26a0", right, T, ORANGE);
     ctx.restore();
   });
+}
+
+/** A filled badge in the title bar whose right edge is at `right`; returns its left edge. */
+function titleBadge(ctx, text, right, T, color) {
+  ctx.save();
+  ctx.font = "bold 11px sans-serif";
+  const tw = ctx.measureText(text).width + 10;
+  ctx.fillStyle = color;
+  ctx.fillRect(right - tw, -T + 7, tw, T - 14);
+  ctx.fillStyle = "#111";
+  ctx.textBaseline = "middle";
+  ctx.fillText(text, right - tw + 5, -T / 2);
+  ctx.restore();
+  return right - tw;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""The sampler's controls, grouped by where they act, each checked once when it is built.
+
+A node, the CLI, ``train.evaluate`` and training validation all build these objects; the
+pipeline consumes them. ``pipe(...)`` keeps its keyword API and builds them from its
+keywords (``options_from_keywords``). Adding a control means a field here (with its check),
+the place where it acts, and the node's schema.
+
+    SamplingOptions   steps, guidance, seed, shift, denoise, guidance_end  -> pipeline.sample
+    ReferenceOptions  image, size, lora_scale, attention modulation, reference guidance
+                                              -> pipeline.sample / transformer / attention processor
+    ControlOptions    mode, control_scale, mask_guidance, harmonize, region_dilate/feather
+                                              -> transformer.control_residuals / pipeline.sample
+    OutputOptions     paste_back, feather, placement, box_ratio            -> product.place_product / paste_back
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import AttentionModulation
+from .errors import InputError
+from .images import as_image_batch
+from .product import PLACEMENTS, normalize_box_ratio
+
+__all__ = [
+    "SamplingOptions",
+    "ReferenceOptions",
+    "ControlOptions",
+    "OutputOptions",
+    "options_from_keywords",
+]
+
+
+def _finite(name: str, value, minimum: float | None = None, hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number{hint}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be >= {minimum}{hint}, got {value}")
+    return float(value)
+
+
+def _whole(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their own fields
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The denoising schedule and classifier-free guidance."""
+
+    steps: int = 50
+    guidance_scale: float = 3.5
+    seed: int = 0
+    shift: float | None = None  # mu; None = CogView4's resolution-dependent shift
+    denoise: float = 1.0  # < 1: start from an init image (ComfyUI's convention)
+    # Fraction of the steps (from the first) that use CFG; the rest run the conditional pass
+    # alone. 1 = CFG on every step (CogView4's sampler). Late steps only refine detail, so
+    # dropping their negative pass saves up to half their cost.
+    guidance_end: float = 1.0
+
+    def __post_init__(self):
+        _set(self, "steps", _whole("steps", self.steps, 1))
+        _set(self, "guidance_scale", _finite("guidance_scale", self.guidance_scale, 0.0))
+        _set(self, "seed", _whole("seed", self.seed, -(2**63)))
+        if self.shift is not None:
+            _set(self, "shift", _finite("shift", self.shift, hint=" (mu; None = CogView4's automatic shift)"))
+        denoise = _finite("denoise", self.denoise)
+        if not 0.0 < denoise <= 1.0:
+            raise InputError(f"denoise must be in (0, 1], got {denoise}")
+        _set(self, "denoise", denoise)
+        end = _finite("guidance_end", self.guidance_end)
+        if not 0.0 <= end <= 1.0:
+            raise InputError(f"guidance_end must be in [0, 1] (the fraction of steps that use CFG; 1 = all), got {end}")
+        _set(self, "guidance_end", end)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def cfg_steps(self, total: int) -> int:
+        """How many of ``total`` steps, from the first, run the negative pass."""
+        return total if self.guidance_end >= 1.0 else int(math.ceil(self.guidance_end * total - 1e-9))
+
+
+TRAINING_FREE_REFERENCE = ("init", "in_context")
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The reference image and how strongly it is followed (stage-2 models)."""
+
+    image: torch.Tensor | None = None  # [B, H, W, 3] (or anything as_image_batch reads)
+    size: tuple[int, int] | None = None  # (width, height) the model sees; None = the pipeline's default
+    lora_scale: float = 1.0
+    attention_scale: float = 1.0
+    renormalize_attention: bool = False
+    guidance: float | None = None  # g_r; None = the text guidance (see pipeline.sample)
+    # Training-free mode only (no stage-2 weights): "init" starts from the product over the
+    # reference, at `strength` (like denoise); "in_context" puts the reference's latent beside
+    # the target as extra tokens on its own noised trajectory (experimental).
+    training_free_method: str = "init"
+    strength: float = 0.8
+    modulation: AttentionModulation = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.image is not None:
+            _set(self, "image", as_image_batch(self.image, "reference"))
+        if self.size is not None:
+            size = (self.size, self.size) if isinstance(self.size, numbers.Integral) else self.size
+            try:
+                width, height = size
+                size = (_whole("reference_size", width, 1), _whole("reference_size", height, 1))
+            except (TypeError, ValueError):
+                raise InputError(f"reference_size must be one side or (width, height) in pixels, "
+                                 f"got {self.size!r}") from None
+            _set(self, "size", size)
+        _set(self, "lora_scale", _finite("lora_scale", self.lora_scale))
+        _set(self, "renormalize_attention", bool(self.renormalize_attention))
+        _set(self, "modulation", AttentionModulation(self.attention_scale, self.renormalize_attention))
+        _set(self, "attention_scale", self.modulation.scale)
+        if self.training_free_method not in TRAINING_FREE_REFERENCE:
+            raise InputError(f"training_free_method must be one of {TRAINING_FREE_REFERENCE}, "
+                             f"got {self.training_free_method!r}")
+        strength = _finite("reference_strength", self.strength)
+        if not 0.0 < strength <= 1.0:
+            raise InputError(f"reference_strength must be in (0, 1] (how much of the schedule repaints the product "
+                             f"over the reference; 1 = from pure noise), got {strength}")
+        _set(self, "strength", strength)
+        if self.guidance is not None:
+            _set(self, "guidance", _finite(
+                "reference_guidance", self.guidance, 0.0,
+                " (None = guidance_scale; 1 = the reference in both CFG passes, higher = follow the reference more)"))
+
+
+MODES = ("auto", "dreampainter", "training_free")
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    """How the product is held: by the stage-1 control branch ("dreampainter"), or with no
+    DreamPainter weights by keeping the product's latent on its own noised trajectory
+    ("training_free"). "auto" takes training_free when the model has no control branch."""
+
+    mode: str = "auto"
+    control_scale: float = 1.0
+    mask_guidance: bool = False  # the branch acts on product tokens only (seed 004's overcompletion fix)
+    # training_free: the share of the last steps that run unconstrained, so that the edge and
+    # the contact shadow can form around the product (0 = held to the end).
+    harmonize: float = 0.2
+    region_dilate: int = 0  # px the held region grows past the mask (covers a loose mask's edge)
+    region_feather: int = 8  # px of soft edge outside it: held for fewer steps the farther out
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        _set(self, "control_scale", _finite("control_scale", self.control_scale))
+        _set(self, "mask_guidance", bool(self.mask_guidance))
+        harmonize = _finite("harmonize", self.harmonize)
+        if not 0.0 <= harmonize <= 1.0:
+            raise InputError(f"harmonize must be in [0, 1] (the share of the last steps that run without holding "
+                             f"the product; 0 = held to the end), got {harmonize}")
+        _set(self, "harmonize", harmonize)
+        _set(self, "region_dilate", _whole("region_dilate", self.region_dilate, 0))
+        _set(self, "region_feather", _whole("region_feather", self.region_feather, 0))
+
+    def resolved_mode(self, has_control_branch: bool) -> str:
+        if self.mode == "auto":
+            return "dreampainter" if has_control_branch else "training_free"
+        return self.mode
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the product goes on the canvas and how its pixels come back."""
+
+    paste_back: bool = True
+    feather: int | None = None  # None = 1 px (an anti-aliasing ramp over the photo's own edge)
+    placement: str = "keep"
+    box_ratio: tuple[float, float] = (0.6, 0.6)
+
+    def __post_init__(self):
+        _set(self, "paste_back", bool(self.paste_back))
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.feather is not None:
+            _set(self, "feather", _whole("feather", self.feather, 0))
+        _set(self, "box_ratio", normalize_box_ratio(self.box_ratio))
+
+    @property
+    def feather_radius(self) -> int:
+        # Wider ramps bring back a ring of the photo's old background (white on studio shots):
+        # use them for loose masks only.
+        return 1 if self.feather is None else self.feather
+
+
+# pipe(...)'s flat keyword -> (group, field). Every keyword belongs to exactly one group.
+KEYWORDS: dict[str, tuple[str, str]] = {
+    **{name: ("sampling", name) for name in ("steps", "guidance_scale", "seed", "shift", "denoise", "guidance_end")},
+    "reference": ("reference", "image"),
+    "reference_size": ("reference", "size"),
+    "reference_guidance": ("reference", "guidance"),
+    "reference_strength": ("reference", "strength"),
+    "training_free_reference": ("reference", "training_free_method"),
+    **{name: ("reference", name) for name in ("lora_scale", "attention_scale", "renormalize_attention")},
+    **{name: ("control", name) for name in ("mode", "control_scale", "mask_guidance", "harmonize", "region_dilate",
+                                            "region_feather")},
+    **{name: ("output", name) for name in ("paste_back", "feather", "placement", "box_ratio")},
+}
+_CLASSES = {"sampling": SamplingOptions, "reference": ReferenceOptions, "control": ControlOptions,
+            "output": OutputOptions}
+
+
+def options_from_keywords(**keywords) -> tuple[dict[str, object], dict[str, object]]:
+    """``pipe(...)``'s flat keywords -> ({"sampling": SamplingOptions, ...}, the keywords left over)."""
+    values: dict[str, dict[str, object]] = {group: {} for group in _CLASSES}
+    left = {}
+    for key, value in keywords.items():
+        if key in KEYWORDS:
+            group, name = KEYWORDS[key]
+            values[group][name] = value
+        else:
+            left[key] = value
+    return {group: cls(**values[group]) for group, cls in _CLASSES.items()}, left
