@@ -18,12 +18,13 @@ fi
 # Not fatal here: without it the ComfyUI tests skip with the reason (and fail under CI=true).
 .venv/bin/python tests/comfy/comfy_harness.py fetch \
   || echo "warning: ComfyUI test host not set up; tests/test_comfy_*.py will skip (fail with CI=true)" >&2
-# The browser test (tests/test_comfy_browser.py) drives Debian's chromium headless. In CI it is
-# installed here when missing (as root, or with sudo); elsewhere the test skips without it.
+# The browser test (tests/test_comfy_browser.py) drives Debian's chromium headless (with a CJK
+# font, so the Chinese-locale screenshot shows glyphs, not boxes). In CI it is installed here when
+# missing (as root, or with sudo); elsewhere the test skips without it.
 chromium_ok() { command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; }
 ci="${CI:-}"
 if [[ "${ci,,}" =~ ^(1|true|yes)$ ]] && ! chromium_ok; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+  $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-wqy-zenhei \
     || echo "warning: could not install chromium; tests/test_comfy_browser.py will fail (CI=true)" >&2
 fi

@@ -9,6 +9,8 @@ Needs Debian's chromium (scripts/setup.sh installs it when CI=true) and the fron
 
 import asyncio
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,12 +19,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
-from browser import Browser, Page, find_chromium  # noqa: E402
+from browser import Browser, Page, find_chromium, user_settings  # noqa: E402
 from node_spec import NODES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 ARTIFACTS = REPO / "test-artifacts"
+#: the Chinese UI for the README; written there only with DP_SCREENSHOTS=1 (always to test-artifacts/)
+ZH_SCREENSHOT = REPO / "docs" / "screenshots" / "comfy_zh.png"
+ZH_DEFS = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
 TR2I = next((p for p in WORKFLOWS if "TR2I" in p.stem), None)
 AUTO_MASK = next((p for p in WORKFLOWS if "auto_mask" in p.stem), None)
 VIEW = (1600, 1000)
@@ -81,6 +86,46 @@ COMPARE_RECT_JS = """(() => {
     return [r.left + cx, r.top + cy];
   };
   return {a: toPage(dx + 0.25 * dw, dy + dh / 2), split: w.split, pairs: w.pairs.length};
+})()"""
+
+
+# Select a node and press the selection toolbox's info button (what a user does): the node library's help
+# panel opens with the node's page from web/docs/<NodeId>/<locale>.md (frontend: /extensions/<pack>/docs/...).
+HELP_JS = """(async (type) => {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.nodes.find(n => n.type === type);
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  app.canvas.deselectAll?.();
+  app.canvas.selectNode(node);
+  app.canvas.setDirty(true, true);
+  const t0 = Date.now();
+  let button = null;
+  while (!(button = document.querySelector('[data-testid="info-button"]')) && Date.now() - t0 < 15000) await sleep(200);
+  if (!button) return {error: "no info button in the selection toolbox"};
+  button.click();
+  while (Date.now() - t0 < 30000) {
+    const el = document.querySelector('.node-help-content');
+    if (el && el.innerText.trim().length > 100) { app.canvas.deselectAll?.(); return {text: el.innerText}; }
+    await sleep(200);
+  }
+  return {error: "the help panel stayed empty"};
+})"""
+
+# What the canvas shows for the pack's nodes: titles, widget labels, input slot names (localized).
+NAMES_JS = """(() => Object.fromEntries(window.comfyAPI.app.app.graph.nodes
+  .filter(n => n.type.startsWith("DreamPainter"))
+  .map(n => [n.type, {title: n.title,
+                      widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.label ?? null])),
+                      inputs: Object.fromEntries((n.inputs || []).map(i => [i.name, i.localized_name ?? i.label ?? null]))}])))()"""
+
+# Bring the Sampler (and its neighbours) into view at 100 % beside the help panel, for the screenshot.
+FRAME_SAMPLER_JS = """(() => {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.nodes.find(n => n.type === "DreamPainterSampler");
+  app.canvas.ds.scale = 1.0;
+  app.canvas.ds.offset = [760 - node.pos[0], 90 - node.pos[1]];
+  app.canvas.setDirty(true, true);
+  return true;
 })()"""
 
 
@@ -150,6 +195,11 @@ async def _session(host, chromium: str) -> dict:
                 out["compare"] = {"before": rect, "after": await page.evaluate(COMPARE_RECT_JS)}
                 out["tr2i_run_errors"] = page.errors(mark, ignore=_external)
                 out["screens"]["tr2i_run"] = await page.screenshot(ARTIFACTS / "tr2i_executed.png")
+                mark = len(page.messages)
+                out["help_en"] = await page.evaluate(f"{HELP_JS}('DreamPainterSampler')", timeout=60)
+                out["help_en"]["urls"] = page.requested("/docs/DreamPainterSampler/")
+                out["help_en"]["errors"] = page.errors(mark, ignore=_external)
+                out["screens"]["help_en"] = await page.screenshot(ARTIFACTS / "help_en.png")
             out["all_messages"] = list(page.messages)
     return out
 
@@ -174,6 +224,55 @@ def browser(request):
         shots = ", ".join(str(p) for p in result["screens"].values())
         print(f"\n[browser] UI ready in {result['ui_ready_s']:.1f} s, session {result['session_s']:.1f} s; "
               f"screenshots: {shots}")
+    return result
+
+
+async def _zh_session(host, chromium: str) -> dict:
+    """The UI in Chinese (Comfy.Locale = zh, as the settings dialog stores it): the TR2I workflow, its
+    node names, the Sampler's help page, a screenshot."""
+    out = {}
+    settings = host.base / "user" / "default" / "comfy.settings.json"
+    with user_settings(settings, **{"Comfy.Locale": "zh"}), Browser(chromium, *VIEW) as browser:
+        async with Page(browser.page_ws_url) as page:
+            await page.send("Emulation.setDeviceMetricsOverride",
+                            {"width": VIEW[0], "height": VIEW[1], "deviceScaleFactor": 1, "mobile": False})
+            await page.send("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": "localStorage.setItem('vueNodesBannerDismissed', 'true')"})
+            await page.goto(host.url + "/")
+            await page.wait_for("!!(window.comfyAPI?.app?.app?.graph && window.__dreampainter?.active)", 120)
+            await asyncio.sleep(1.0)
+            out["locale"] = await page.evaluate(
+                "window.comfyAPI.app.app.extensionManager.setting.get('Comfy.Locale')")
+            wf = json.loads(TR2I.read_text(encoding="utf-8"))
+            await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'DreamPainter TR2I')")
+            try:  # the names can arrive a moment after the graph
+                await page.wait_for(f"window.comfyAPI.app.app.graph.nodes.some(n => n.title === "
+                                    f"{json.dumps(ZH_DEFS['DreamPainterSampler']['display_name'])})", 20)
+            except TimeoutError:
+                pass
+            out["names"] = await page.evaluate(NAMES_JS)
+            out["help"] = await page.evaluate(f"{HELP_JS}('DreamPainterSampler')", timeout=60)
+            out["help"]["urls"] = page.requested("/docs/DreamPainterSampler/")
+            await page.evaluate(FRAME_SAMPLER_JS)
+            await asyncio.sleep(0.8)
+            shot = await page.screenshot(ARTIFACTS / "comfy_zh.png")
+            if os.environ.get("DP_SCREENSHOTS"):
+                ZH_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shot, ZH_SCREENSHOT)
+            out["screenshot"] = shot
+            out["errors"] = page.errors(ignore=_external)
+    out["settings_restored"] = json.loads(settings.read_text(encoding="utf-8")).get("Comfy.Locale")
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser_zh(browser, request):
+    """After the English session (``browser``): the same host with the UI set to Chinese."""
+    host = h.get_host()
+    result = asyncio.run(_zh_session(host, find_chromium()))
+    capmanager = request.config.pluginmanager.getplugin("capturemanager")
+    with capmanager.global_and_fixture_disabled():
+        print(f"\n[browser] Chinese UI screenshot: {result['screenshot']}")
     return result
 
 
@@ -240,4 +339,44 @@ def test_prompts_queued_from_the_ui_carry_no_extension_widgets(browser):
         sampler = next(n for n in prompt.values() if n["class_type"] == "DreamPainterSampler")
         assert set(required) <= set(sampler["inputs"]) <= set(required) | set(optional), sorted(sampler["inputs"])
         saved = next(n for n in extra["extra_pnginfo"]["workflow"]["nodes"] if n["type"] == "DreamPainterSampler")
-        assert len(saved["widgets_values"]) == 12  # 11 widgets (reference_cfg too) + seed's "control after generate"
+        # 16 widgets (the optional ones too) + seed's "control after generate"
+        assert len(saved["widgets_values"]) == 17
+
+
+def test_help_page_shows_in_english(browser):
+    """The Sampler's help page (web/docs/DreamPainterSampler/en.md) in the node library's help panel."""
+    help_en = browser["help_en"]
+    assert "text" in help_en, help_en
+    text = help_en["text"]
+    assert text.startswith("DreamPainter Sampler"), text[:200]
+    assert "Do not lower lora_scale below about 0.4" in text and "attention_scale" in text, text[:2000]
+    assert any(u.endswith("/extensions/ComfyUI-DreamPainter/docs/DreamPainterSampler/en.md")
+               for u in help_en["urls"]), help_en["urls"]
+    assert not [e for e in help_en["errors"] if _ours(e[1])], help_en["errors"]
+
+
+def test_chinese_locale_shows_the_pack_in_chinese(browser_zh):
+    """Comfy.Locale = zh: the pack's nodes carry their locales/zh names (titles, widget labels, input
+    slots) on the canvas, and the help panel shows web/docs/<NodeId>/zh.md."""
+    assert browser_zh["locale"] == "zh"
+    names = browser_zh["names"]
+    assert set(names) >= {"DreamPainterModelLoader", "DreamPainterSampler", "DreamPainterReferenceEncode"}, names
+    for node_type, shown in names.items():
+        zh = ZH_DEFS[node_type]
+        assert shown["title"] == zh["display_name"], (node_type, shown["title"])
+        for name, label in shown["widgets"].items():
+            if name in zh["inputs"]:
+                assert label == zh["inputs"][name]["name"], (node_type, name, label)
+        for name, label in shown["inputs"].items():
+            assert label == zh["inputs"][name]["name"], (node_type, name, label)
+    sampler = names["DreamPainterSampler"]
+    assert sampler["title"] == "DreamPainter 采样器"
+    assert sampler["widgets"]["lora_scale"] == "LoRA 强度" and sampler["inputs"]["model"] == "模型"
+    help_zh = browser_zh["help"]
+    assert "text" in help_zh, help_zh
+    assert help_zh["text"].startswith("DreamPainter 采样器") and "不要把 lora_scale 降到约 0.4 以下" in help_zh["text"]
+    assert any(u.endswith("/extensions/ComfyUI-DreamPainter/docs/DreamPainterSampler/zh.md")
+               for u in help_zh["urls"]), help_zh["urls"]
+    assert not [e for e in browser_zh["errors"] if _ours(e[1])], browser_zh["errors"]
+    assert browser_zh["screenshot"].stat().st_size > 50_000
+    assert browser_zh["settings_restored"] is None  # the other tests' host is English again

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
-from node_spec import CATEGORY, NODES  # noqa: E402
+from node_spec import CATEGORIES, NODES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,7 @@ def test_object_info_lists_every_node_with_its_inputs(object_info):
     for node_id, (required, optional, outputs) in NODES.items():
         assert node_id in object_info, f"{node_id} missing from /object_info"
         info = object_info[node_id]
-        assert info["category"] == CATEGORY
+        assert info["category"] == CATEGORIES[node_id], (node_id, info["category"])
         assert list(info["input"]["required"]) == required, node_id
         assert list(info["input"].get("optional", {})) == optional, node_id
         assert info["output"] == outputs, node_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -35,6 +36,24 @@ def find_chromium() -> str | None:
         if os.access(c, os.X_OK):
             return c
     return shutil.which("chromium")
+
+
+@contextlib.contextmanager
+def user_settings(path: Path, **changes):
+    """The ComfyUI user's comfy.settings.json (what the frontend reads at page load) with ``changes``
+    for the duration, then exactly as it was, e.g. ``user_settings(path, **{"Comfy.Locale": "zh"})``."""
+    before = path.read_text(encoding="utf-8") if path.is_file() else None
+    settings = json.loads(before) if before else {}
+    settings.update(changes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=4), encoding="utf-8")
+    try:
+        yield settings
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before, encoding="utf-8")
 
 
 def _free_port() -> int:
@@ -194,6 +213,10 @@ class Page:
                 last = str(e)
             await asyncio.sleep(interval)
         raise TimeoutError(f"waited {timeout:.0f} s for {expression!r}; last value {last!r}")
+
+    def requested(self, fragment: str) -> list[str]:
+        """URLs the page requested so far that contain ``fragment``."""
+        return [u for u in self.urls.values() if fragment in u]
 
     async def goto(self, url: str) -> None:
         await self.send("Page.navigate", {"url": url})

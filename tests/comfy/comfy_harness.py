@@ -210,8 +210,7 @@ def build_base_dir(base: Path) -> Path:
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from dreampainter_core.tiny import write_tiny_model
-    from dreampainter_core.weights import write_random_dreampainter_weights
+    from train.tiny import write_random_dreampainter_weights, write_tiny_model
 
     custom = base / "custom_nodes"
     custom.mkdir(parents=True)

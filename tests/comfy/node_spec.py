@@ -33,7 +33,9 @@ NODES = {
         ["MASK"]),
     "DreamPainterSampler": (
         ["model", "conditioning", "vae", "product", "mask", "seed", "steps", "cfg", "shift", "denoise",
-         "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"], ["reference", "reference_cfg"],
+         "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"],
+        ["reference", "reference_cfg", "guidance_end", "mode", "harmonize", "reference_strength",
+         "training_free_reference"],
         ["IMAGE", "LATENT", "MASK"]),
     "DreamPainterComposite": (
         ["generated", "product", "mask", "feather", "color_match", "color_ring"], [],
@@ -41,3 +43,16 @@ NODES = {
 }
 
 CATEGORY = "DreamPainter"
+# Add Node menu: one sub-category per role (nodes/sockets.py)
+CATEGORIES = {
+    "DreamPainterModelLoader": "DreamPainter/loaders",
+    "DreamPainterTextEncoderLoader": "DreamPainter/loaders",
+    "DreamPainterVAELoader": "DreamPainter/loaders",
+    "DreamPainterTextEncode": "DreamPainter/conditioning",
+    "DreamPainterReferenceEncode": "DreamPainter/conditioning",
+    "DreamPainterProductPrep": "DreamPainter/image",
+    "DreamPainterComposite": "DreamPainter/image",
+    "DreamPainterMaskRefine": "DreamPainter/mask",
+    "DreamPainterAutoMask": "DreamPainter/mask",
+    "DreamPainterSampler": "DreamPainter/sampling",
+}

@@ -86,19 +86,19 @@ class DPTestAutoMaskWithoutRembg:
         import nodes as comfy_nodes
 
         node = comfy_nodes.NODE_CLASS_MAPPINGS["DreamPainterAutoMask"]
-        module = sys.modules[node.__module__]
+        adapter = sys.modules[node.__module__].auto_mask  # the pack's dreampainter_core.auto_mask
         saved = {k: v for k, v in sys.modules.items() if k == "rembg" or k.startswith("rembg.")}
-        sessions = dict(module._SESSIONS)
+        maskers = dict(adapter._MASKERS)
         for k in saved:
             del sys.modules[k]
         sys.modules["rembg"] = None  # import rembg -> ImportError
-        module._SESSIONS.clear()
+        adapter._MASKERS.clear()
         try:
             node.execute(image=image, model="u2netp", threshold=0.5)
         finally:
             del sys.modules["rembg"]
             sys.modules.update(saved)
-            module._SESSIONS.update(sessions)
+            adapter._MASKERS.update(maskers)
         return {}
 
 
