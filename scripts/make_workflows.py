@@ -3,7 +3,7 @@ template browser (the graph drawn by the real frontend in headless Chromium) and
 images in workflows/input/. Maintainer tool, not run by CI: the files are committed, and the tests
 load the workflows in the real frontend and run them through POST /prompt.
 
-    .venv/bin/python scripts/make_workflows.py            # starts the test host for /object_info
+    .venv/bin/python scripts/make_workflows.py [NAME ...]   # starts the test host for /object_info
 
 The node slots, widget order and widget defaults come from the running ComfyUI's /object_info, so the
 files match what the frontend (1.32.x) itself saves: widget inputs listed as input slots, seed's
@@ -474,11 +474,46 @@ def batch(info) -> Workflow:
     return wf
 
 
+def training_free(info) -> Workflow:
+    wf = Workflow(info, "training_free")
+    model, enc, vae = models_and_prompt(
+        wf, "none", "a sunlit stone terrace by the sea, soft morning light, product photography")
+    prep = product_inputs(wf)
+    ref_img = wf.add("LoadImage", (400, 680), {"image": "dreampainter_reference.png"}, width=300, height=330)
+    ref = wf.add("DreamPainterReferenceEncode", (720, 680), {"resolution": 1024, "policy": "crop"}, width=300,
+                 height=130)
+    wf.link(ref_img, "IMAGE", ref, "image")
+    wf.group("Reference (optional: delete this group for plain T2I)", [ref_img, ref])
+    s = sampler(wf, (1090, 0), model, enc, vae, prep, "foreground", prep, "mask", mode="training_free",
+                harmonize=0.2, reference_strength=0.85, training_free_reference="init")
+    wf.link(ref, "reference", s, "reference")
+    wf.group("Generate", [s])
+    save = wf.add("SaveImage", (1500, 0), {"filename_prefix": "DreamPainter/training_free"}, width=520, height=560)
+    wf.link(s, "image", save, "images")
+    wf.note((1500, 620), "\n\n".join([
+        "Training-free: the public CogView4-6B alone, no DreamPainter file (DreamPainter weights = none).\n"
+        "mode training_free keeps the product's latent on its own noised path at every step while the background "
+        "is painted around it, so the scene is drawn with the product in it (not pasted on top afterwards). "
+        "harmonize = the share of the last steps that run free, so the edge and the contact shadow blend in; "
+        "paste_back then restores the exact product pixels. The title badge shows which mode ran.",
+        "Reference without stage 2: training_free_reference=init starts from the product over the reference at "
+        "reference_strength (like denoise: lower keeps more of the reference). in_context (experimental) puts the "
+        "reference beside the canvas as extra tokens, weighted by attention_scale.",
+        "\n".join(line for line in MODELS.format(weights="", stage="").splitlines()
+                  if "models/dreampainter/" not in line),  # no DreamPainter file here
+        IMAGES,
+        "When you have DreamPainter weights (models/dreampainter/, made by python -m train.stage1 and train.stage2), "
+        "load them: mode auto then uses the control branch (and the LoRA for "
+        "references), which harmonises better."]), width=520, height=620)
+    return wf
+
+
 WORKFLOWS = {
     "DreamPainter_1_T2I_background": t2i,
     "DreamPainter_2_TR2I_reference": tr2i,
     "DreamPainter_3_auto_mask_refine_paste_back": auto_mask,
     "DreamPainter_4_batch_of_products": batch,
+    "DreamPainter_5_training_free_CogView4": training_free,
 }
 
 
@@ -527,7 +562,9 @@ def main() -> None:
     host = h.get_host()
     info = host.get("/object_info")
     paths = []
-    for name, build in WORKFLOWS.items():
+    # Names on the command line rewrite only those (workflows users already saved stay as they were).
+    chosen = [a for a in sys.argv[1:] if a in WORKFLOWS] or list(WORKFLOWS)
+    for name, build in ((n, WORKFLOWS[n]) for n in chosen):
         path = OUT / f"{name}.json"
         path.write_text(json.dumps(build(info).to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         paths.append(path)

@@ -88,8 +88,14 @@ def test_workflow_file_is_consistent_ui_format(path):
     notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     assert len(notes) == 1
     text = notes[0]["widgets_values"][0]
-    for word in ("lora_scale", "attention_scale", "0.4", "models/diffusers/CogView4-6B", "models/dreampainter"):
+    training_free = _weights(wf) == "none"  # the public base alone: no LoRA slider to explain
+    words = ("training_free", "harmonize") if training_free else ("lora_scale", "0.4")
+    for word in words + ("attention_scale", "models/diffusers/CogView4-6B", "models/dreampainter"):
         assert word in text, word
+
+
+def _weights(wf: dict) -> str:
+    return next(n for n in wf["nodes"] if n["type"] == "DreamPainterModelLoader")["widgets_values"][1]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
@@ -103,8 +109,13 @@ def test_workflow_model_names_match_the_readme(path):
                                                    "DreamPainterVAELoader"))
     assert model["widgets_values"][0] == BASE and te["widgets_values"][0] == BASE and vae["widgets_values"][0] == BASE
     weights = model["widgets_values"][1]
+    (sampler,) = by_type["DreamPainterSampler"]
+    (mode,) = {"auto", "training_free", "dreampainter"} & set(sampler["widgets_values"])  # the mode combo
+    if weights == "none":  # the public base alone: only the training-free mode can keep the product
+        assert mode in ("auto", "training_free"), mode
+        return
     assert weights in TINY_WEIGHTS and weights in README, weights
-    if "DreamPainterReferenceEncode" in by_type:
+    if "DreamPainterReferenceEncode" in by_type and mode != "training_free":
         assert weights == "dreampainter_stage2.safetensors", "a reference needs a stage-2 file"
     for n in by_type.get("LoadImage", []) + by_type.get("LoadImageMask", []):
         assert (WORKFLOW_DIR / "input" / n["widgets_values"][0]).is_file(), n["widgets_values"][0]
@@ -159,8 +170,9 @@ def _shrink(api: dict) -> None:
     for node in api.values():
         ct, inp = node["class_type"], node["inputs"]
         if ct == "DreamPainterModelLoader":
-            assert inp["transformer"] == BASE and inp["dreampainter_weights"] in TINY_WEIGHTS
-            inp.update(transformer=MINIATURE, dreampainter_weights=MINIATURE_WEIGHTS, weight_dtype="fp32")
+            assert inp["transformer"] == BASE and inp["dreampainter_weights"] in {*TINY_WEIGHTS, "none"}
+            weights = "none" if inp["dreampainter_weights"] == "none" else MINIATURE_WEIGHTS  # base alone stays so
+            inp.update(transformer=MINIATURE, dreampainter_weights=weights, weight_dtype="fp32")
         elif ct == "DreamPainterTextEncoderLoader":
             assert inp["text_encoder"] == BASE
             inp.update(text_encoder=MINIATURE, weight_dtype="fp32")
