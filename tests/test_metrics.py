@@ -148,6 +148,26 @@ def test_masked_psnr_counts_only_the_mask():
         M.masked_psnr(a, b, np.zeros((8, 8), bool))
 
 
+
+def test_seam_error_scores_a_hard_pasted_edge_against_a_soft_real_one():
+    yy, xx = np.mgrid[0:32, 0:32]
+    mask = (np.abs(yy - 16) < 8) & (np.abs(xx - 16) < 8)
+    band = M.edge_band(mask, 3)
+    assert band[16, 6] and band[16, 11] and not band[16, 5] and not band[16, 12]  # mask columns 9..23, 3 px each side
+    product = np.full((32, 32, 3), 0.8)
+    soft = np.where(mask[..., None], product, 0.6)  # the photo: a gentle step at the edge
+    assert M.seam_error(soft, soft, mask) == 0.0
+    hard = np.where(mask[..., None], product, 0.0)  # pasted on a background that does not meet it
+    assert M.seam_error(hard, soft, mask) == pytest.approx(np.abs(
+        M._gradient_magnitude(hard) - M._gradient_magnitude(soft))[band].mean())
+    assert M.seam_error(hard, soft, mask) > 10 * M.seam_error(soft + 0.01 * (xx % 2)[..., None], soft, mask) > 0
+    far = soft.copy()
+    far[0:2] = 0.0  # changes far from the edge do not count
+    assert M.seam_error(far, soft, mask) == 0.0
+    assert list(M.seam_error(np.stack([soft, hard]), soft, mask) > 0) == [False, True]
+    with pytest.raises(InputError, match="no edge"):
+        M.seam_error(soft, soft, np.zeros((32, 32), bool))
+
 # ----------------------------------------------------------------------------- scene adherence
 
 

@@ -21,6 +21,8 @@ Metrics (train.metrics has the exact definitions; the report repeats them):
 - product_psnr_raw / product_psnr_pasted: PSNR inside the mask against the input product,
   without and with paste-back (reported capped at 100 dB; product_exact_pasted says
   whether every product pixel is bit-exact).
+- seam_error: how far the colour gradient across the product edge (a 3 px band each side)
+  is from the ground-truth photo's, on the paste-back image; lower is better.
 - background_color / table_color / pattern adherence (synthetic scenes): the ground-truth
   wall / stand-top regions of the scene classified against the palette; prompt_adherence =
   background and table colour both right.
@@ -86,6 +88,9 @@ DEFINITIONS = {
     "product_psnr_raw": f"PSNR (dB) inside the mask vs the input product, paste-back off (capped at {PSNR_CAP:g})",
     "product_psnr_pasted": f"PSNR (dB) inside the mask vs the input product, paste-back on (capped at {PSNR_CAP:g})",
     "product_exact_pasted": "every product pixel bit-identical to the input after paste-back",
+    "seam_error": "mean over the band within 3 px of the mask edge of | |grad image| - |grad truth| | (RGB "
+                  "forward differences, 0..1 units), paste-back image vs the ground-truth photo: a hard or "
+                  "haloed edge, or a missing contact shadow, scores high (lower is better)",
     "background_color": "10%-trimmed mean colour of the wall probe (the scene's wall above base_y - 0.2 H, away "
                         "from the product) classified as the nearest palette colour (CIELAB) == prompt's",
     "table_color": "10%-trimmed mean colour of the brightest 30% of the stand probe (stand top within 3% of the "
@@ -107,7 +112,7 @@ DEFINITIONS = {
                          "interval over scenes (2000 resamples, seeded), shares of scenes where either is ahead",
 }
 # Metrics averaged in summaries; booleans become the fraction of True.
-NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted",
+NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted", "seam_error",
            "reference_similarity", "reference_pixel_similarity", "quality", "clip_t", "clip_i")
 BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "prompt_adherence", "wall_tone")
 
@@ -238,8 +243,10 @@ def _rembg_segmenter():
 class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
-                 control: ControlOptions | None = None, reference_options: dict | None = None):
+                 control: ControlOptions | None = None, reference_options: dict | None = None,
+                 lora_scale: float = 1.0):
         self.pipe = pipe
+        self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
         self.control = control or ControlOptions(mode="dreampainter")
         self.reference_options = reference_options or {}
         self.steps = steps
@@ -258,7 +265,7 @@ class Runner:
             self._embeds[prompt] = self.pipe.encode_prompt([prompt])
         return self._embeds[prompt]
 
-    def generate(self, s: EvalSample, reference: bool, lora_scale: float = 1.0, attention_scale: float = 1.0,
+    def generate(self, s: EvalSample, reference: bool, lora_scale: float | None = None, attention_scale: float = 1.0,
                  reference_guidance: float | None = None):
         from dreampainter_core.product import paste_back
 
@@ -266,7 +273,8 @@ class Runner:
             s.image, s.mask,
             sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index),
             reference=ReferenceOptions(
-                image=s.reference if reference else None, lora_scale=lora_scale, attention_scale=attention_scale,
+                image=s.reference if reference else None,
+                lora_scale=self.lora_scale if lora_scale is None else lora_scale, attention_scale=attention_scale,
                 guidance=reference_guidance if reference_guidance is not None else self.reference_guidance,
                 **self.reference_options),
             control=self.control,
@@ -289,6 +297,7 @@ class Runner:
         row["product_psnr_raw"] = float(M.masked_psnr(raw[0], foreground[0], mask[0]))
         row["product_psnr_pasted"] = float(M.masked_psnr(pasted[0], foreground[0], mask[0]))
         row["product_exact_pasted"] = bool(M.masked_max_abs_error(pasted[0], foreground[0], mask[0]) == 0.0)
+        row["seam_error"] = float(M.seam_error(pasted[0], s.image[0], mask[0]))  # what the user gets, vs the photo
         image = pasted[0]
         reg = s.regions or {}
         if s.scene is not None and self.palette is not None:
@@ -330,7 +339,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              segmenter: str = "auto", clip: M.ClipScorer | None = None, keep_images: int = 0,
              progress: bool = False, reference_guidance: float | None = None, control_mode: str = "dreampainter",
              training_free_reference: str = "init", reference_strength: float = 0.8,
-             harmonize: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
+             harmonize: float | None = None, lora_scale: float = 1.0) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -354,7 +363,8 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
                                                                                        harmonize=harmonize)
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
-                                                            strength=reference_strength))
+                                                            strength=reference_strength),
+                    lora_scale=lora_scale)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -435,6 +445,10 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "guidance_scale": guidance,
         "reference_guidance": reference_guidance,
         "control_mode": "training_free" if training_free else "dreampainter",
+        "harmonize": runner.control.harmonize if training_free else None,
+        "training_free_reference": training_free_reference if training_free else None,
+        "reference_strength": reference_strength if training_free and training_free_reference == "init" else None,
+        "lora_scale": lora_scale if has_lora else None,
         "seed": seed,
         "n_samples": len(samples),
         "n_with_reference": len(with_refs),
@@ -674,6 +688,8 @@ def main(argv=None) -> int:
     p.add_argument("--training-free-reference", choices=("init", "in_context"), default="init")
     p.add_argument("--reference-strength", type=float, default=0.8)
     p.add_argument("--harmonize", type=float, default=None, help="training_free: share of free last steps")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="LoRA scale outside the sweeps (0 on a stage-2 file: exactly its stage-1 model)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K samples")
     p.add_argument("--reference-mode", choices=("none", "manifest", "both"), default="both",
@@ -721,7 +737,8 @@ def main(argv=None) -> int:
                                 sweep_values=values, segmenter=segmenter, clip=clip, keep_images=a.sheet,
                                 progress=a.progress, reference_guidance=a.reference_guidance, control_mode=a.mode,
                                 training_free_reference=a.training_free_reference,
-                                reference_strength=a.reference_strength, harmonize=a.harmonize)
+                                reference_strength=a.reference_strength, harmonize=a.harmonize,
+                                lora_scale=a.lora_scale)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -344,6 +344,43 @@ def masked_max_abs_error(a, b, mask):
     return _out(np.array([float(np.abs(x[i] - y[i])[m[i]].max()) for i in range(x.shape[0])]), single)
 
 
+def _gradient_magnitude(x: np.ndarray) -> np.ndarray:
+    """[H, W, 3] -> [H, W]: RGB forward-difference gradient magnitude (the last row/column repeat)."""
+    dx = np.diff(x, axis=1, append=x[:, -1:])
+    dy = np.diff(x, axis=0, append=x[-1:])
+    return np.sqrt((dx**2 + dy**2).sum(-1))
+
+
+def edge_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """[H, W] bool -> the pixels within `width` of the mask's boundary, on both sides
+    (dilated minus eroded, square structuring element)."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    k = 2 * width + 1
+    dilated = F.max_pool2d(m, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-m, k, stride=1, padding=width)
+    return ((dilated - eroded)[0, 0] > 0.5).numpy()
+
+
+def seam_error(image, truth, mask, width: int = 3):
+    """How far the colour gradient across the product edge is from the ground truth's: the mean, over
+    the band of pixels within `width` of the mask boundary, of | |grad image| - |grad truth| | (0..1 RGB
+    units per pixel). A pasted product on a background that does not meet it (a halo, a missing
+    contact shadow, a hard colour step) scores high; 0 means the edge looks like the real photo's."""
+    x, sa = _images(image, "image")
+    y, sb = _images(truth, "truth")
+    m, sm = _masks(mask, "mask")
+    _same_hw("image", x, "truth", y)
+    _same_hw("image", x, "mask", m)
+    x, y, m = _batch(x, y, m)
+    vals = []
+    for i in range(x.shape[0]):
+        band = edge_band(m[i], width)
+        if not band.any():
+            raise InputError("mask has no edge (empty or the whole image): no seam to measure")
+        vals.append(float(np.abs(_gradient_magnitude(x[i]) - _gradient_magnitude(y[i]))[band].mean()))
+    return _out(np.array(vals), sa and sb and sm)
+
+
 # ----------------------------------------------------------------------------- colour adherence
 
 
