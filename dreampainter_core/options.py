@@ -128,7 +128,7 @@ class ReferenceOptions:
         _set(self, "modulation", AttentionModulation(self.attention_scale, self.renormalize_attention))
         _set(self, "attention_scale", self.modulation.scale)
         if self.training_free_method not in TRAINING_FREE_REFERENCE:
-            raise InputError(f"training_free_method must be one of {TRAINING_FREE_REFERENCE}, "
+            raise InputError(f"training_free_reference must be one of {TRAINING_FREE_REFERENCE}, "
                              f"got {self.training_free_method!r}")
         strength = _finite("reference_strength", self.strength)
         if not 0.0 < strength <= 1.0:
