@@ -30,6 +30,8 @@ ZH_SCREENSHOT = REPO / "docs" / "screenshots" / "comfy_zh.png"
 ZH_DEFS = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
 TR2I = next((p for p in WORKFLOWS if "TR2I" in p.stem), None)
 AUTO_MASK = next((p for p in WORKFLOWS if "auto_mask" in p.stem), None)
+TRAINING_FREE = next((p for p in WORKFLOWS if "training_free" in p.stem), None)
+TRAINING_FREE_SCREENSHOT = REPO / "docs" / "screenshots" / "training_free_executed.png"
 VIEW = (1600, 1000)
 
 LOAD_JS = """(async (wf, name) => {
@@ -171,7 +173,7 @@ async def _session(host, chromium: str) -> dict:
             mini_weights = "dreampainter_miniature.safetensors"  # stage 2: runs both kinds of graph
             target = {"model": "[diffusers] dreampainter-miniature", "lora_scale": 0.3, "shrink": 8, "steps": 8,
                     "weights": {"dreampainter_stage1.safetensors": mini_weights,
-                                "dreampainter_stage2.safetensors": mini_weights}}
+                                "dreampainter_stage2.safetensors": mini_weights, "none": "none"}}
             if AUTO_MASK is not None:  # Mask Refine's caption
                 mark = len(page.messages)
                 wf = json.loads(AUTO_MASK.read_text(encoding="utf-8"))
@@ -182,6 +184,25 @@ async def _session(host, chromium: str) -> dict:
                 await asyncio.sleep(0.5)
                 out["automask_run_errors"] = page.errors(mark, ignore=_external)
                 out["screens"]["automask_run"] = await page.screenshot(ARTIFACTS / "automask_executed.png")
+            if TRAINING_FREE is not None:  # the public base alone: no DreamPainter file, the mode badge
+                mark = len(page.messages)
+                wf = json.loads(TRAINING_FREE.read_text(encoding="utf-8"))
+                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'training-free run')")
+                base_alone = {**target, "lora_scale": 1.0}  # no LoRA here: its slider stays at the default
+                await page.evaluate(f"{RUN_JS}({json.dumps(base_alone)})")
+                await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
+                await asyncio.sleep(0.5)
+                out["training_free_mode"] = await page.evaluate(
+                    "window.comfyAPI.app.app.graph.nodes.find(n => n.type === 'DreamPainterSampler')"
+                    ".__dreampainter.mode")
+                await page.evaluate(FRAME_SAMPLER_JS)
+                await asyncio.sleep(0.5)
+                out["training_free_run_errors"] = page.errors(mark, ignore=_external)
+                shot = await page.screenshot(ARTIFACTS / "training_free_executed.png")
+                out["screens"]["training_free_run"] = shot
+                if os.environ.get("DP_SCREENSHOTS"):
+                    TRAINING_FREE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(shot, TRAINING_FREE_SCREENSHOT)
             if TR2I is not None:  # the Sampler's compare slider, then hover to move its split
                 mark = len(page.messages)
                 wf = json.loads(TR2I.read_text(encoding="utf-8"))
@@ -218,7 +239,7 @@ def browser(request):
     t0 = time.monotonic()
     result = asyncio.run(_session(host, chromium))
     result["session_s"] = time.monotonic() - t0
-    result["history"] = host.get("/history?max_items=2")  # the two prompts the browser queued
+    result["history"] = host.get("/history?max_items=3")  # the prompts the browser queued
     capmanager = request.config.pluginmanager.getplugin("capturemanager")
     with capmanager.global_and_fixture_disabled():
         shots = ", ".join(str(p) for p in result["screens"].values())
@@ -315,6 +336,14 @@ def test_tr2i_screenshot_kept(browser):
     assert shot.is_file() and shot.stat().st_size > 20_000  # a rendered graph, not a blank page
 
 
+def test_training_free_workflow_runs_from_the_browser_with_no_dreampainter_file(browser):
+    """Workflow 5 on the miniature base alone: it completes and the Sampler's badge says which mode ran."""
+    assert browser["training_free_run_errors"] == [], browser["training_free_run_errors"]
+    assert browser["training_free_mode"] == "training_free"
+    shot = browser["screens"]["training_free_run"]
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
 def test_compare_slider_gets_the_run_and_follows_the_mouse(browser):
     assert browser["tr2i_run_errors"] == [], browser["tr2i_run_errors"]
     before, after = browser["compare"]["before"], browser["compare"]["after"]
@@ -331,7 +360,7 @@ def test_mask_refine_caption_gets_the_run(browser):
 def test_prompts_queued_from_the_ui_carry_no_extension_widgets(browser):
     """The extension's canvas widgets stay out of the API prompt and out of the saved workflow."""
     entries = list(browser["history"].values())
-    assert len(entries) == 2
+    assert len(entries) == 2 + (TRAINING_FREE is not None)
     required, optional, _ = NODES["DreamPainterSampler"]
     for entry in entries:
         assert entry["status"]["status_str"] == "success", entry["status"]
