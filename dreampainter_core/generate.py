@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", help="DreamPainter .safetensors (stage 1 or 2)")
     parser.add_argument("--product", help="product photo (PNG/JPG)")
     parser.add_argument("--mask", help="product mask, white = product (default: the product's alpha channel)")
-    parser.add_argument("--reference", help="background reference image (stage-2 weights only)")
+    parser.add_argument("--reference", help="background reference image (a stage-2 file, or --mode training_free)")
     parser.add_argument("--prompt", default="", help="background prompt, Chinese or English")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--out", default="dreampainter.png", help="output PNG (a batch writes name_0.png, name_1.png, ...)")
@@ -117,6 +117,18 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-end", type=float, default=1.0,
                         help="fraction of the steps, from the first, that use --cfg (default 1 = all; lower is faster)")
     parser.add_argument("--mask-guidance", action="store_true")
+    parser.add_argument("--mode", choices=("auto", "dreampainter", "training_free"), default="auto",
+                        help="how the product is held: auto (the control branch when --weights has one, else "
+                             "training_free: the product's latent kept on its own noised path; the public base alone)")
+    parser.add_argument("--harmonize", type=float, default=0.2,
+                        help="training_free: share of the last steps that run free (edges, contact shadow)")
+    parser.add_argument("--region-dilate", type=int, default=0, help="training_free: px the held region grows")
+    parser.add_argument("--region-feather", type=int, default=8, help="training_free: px of soft edge outside it")
+    parser.add_argument("--training-free-reference", choices=("init", "in_context"), default="init",
+                        help="training_free with --reference: start from the product over the reference (init), "
+                             "or the reference beside the canvas as extra tokens (in_context, experimental)")
+    parser.add_argument("--reference-strength", type=float, default=0.8,
+                        help="training_free_reference init: like denoise, lower keeps more of the reference")
     parser.add_argument("--placement", choices=("keep", "center"), default="keep")
     parser.add_argument("--no-paste-back", action="store_true")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -148,8 +160,10 @@ def main(argv=None) -> int:
                                      guidance_scale=DEFAULT_GUIDANCE if args.cfg is None else args.cfg),
             reference=ReferenceOptions(image=load_image(args.reference) if args.reference else None,
                                        lora_scale=args.lora_scale, attention_scale=args.attention_scale,
-                                       guidance=args.reference_guidance),
-            control=ControlOptions(mask_guidance=args.mask_guidance),
+                                       guidance=args.reference_guidance, strength=args.reference_strength,
+                                       training_free_method=args.training_free_reference),
+            control=ControlOptions(mode=args.mode, mask_guidance=args.mask_guidance, harmonize=args.harmonize,
+                                   region_dilate=args.region_dilate, region_feather=args.region_feather),
             output=OutputOptions(placement=args.placement, paste_back=not args.no_paste_back),
         )
         pipe = DreamPainterPipeline.from_pretrained(
@@ -157,12 +171,13 @@ def main(argv=None) -> int:
             allow_fp16=args.dtype == "fp16",
         )
         request = pipe.prepare(product, mask, width=args.width, height=args.height, batch_size=args.batch, **options)
-        images = pipe.run(args.prompt, request, args.negative_prompt).images
+        result = pipe.run(args.prompt, request, args.negative_prompt)
+        images = result.images
         out = Path(args.out)
         paths = [save_image_atomic(images[0], out)] if len(images) == 1 else [
             save_image_atomic(img, out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")) for i, img in enumerate(images)
         ]
-        print(f"wrote {', '.join(map(str, paths))} in {time.time() - start:.1f} s")
+        print(f"wrote {', '.join(map(str, paths))} in {time.time() - start:.1f} s (mode {result.mode})")
         return 0
     except DreamPainterError as exc:
         print(f"error: {exc}", file=sys.stderr)

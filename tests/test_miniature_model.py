@@ -181,6 +181,27 @@ def test_the_cli_with_explicit_model_paths(model, tmp_path):
     assert torch.equal(image[mask], product[mask])
 
 
+def test_the_cli_with_the_base_alone_runs_training_free_with_a_reference(model, tmp_path, capsys):
+    """Day one with only the public base: no --weights, a reference, mode auto -> training_free."""
+    from dreampainter_core.generate import main
+
+    spec = model.demo_spec()
+    args = ["--base", str(model.base), "--product", str(model.demo / spec["product"]),
+            "--mask", str(model.demo / spec["mask"]), "--prompt", spec["prompt"], "--steps", "4", "--dtype", "fp32"]
+    result = tmp_path / "result.png"
+    assert main(args + ["--reference", str(model.demo / spec["reference"]), "--out", str(result)]) == 0
+    assert "(mode training_free)" in capsys.readouterr().out
+    image, product = _png(result), _png(model.demo / spec["product"])
+    mask = _png(model.demo / spec["mask"])[..., 0] > 0.5
+    assert torch.equal(image[mask], product[mask])
+    assert main(args + ["--reference", str(model.demo / spec["reference"]), "--mode", "dreampainter",
+                        "--out", str(tmp_path / "x.png")]) == 2
+    assert "mode='training_free'" in capsys.readouterr().err  # the refusal names the way that works
+    assert main(args + ["--harmonize", "1.5", "--out", str(tmp_path / "y.png")]) == 2
+    assert "harmonize must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
 def test_a_missing_embedded_model_is_a_clear_error(tmp_path):
     from dreampainter_core.errors import ModelFilesError
 
