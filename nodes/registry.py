@@ -13,11 +13,13 @@ from .image_nodes import (
 )
 from .loaders import DreamPainterModelLoader, DreamPainterTextEncode, DreamPainterTextEncoderLoader, DreamPainterVAELoader
 from .paths import register_model_folders
+from .prompt_nodes import DreamPainterPromptBuilder
 from .sampler import DreamPainterSampler
 
 NODES: list[type[io.ComfyNode]] = [
     DreamPainterModelLoader,
     DreamPainterTextEncoderLoader,
+    DreamPainterPromptBuilder,
     DreamPainterTextEncode,
     DreamPainterVAELoader,
     DreamPainterReferenceEncode,

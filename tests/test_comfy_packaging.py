@@ -137,7 +137,8 @@ def test_comfyignore_keeps_what_comfyui_needs(package):
     # the embedded miniature model, whole
     assert any(f.startswith("models/diffusers/dreampainter-miniature/transformer/") for f in kept)
     assert "models/dreampainter/dreampainter_miniature.safetensors" in kept
-    assert {f for f in everything if f.startswith("train/")} - kept == {"train/miniature.py"}
+    miniature_only = {"train/miniature.py", "train/modes_table.py", "train/removal_eval.py"}
+    assert {f for f in everything if f.startswith("train/")} - kept == miniature_only
 
 
 def test_comfyignore_leaves_out_tests_and_dev_files(package):

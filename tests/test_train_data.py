@@ -28,7 +28,7 @@ from train.buckets import (
 )
 from train.dataset import BucketBatchSampler, ManifestDataset, collate
 from train.manifest import ManifestError, binarize_mask, mask_array, parse_line, read_manifest, validate_sample
-from train.prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
+from dreampainter_core.prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

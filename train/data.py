@@ -38,7 +38,7 @@ from dreampainter_core.errors import DreamPainterError, MissingDependencyError
 from dreampainter_core.fileio import atomic_write_text
 
 from .manifest import Sample, read_manifest, validate_sample
-from .prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
+from dreampainter_core.prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # Stems of masks and references: skipped when listing photos, in case they share a folder.

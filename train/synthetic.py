@@ -25,7 +25,7 @@ redraws the sample exactly and ``scene_regions(scene)`` gives the wall / table /
 shadow regions the metrics measure on. ``dataset.json`` records the settings and palette.
 
 Prompts follow the paper's five components in order (product, display stand,
-environment, background, style; see train.prompts), in simple words, e.g.
+environment, background, style; see dreampainter_core.prompts), in simple words, e.g.
 
     a red bottle on a white table, soft shadow, blue striped background, studio photography
     一个红色的瓶子放在白色的桌子上，柔和的影子，蓝色条纹背景，室内摄影

@@ -13,6 +13,9 @@ NODES = {
     "DreamPainterTextEncoderLoader": (
         ["text_encoder", "tokenizer", "weight_dtype", "device"], [],
         ["DREAMPAINTER_TEXT_ENCODER"]),
+    "DreamPainterPromptBuilder": (
+        ["name", "category", "language", "style", "seed"], [],
+        ["STRING"]),
     "DreamPainterTextEncode": (
         ["text_encoder", "prompt", "negative_prompt"], [],
         ["DREAMPAINTER_CONDITIONING"]),
@@ -48,6 +51,7 @@ CATEGORIES = {
     "DreamPainterModelLoader": "DreamPainter/loaders",
     "DreamPainterTextEncoderLoader": "DreamPainter/loaders",
     "DreamPainterVAELoader": "DreamPainter/loaders",
+    "DreamPainterPromptBuilder": "DreamPainter/conditioning",
     "DreamPainterTextEncode": "DreamPainter/conditioning",
     "DreamPainterReferenceEncode": "DreamPainter/conditioning",
     "DreamPainterProductPrep": "DreamPainter/image",

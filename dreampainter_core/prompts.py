@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dreampainter_core.errors import DreamPainterError
+from .errors import DreamPainterError
 
-__all__ = ["COMPONENTS", "PRODUCT_ATTRIBUTES", "Prompt", "PromptComposer", "PromptConfigError", "EXAMPLE_TOML"]
+__all__ = ["COMPONENTS", "PRODUCT_ATTRIBUTES", "Prompt", "PromptComposer", "PromptConfigError", "EXAMPLE_TOML",
+           "PromptPresets", "build_prompt", "build_prompts", "load_presets"]
 
 COMPONENTS = ("product", "stand", "environment", "background", "style")
 PRODUCT_ATTRIBUTES = ("count", "colour", "category")
@@ -325,3 +326,195 @@ class PromptComposer:
                 if zh_parts[name]:
                     zh_text += self.zh_template[name].format(zh_parts[name])
         return Prompt(en=en_text, zh=zh_text if zh_ok else None, parts=parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Category presets: a whole prompt from a product name (dreampainter_core/prompt_presets.toml)
+
+PRESETS_FILE = Path(__file__).resolve().with_name("prompt_presets.toml")
+LANGUAGES = ("en", "zh")
+SCENE_COMPONENTS = ("stand", "environment", "background")
+DEFAULT_RATIOS = {"stand": 1.0, "environment": 0.75, "background": 1.0, "style": 1.0}
+MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Category:
+    key: str
+    aliases: tuple[str, ...]
+    styles: tuple[str, ...]
+    parts: dict[str, tuple[tuple[str, str], ...]]  # component -> ((en, zh), ...)
+    environment_ratio: float
+
+
+@dataclass(frozen=True)
+class PromptPresets:
+    """Styles and categories, checked when loaded; ``load_presets`` reads and merges the files."""
+
+    styles: dict[str, tuple[str, str]]
+    categories: dict[str, Category]
+
+    def category(self, name: str | None) -> Category:
+        if name is None or not str(name).strip() or str(name).strip().lower() == "auto":
+            return self.categories["general"] if "general" in self.categories else next(iter(self.categories.values()))
+        wanted = str(name).strip().lower()
+        for cat in self.categories.values():
+            if wanted == cat.key or wanted in (a.lower() for a in cat.aliases):
+                return cat
+        raise PromptConfigError(f"unknown category {name!r}; known: {', '.join(sorted(self.categories))} "
+                                "(or one of their aliases; add your own in a presets file)")
+
+    def composer(self, category: Category, style: str | None, seed: int | str) -> PromptComposer:
+        if style is not None and str(style).strip() and str(style).strip().lower() != "auto":
+            key = str(style).strip().lower()
+            if key not in self.styles:
+                raise PromptConfigError(f"unknown style {style!r}; known: {', '.join(sorted(self.styles))}")
+            style_keys = (key,)
+        else:
+            style_keys = category.styles
+        components: dict[str, Any] = {
+            name: {"values": [en for en, _ in pairs], "zh": [zh for _, zh in pairs]}
+            for name, pairs in category.parts.items()
+        }
+        components["style"] = {"values": [self.styles[k][0] for k in style_keys],
+                               "zh": [self.styles[k][1] for k in style_keys]}
+        ratios = {**DEFAULT_RATIOS, "environment": category.environment_ratio}
+        return PromptComposer(components, {k: v for k, v in ratios.items() if k in components}, seed=seed)
+
+
+def _line_of(text: str, *patterns: str) -> str:
+    """' (line N)' of the first line matching one of the regex patterns, or ''."""
+    for pattern in patterns:
+        for i, line in enumerate(text.splitlines(), 1):
+            if re.search(pattern, line):
+                return f" (line {i})"
+    return ""
+
+
+def _pair(where: str, item: Any) -> tuple[str, str]:
+    if not isinstance(item, Mapping) or set(item) != {"en", "zh"} or not all(
+            isinstance(item[k], str) and item[k].strip() for k in ("en", "zh")):
+        raise PromptConfigError(f"{where}: each entry must be {{ en = \"...\", zh = \"...\" }} with both texts, "
+                                f"got {item!r}")
+    return _clean(item["en"]), _clean(item["zh"])
+
+
+def _parse_presets(cfg: Mapping[str, Any], text: str, source: str,
+                   known_styles: Mapping[str, tuple[str, str]]) -> tuple[dict, dict]:
+    extra = set(cfg) - {"styles", "categories"}
+    if extra:
+        line = _line_of(text, r"^\s*\[?" + re.escape(sorted(extra)[0]))
+        raise PromptConfigError(f"{source}{line}: unknown top-level key(s) {sorted(extra)}; allowed: styles, "
+                                "categories")
+    styles = {}
+    for key, item in (cfg.get("styles") or {}).items():
+        line = _line_of(text, r"^\s*" + re.escape(key) + r"\s*=")
+        styles[key.lower()] = _pair(f"{source}{line}: style '{key}'", item)
+    all_styles = {**known_styles, **styles}
+    categories = {}
+    for key, spec in (cfg.get("categories") or {}).items():
+        line = _line_of(text, r"^\s*\[categories\." + re.escape(key) + r"\]")
+        where = f"{source}{line}: category '{key}'"
+        if not isinstance(spec, Mapping):
+            raise PromptConfigError(f"{where}: expected a table")
+        allowed = {"aliases", "styles", "environment_ratio", *SCENE_COMPONENTS}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise PromptConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        missing = [c for c in ("stand", "background") if not spec.get(c)]
+        if missing:
+            raise PromptConfigError(f"{where}: needs at least one {' and one '.join(missing)}")
+        parts = {}
+        for comp in SCENE_COMPONENTS:
+            items = spec.get(comp) or []
+            if not isinstance(items, list):
+                raise PromptConfigError(f"{where}: {comp} must be a list of {{ en, zh }} entries")
+            if items:
+                parts[comp] = tuple(_pair(f"{where}, {comp}", item) for item in items)
+        style_keys = spec.get("styles") or sorted(all_styles)[:1]
+        if not isinstance(style_keys, list) or not all(isinstance(s, str) for s in style_keys):
+            raise PromptConfigError(f"{where}: styles must be a list of style keys")
+        unknown_styles = [s for s in style_keys if s.lower() not in all_styles]
+        if unknown_styles:
+            raise PromptConfigError(f"{where}: unknown style(s) {unknown_styles}; known: {sorted(all_styles)}")
+        aliases = spec.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise PromptConfigError(f"{where}: aliases must be a list of names")
+        ratio = spec.get("environment_ratio", DEFAULT_RATIOS["environment"])
+        if not _is_number(ratio) or not 0.0 <= ratio <= 1.0:
+            raise PromptConfigError(f"{where}: environment_ratio must be a number in [0, 1], got {ratio!r}")
+        categories[key.lower()] = Category(key.lower(), tuple(a.strip() for a in aliases),
+                                           tuple(s.lower() for s in style_keys), parts, float(ratio))
+    return styles, categories
+
+
+def load_presets(*extra_files: str | Path) -> PromptPresets:
+    """The built-in presets, then each extra file on top (a category or style of the same key
+    replaces the earlier one). A malformed file raises PromptConfigError naming it and the line."""
+    import tomllib
+
+    styles: dict[str, tuple[str, str]] = {}
+    categories: dict[str, Category] = {}
+    for path in (PRESETS_FILE, *extra_files):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            cfg = tomllib.loads(text)
+        except OSError as e:
+            raise PromptConfigError(f"{path}: cannot read the presets file ({e.strerror or e})") from None
+        except tomllib.TOMLDecodeError as e:  # its message carries the line and column
+            raise PromptConfigError(f"{path}: not valid TOML: {e}") from None
+        new_styles, new_categories = _parse_presets(cfg, text, str(path), styles)
+        styles.update(new_styles)
+        categories.update(new_categories)
+    if not categories:
+        raise PromptConfigError("no categories in the presets files")
+    return PromptPresets(styles, categories)
+
+
+_BUILT_IN: PromptPresets | None = None
+
+
+def _presets(presets) -> PromptPresets:
+    global _BUILT_IN
+    if isinstance(presets, PromptPresets):
+        return presets
+    if presets is None:
+        if _BUILT_IN is None:
+            _BUILT_IN = load_presets()
+        return _BUILT_IN
+    files = [presets] if isinstance(presets, (str, Path)) else list(presets)
+    return load_presets(*files)
+
+
+def build_prompts(name: str, category: str | None = None, style: str | None = None, seed: int = 0,
+                  presets=None, name_zh: str | None = None) -> Prompt:
+    """Both languages of ``build_prompt`` (the same draw: the Chinese is the English's parallel)."""
+    if not isinstance(name, str) or not name.strip():
+        raise PromptConfigError("name is empty: give the product's name (e.g. 'rose face serum' or '玫瑰精华液')")
+    if len(name) > MAX_NAME_CHARS:
+        raise PromptConfigError(f"name is {len(name)} characters; keep it under {MAX_NAME_CHARS} (a product name, "
+                                "not a prompt: the scene is drawn from the category)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PromptConfigError(f"seed must be an integer, got {seed!r}")
+    p = _presets(presets)
+    cat = p.category(category)
+    composer = p.composer(cat, style, seed)
+    name = _clean(name)
+    return composer.compose(product=name, product_zh=_clean(name_zh) if name_zh else name, key=f"{cat.key}/{name}")
+
+
+def build_prompt(name: str, category: str | None = None, language: str = "en", style: str | None = None,
+                 seed: int = 0, presets=None, name_zh: str | None = None) -> str:
+    """A full background prompt from a product name: the name, then a display stand, maybe an
+    environment element, a distant background and a style that suit the category.
+
+    category: a key or alias of the presets (None or "auto": general); style: a style key (None or
+    "auto": drawn from the category's); presets: extra presets file(s) on top of the built-in
+    ones, or a PromptPresets. Deterministic by (seed, category, name); "en" and "zh" of the same
+    arguments describe the same scene. name_zh: the name in the Chinese prompt (default: name).
+    """
+    if language not in LANGUAGES:
+        raise PromptConfigError(f"language must be one of {LANGUAGES}, got {language!r}")
+    prompt = build_prompts(name, category, style, seed, presets, name_zh)
+    return prompt.en if language == "en" else prompt.zh
