@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--harmonize", type=float, default=0.2,
                         help="training_free: share of the last steps that run free (edges, contact shadow)")
     parser.add_argument("--region-dilate", type=int, default=0, help="training_free: px the held region grows")
-    parser.add_argument("--region-feather", type=int, default=8, help="training_free: px of soft edge outside it")
+    parser.add_argument("--region-feather", type=int, default=0, help="training_free: px of soft edge outside it")
     parser.add_argument("--training-free-reference", choices=("init", "in_context"), default="init",
                         help="training_free with --reference: start from the product over the reference (init), "
                              "or the reference beside the canvas as extra tokens (in_context, experimental)")

@@ -157,7 +157,9 @@ class ControlOptions:
     # the contact shadow can form around the product (0 = held to the end).
     harmonize: float = 0.2
     region_dilate: int = 0  # px the held region grows past the mask (covers a loose mask's edge)
-    region_feather: int = 8  # px of soft edge outside it: held for fewer steps the farther out
+    # px of soft edge outside it, held for fewer steps the farther out. 0 by default: what lies
+    # outside the mask is the product canvas's white, and holding it draws a halo (known_region).
+    region_feather: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -241,15 +241,21 @@ class DreamPainterPipeline:
         """The training-free mode's held region: the product latent and a per-latent-pixel strength.
 
         The strength is the share of the (held) steps a latent pixel is held for, in the manner
-        of differential diffusion: 1 inside the (dilated) mask, a ramp over ``region_feather``
-        pixels outside it, then area-averaged onto the latent grid, so a latent pixel half
-        covered by the product is held for half the steps.
+        of differential diffusion. The (dilated, optionally outward-feathered) mask is
+        area-averaged onto the latent grid, and a latent pixel is held in proportion to how far
+        its product coverage c exceeds one half: strength = clamp(2c - 1, 0, 1). A pixel mostly
+        covered by the product canvas's white backdrop is not held, because holding it paints a
+        white halo that the scene then builds around (on 80 miniature validation scenes, holding
+        by plain coverage c put the stand in the prompt's colour 58% of the time, holding the
+        8 px outward ramp too 29%, this rule 70%; T2I + paste-back 69%). Paste-back restores the
+        product's own edge pixels.
         """
         region = mask
         if control.region_dilate:
             region = masks.dilate(region, 2 * control.region_dilate + 1)
         region = masks.feather(region, control.region_feather)
-        return KnownRegion(self.encode_image(foreground), self.latent_mask(region), control.harmonize)
+        coverage = self.latent_mask(region)
+        return KnownRegion(self.encode_image(foreground), (2.0 * coverage - 1.0).clamp(0.0, 1.0), control.harmonize)
 
     def product_over_reference(self, foreground: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """The product (hard mask) pasted over the reference, cover-resized to the canvas."""

@@ -65,6 +65,20 @@ def test_harmonize_releases_the_last_steps(base_pipe):
     assert feathered.held(0.0)[ramp].all() and not feathered.held(1.0)[ramp].any()
 
 
+def test_latent_pixels_mostly_backdrop_are_not_held(base_pipe):
+    """Holding a latent pixel that is mostly the product canvas's white paints a white halo."""
+    product, _ = _product()
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, 27:78, 35:90] = 1.0  # edges off the 8 px latent grid: partly covered latent pixels
+    region = base_pipe.known_region(product[None], mask, ControlOptions(harmonize=0.0))
+    coverage = base_pipe.latent_mask(mask)
+    assert ((coverage > 0) & (coverage <= 0.5)).any() and ((coverage > 0.5) & (coverage < 1)).any()
+    assert (region.strength[coverage <= 0.5] == 0).all()
+    assert (region.strength[coverage == 1] == 1).all()
+    partial = (coverage > 0.5) & (coverage < 1)
+    assert torch.allclose(region.strength[partial], 2 * coverage[partial] - 1)
+
+
 def _placed(pipe, product, mask):
     from dreampainter_core.product import place_product
 
