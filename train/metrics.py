@@ -315,16 +315,22 @@ class RembgSegmenter:
 # ----------------------------------------------------------------------------- product fidelity
 
 
-def _masked_errors(a, b, mask):
-    x, sa = _images(a, "a")
-    y, sb = _images(b, "b")
+def _pair_and_mask(a, b, mask, names: tuple[str, str] = ("a", "b")):
+    """Two images and a mask of one size -> (x, y, m batched alike, whether all three were single)."""
+    x, sa = _images(a, names[0])
+    y, sb = _images(b, names[1])
     m, sm = _masks(mask, "mask")
-    _same_hw("a", x, "b", y)
-    _same_hw("a", x, "mask", m)
+    _same_hw(names[0], x, names[1], y)
+    _same_hw(names[0], x, "mask", m)
     x, y, m = _batch(x, y, m)
+    return x, y, m, sa and sb and sm
+
+
+def _masked_errors(a, b, mask):
+    x, y, m, single = _pair_and_mask(a, b, mask)
     if not m.reshape(m.shape[0], -1).any(axis=1).all():
         raise InputError("mask is empty for some item: nothing to compare")
-    return x, y, m, sa and sb and sm
+    return x, y, m, single
 
 
 def masked_psnr(a, b, mask, max_val: float = 1.0):
@@ -366,19 +372,14 @@ def seam_error(image, truth, mask, width: int = 3):
     the band of pixels within `width` of the mask boundary, of | |grad image| - |grad truth| | (0..1 RGB
     units per pixel). A pasted product on a background that does not meet it (a halo, a missing
     contact shadow, a hard colour step) scores high; 0 means the edge looks like the real photo's."""
-    x, sa = _images(image, "image")
-    y, sb = _images(truth, "truth")
-    m, sm = _masks(mask, "mask")
-    _same_hw("image", x, "truth", y)
-    _same_hw("image", x, "mask", m)
-    x, y, m = _batch(x, y, m)
+    x, y, m, single = _pair_and_mask(image, truth, mask, ("image", "truth"))
     vals = []
     for i in range(x.shape[0]):
         band = edge_band(m[i], width)
         if not band.any():
             raise InputError("mask has no edge (empty or the whole image): no seam to measure")
         vals.append(float(np.abs(_gradient_magnitude(x[i]) - _gradient_magnitude(y[i]))[band].mean()))
-    return _out(np.array(vals), sa and sb and sm)
+    return _out(np.array(vals), single)
 
 
 # ----------------------------------------------------------------------------- colour adherence
