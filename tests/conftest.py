@@ -67,3 +67,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The real ComfyUI test host (tests/comfy/comfy_harness.py), started once per session; skipped
+    (or failed under CI) when it cannot run here."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
+    import comfy_harness as h
+
+    try:
+        return h.get_host()
+    except h.HostUnavailable as exc:
+        h.skip_or_fail(str(exc))

@@ -8,18 +8,9 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
 
 
 def _error(comfy, graph):

@@ -13,14 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
-
-
 def _load(comfy, name, mask=False):
     arr = np.array(Image.open(comfy.base / "input" / name)).astype(np.float32) / 255.0
     return torch.from_numpy(arr)[None]

@@ -34,14 +34,6 @@ def _json(lang: str, name: str) -> dict:
     return json.loads((LOCALES / lang / name).read_text(encoding="utf-8"))  # fails on invalid JSON
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
-
-
 @pytest.fixture(scope="module")
 def object_info(comfy):
     return comfy.get("/object_info")

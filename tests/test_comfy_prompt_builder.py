@@ -5,20 +5,11 @@ run, and picks up a user's presets file from models/dreampainter/prompt_presets/
 import sys
 from pathlib import Path
 
-import pytest
 
 from dreampainter_core.prompts import build_prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
 
 
 def _graph(**inputs) -> dict:

@@ -11,14 +11,6 @@ import comfy_harness as h  # noqa: E402
 from node_spec import CATEGORIES, NODES  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
-
-
 @pytest.fixture(scope="module")
 def object_info(comfy):
     return comfy.get("/object_info")

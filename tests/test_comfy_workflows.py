@@ -31,14 +31,6 @@ MINIATURE_WEIGHTS = "dreampainter_miniature.safetensors"  # stage 2: runs the st
 SHRINK = 8  # 1024 -> 128 px canvases (the miniature's resolution), 512 -> 64 px references
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    try:
-        return h.get_host()
-    except h.HostUnavailable as exc:
-        h.skip_or_fail(str(exc))
-
-
 @pytest.fixture(scope="module")
 def object_info(comfy):
     return comfy.get("/object_info")
