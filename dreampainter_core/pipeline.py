@@ -107,6 +107,26 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, base_shift: flo
     return (image_seq_len / base_seq_len) ** 0.5 * max_shift + base_shift
 
 
+def draw_noise(sampling: SamplingOptions, shape, reference_shape=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The starting noise [B, C, h, w] (and the in-context reference's, drawn after it from the same
+    generator, so T2I's numbers stay the same), float32 from a CPU generator: the same numbers on
+    every device, as diffusers does. With ``sampling.image_seeds`` each image draws its own from its
+    own seed: a batch of one with seed s equals image_seeds=(s,)."""
+    seeds = sampling.image_seeds
+    if seeds is None:
+        generator = torch.Generator("cpu").manual_seed(sampling.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        reference = None if reference_shape is None else torch.randn(reference_shape, generator=generator, dtype=torch.float32)
+        return noise, reference
+    noises, references = [], []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noises.append(torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32))
+        if reference_shape is not None:
+            references.append(torch.randn((1, *reference_shape[1:]), generator=generator, dtype=torch.float32))
+    return torch.cat(noises), (torch.cat(references) if references else None)
+
+
 def _as_prompt_list(prompt, batch: int, name: str) -> list[str]:
     if isinstance(prompt, str):
         return [prompt] * batch
@@ -479,6 +499,8 @@ class DreamPainterPipeline:
             if init_b.shape[0] not in (1, batch):
                 raise InputError(f"init_image: got {init_b.shape[0]} images for a batch of {batch}")
             init_b = init_b.expand(batch, -1, -1, -1)
+        if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
+            raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
         if reference.size is not None:
             step = self.vae_scale_factor * self.transformer.patch_size
             if any(s % step for s in reference.size):
@@ -513,9 +535,9 @@ class DreamPainterPipeline:
 
         # `source` is the photo placed the same way, with its real pixels around the product:
         # the paste-back feather blends those, not the blank fill (which would leave a halo).
-        foreground, canvas_mask, source = place_product(
+        foreground, canvas_mask, source, *matte = place_product(
             r.product, r.mask, r.width, r.height, placement=r.output.placement, box_ratio=r.output.box_ratio,
-            return_source=True,
+            return_source=True, return_matte=r.output.decontaminate,
         )
         training_free = r.mode == "training_free"
         use_control = not training_free and self.transformer.control is not None
@@ -538,13 +560,9 @@ class DreamPainterPipeline:
         if sampling.denoise < 1.0 and init_latents is None:
             init_latents = self.encode_image(r.init_image if r.init_image is not None else foreground)
 
-        # Noise in float32 from a CPU generator: the same numbers on every device, as diffusers does.
-        generator = torch.Generator("cpu").manual_seed(r.sampling.seed)
         shape = (batch, self.transformer.in_channels, r.height // self.vae_scale_factor, r.width // self.vae_scale_factor)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        reference_trajectory = None
-        if in_context is not None:  # drawn after the target's noise, so T2I's numbers stay the same
-            reference_trajectory = (in_context, torch.randn(in_context.shape, generator=generator, dtype=torch.float32))
+        noise, reference_noise = draw_noise(r.sampling, shape, None if in_context is None else in_context.shape)
+        reference_trajectory = None if in_context is None else (in_context, reference_noise)
         latents = self.sample(
             noise, prompt_embeds, negative_embeds, height=r.height, width=r.width, sampling=sampling,
             reference=r.reference, control=r.control, control_latents=control, reference_latents=ref_latents,
@@ -553,7 +571,8 @@ class DreamPainterPipeline:
         )
         images = self.decode(latents).cpu()
         if r.output.paste_back:
-            images = paste_back_product(images, foreground, canvas_mask, feather=r.output.feather_radius, source=source)
+            images = paste_back_product(images, foreground, canvas_mask, feather=r.output.feather_radius, source=source,
+                                        matte=matte[0] if matte else None)
         return DreamPainterOutput(images=images, latents=latents, foreground=foreground, mask=canvas_mask, mode=r.mode)
 
     @torch.no_grad()

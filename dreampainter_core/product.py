@@ -215,7 +215,7 @@ def _composite_inputs(generated, foreground, mask, source=None):
 
 
 def place_product(product, mask, width, height, placement="keep", box_ratio=(0.6, 0.6), fill=1.0,
-                  return_source=False):
+                  return_source=False, return_matte=False):
     """Put the product on a width x height canvas: (foreground [B, height, width, 3], mask [B, height, width]),
     plus source [B, height, width, 3] when return_source is True.
 
@@ -240,6 +240,10 @@ def place_product(product, mask, width, height, placement="keep", box_ratio=(0.6
     photo (equal to it at the same size), margins `fill`. "center": the bounding box plus
     at least SOURCE_MARGIN canvas pixels of photo around it (as far as the photo reaches),
     `fill` beyond. On the mask it equals `foreground` exactly.
+
+    matte (return_matte): the mask as given (soft, e.g. an auto mask's alpha), placed with the
+    source geometry, [B, height, width] in 0..1: for paste_back(..., matte=matte), which
+    composites the soft edge with its backdrop colour removed. Returned last.
     Inputs are anything check_product_and_mask accepts.
     """
     product, mask = check_product_and_mask(product, mask)
@@ -254,7 +258,9 @@ def place_product(product, mask, width, height, placement="keep", box_ratio=(0.6
 
     canvas = fill_rgb.expand(batch, height, width, 3).clone()
     canvas_mask = torch.zeros(batch, height, width, dtype=torch.float32, device=product.device)
-    source = canvas.clone() if return_source else None
+    source = canvas.clone() if return_source or return_matte else None
+    matte = torch.zeros_like(canvas_mask) if return_matte else None
+    soft = mask.clamp(0.0, 1.0).unsqueeze(-1)
     # colour premultiplied by the mask, and the mask: resampled together, divided back below.
     planes = torch.cat([product * binary.unsqueeze(-1), binary.unsqueeze(-1)], dim=-1)
 
@@ -267,21 +273,27 @@ def place_product(product, mask, width, height, placement="keep", box_ratio=(0.6
         canvas[items, top:bottom, left:right] = colour
         canvas_mask[items, top:bottom, left:right] = (coverage[..., 0] > 0.5).to(torch.float32)
         if source is not None:
+            planes_in = product[items] if matte is None else torch.cat([product[items], soft[items]], dim=-1)
             photo, (top, bottom), (left, right) = _render(
-                product[items], ay, ax, ay.widened(SOURCE_MARGIN, src_h), ax.widened(SOURCE_MARGIN, src_w),
+                planes_in, ay, ax, ay.widened(SOURCE_MARGIN, src_h), ax.widened(SOURCE_MARGIN, src_w),
                 height, width,
             )
-            source[items, top:bottom, left:right] = photo.clamp(0.0, 1.0)
+            source[items, top:bottom, left:right] = photo[..., :3].clamp(0.0, 1.0)
+            if matte is not None:
+                matte[items, top:bottom, left:right] = photo[..., 3].clamp(0.0, 1.0)
 
     _require_product_left(canvas_mask, width, height)
     on_product = canvas_mask.unsqueeze(-1) > 0.5
     foreground = torch.where(on_product, canvas, fill_rgb)
-    if source is None:
-        return foreground, canvas_mask
-    return foreground, canvas_mask, torch.where(on_product, foreground, source)
+    out = [foreground, canvas_mask]
+    if return_source:
+        out.append(torch.where(on_product, foreground, source))
+    if return_matte:
+        out.append(matte)
+    return tuple(out)
 
 
-def paste_back(generated, foreground, mask, feather=0, source=None):
+def paste_back(generated, foreground, mask, feather=0, source=None, matte=None):
     """Composite the exact product over the generated image: [B, H, W, 3].
 
     alpha = masks.feather(mask, feather); out = alpha * surround + (1 - alpha) * generated,
@@ -290,9 +302,28 @@ def paste_back(generated, foreground, mask, feather=0, source=None):
     edge into the generated image) and `foreground` otherwise (outside the mask that is the
     fill colour, which shows as a halo of that colour). Wherever the binarized mask is 1 the
     output is `foreground` bit for bit. A batch of 1 in any input is broadcast to the others'.
+
+    matte (a soft mask [B, H, W] in 0..1, e.g. place_product(..., return_matte=True) of an auto
+    mask's alpha): colour decontamination. The soft edge is composited as
+    out = matte * F + (1 - matte) * generated, F the surround's foreground colour under the matte
+    (edges.estimate_foreground), so the old backdrop mixed into edge pixels does not come along
+    as a light fringe; the matte replaces the feather. Where the matte is 1 on the mask the
+    output is `foreground` bit for bit.
     """
     generated, foreground, mask, *rest = _composite_inputs(generated, foreground, mask, source)
     surround = rest[0] if rest else foreground
+    if matte is not None:
+        from .edges import estimate_foreground
+
+        matte = as_mask_batch(matte, "matte").to(generated.device)
+        if tuple(matte.shape[1:]) != tuple(mask.shape[1:]):
+            raise InputError(f"matte is {matte.shape[2]}x{matte.shape[1]} but the mask is {mask.shape[2]}x{mask.shape[1]} "
+                             "(WxH); give the soft mask at the canvas size (place_product(..., return_matte=True))")
+        matte = _match_batches({"generated": generated, "matte": matte})[1].clamp(0.0, 1.0)
+        a = matte.unsqueeze(-1)
+        blended = a * estimate_foreground(surround, matte) + (1.0 - a) * generated
+        exact = (masks.binarize(mask).unsqueeze(-1) > 0.5) & (a >= 1.0)
+        return torch.where(exact, foreground, blended).contiguous()
     alpha = masks.feather(mask, feather).unsqueeze(-1)
     blended = alpha * surround + (1.0 - alpha) * generated
     # torch.where makes bit-identity a guarantee rather than a property of float rounding.

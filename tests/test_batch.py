@@ -1,17 +1,26 @@
 """dreampainter_core.batch on the embedded miniature: every product x format x seed, broken items
 recorded, a rerun skips what exists, a changed setting remakes only what it affects, reproduce."""
 
+import importlib.util
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter
 
 from dreampainter_core import batch as B
 from dreampainter_core.embedded import embedded_model
 from dreampainter_core.prompts import load_presets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -39,7 +48,8 @@ def _run(manifest, out, *extra):
 
 
 def _bytes(out):
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    """The outputs (<format>_<seed>.png), by path: not the contact sheets and review copies."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/*_*.png"))}
 
 
 def test_a_catalog_run_records_failures_and_resumes(catalog, tmp_path, capsys):
@@ -72,6 +82,10 @@ def test_a_catalog_run_records_failures_and_resumes(catalog, tmp_path, capsys):
     assert all(again[k] != first[k] for k in again if k.startswith("box/"))
     assert all(again[k] == first[k] for k in again if k.startswith("box-ref/"))
     assert not list(out.rglob("*.tmp*"))
+    page = (out / "index.html").read_text()
+    assert "cannot identify image file" in page and 'src="box/4x5_1.png"' in page and "box/review/mask.png" in page
+    with Image.open(out / "box" / "contact.png") as sheet:  # product, mask; a row per format
+        assert sheet.height > 3 * 192
 
     capsys.readouterr()
     assert B.main(["reproduce", str(out / "box" / "4x5_0.png"), "--out", str(tmp_path / "again.png"),
@@ -107,3 +121,168 @@ def test_a_name_gets_the_prompt_builders_prompt(tmp_path):
     stands = [en for en, _ in load_presets().categories["cosmetics"].parts["stand"]]
     assert item.prompt.startswith("rose serum on ") and any(stand in item.prompt for stand in stands)
     assert item.prompt == B.read_batch_manifest(manifest)[0].prompt  # the same prompt on every run
+
+
+def _one_item(tmp_path, **extra):
+    demo = embedded_model().demo
+    for name in ("product.png", "mask.png"):
+        shutil.copy(demo / name, tmp_path / name)
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"id": "box", "image": "product.png", "mask": "mask.png",
+                                    "prompt": "a blue box on a green table", **extra}) + "\n")
+    return manifest
+
+
+def test_seeds_batched_together_resume_and_reproduce_bit_for_bit(tmp_path, capsys):
+    manifest = _one_item(tmp_path)
+    run = lambda out, *x: B.main(["--manifest", str(manifest), "--out", str(out), "--seeds", "0,1,2",  # noqa: E731
+                                  "--steps", "2", "--dtype", "fp32", *x])
+    assert run(tmp_path / "single") == 0
+    assert run(tmp_path / "batched", "--batch-size", "2") == 0
+    batched = _bytes(tmp_path / "batched")
+    with Image.open(tmp_path / "batched" / "box" / "1x1_1.png") as im:
+        recipe = json.loads(im.text[B.RECIPE_KEY])
+        pixels = np.asarray(im).astype(int)
+    assert recipe["batch"] == {"seeds": [0, 1], "index": 1}
+    with Image.open(tmp_path / "single" / "box" / "1x1_1.png") as im:
+        assert np.abs(np.asarray(im).astype(int) - pixels).max() <= 3  # the batch moves only the last bits
+
+    # A run killed after seed 0 of the batch (0, 1): the resumed run renders the same batch again
+    # and writes seed 1 byte for byte as the straight run did; seed 0 is not rewritten.
+    (tmp_path / "batched" / "box" / "1x1_1.png").unlink()
+    (tmp_path / "batched" / "box" / ".1x1_1.png.abcd.tmp").write_bytes(b"half a png")
+    before = (tmp_path / "batched" / "box" / "1x1_0.png").stat().st_mtime_ns
+    assert run(tmp_path / "batched", "--batch-size", "2") == 0
+    assert _bytes(tmp_path / "batched") == batched
+    assert (tmp_path / "batched" / "box" / "1x1_0.png").stat().st_mtime_ns == before
+    assert not list((tmp_path / "batched").rglob("*.tmp"))
+    report = json.loads((tmp_path / "batched" / "report.json").read_text())
+    assert report["items"]["box"]["made"] == 1 and report["items"]["box"]["skipped"] == 2
+
+    capsys.readouterr()
+    assert B.main(["reproduce", str(tmp_path / "batched" / "box" / "1x1_1.png"), "--out", str(tmp_path / "r.png"),
+                   "--dtype", "fp32"]) == 0
+    assert "identical pixels" in capsys.readouterr().out
+
+
+def test_a_rerun_with_nothing_to_make_never_loads_the_model(tmp_path, monkeypatch):
+    manifest = _one_item(tmp_path)
+    args = ["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--steps", "2", "--dtype", "fp32"]
+    assert B.main(args) == 0
+    from dreampainter_core.pipeline import DreamPainterPipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded for a run with nothing to make")
+
+    monkeypatch.setattr(DreamPainterPipeline, "from_pretrained", no_load)
+    assert B.main(args) == 0
+
+
+def test_out_of_memory_is_retried_image_by_image_then_recorded(tmp_path, monkeypatch):
+    from dreampainter_core.pipeline import DreamPainterPipeline
+
+    manifest = _one_item(tmp_path)
+    real = DreamPainterPipeline.generate
+    calls = []
+
+    def generate(self, request, *a, **k):
+        calls.append(request.product.shape[0])
+        if request.product.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, request, *a, **k)
+
+    monkeypatch.setattr(DreamPainterPipeline, "generate", generate)
+    args = ["--manifest", str(manifest), "--seeds", "0,1,2,3", "--steps", "2", "--dtype", "fp32", "--batch-size", "4"]
+    assert B.main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert calls == [4, 1, 1, 1, 1]  # batch 4 failed; each image alone
+    with Image.open(tmp_path / "out" / "box" / "1x1_2.png") as im:
+        assert json.loads(im.text[B.RECIPE_KEY])["batch"] == {"seeds": [2], "index": 0}
+
+    def always_oom(self, request, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(DreamPainterPipeline, "generate", always_oom)
+    assert B.main([*args, "--out", str(tmp_path / "out2")]) == 1
+    reason = json.loads((tmp_path / "out2" / "report.json").read_text())["items"]["box"]["reason"]
+    assert reason.startswith("out of memory, also one image at a time")
+
+
+def test_items_without_a_mask_get_the_auto_mask_and_a_decontaminated_edge(tmp_path, monkeypatch):
+    from dreampainter_core import auto_mask
+
+    demo = embedded_model().demo
+    shutil.copy(demo / "product.png", tmp_path / "product.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "auto", "image": "product.png", "prompt": "a blue box"}) + "\n")
+    args = ["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--steps", "2", "--dtype", "fp32"]
+
+    if importlib.util.find_spec("rembg") is None:  # the real environment: a clear error before the model loads
+        assert B.main(args) == 2
+    with Image.open(demo / "mask.png") as m:  # a soft matte: the demo mask, blurred
+        soft = np.asarray(m.convert("L").filter(ImageFilter.GaussianBlur(1.5)))
+
+    class FakeMasker:
+        def alpha(self, image):
+            assert image.size == (128, 128)
+            return soft
+
+    asked = []
+    monkeypatch.setattr(auto_mask, "require_rembg", lambda *a, **k: None)
+    monkeypatch.setattr(auto_mask, "rembg_masker", lambda model, *a, **k: asked.append(model) or FakeMasker())
+    assert B.main(args) == 0
+    assert asked and asked[0] == "u2netp"
+    with Image.open(tmp_path / "out" / "auto" / "1x1_0.png") as im:
+        recipe = json.loads(im.text[B.RECIPE_KEY])
+    assert recipe["inputs"]["mask"] is None
+    assert recipe["settings"]["auto_mask"] == "u2netp" and recipe["settings"]["decontaminate"] is True
+    assert B.main([*args[:3], str(tmp_path / "off"), *args[4:], "--decontaminate", "off"]) == 0
+    on, off = (np.asarray(Image.open(tmp_path / d / "auto" / "1x1_0.png")).astype(int) for d in ("out", "off"))
+    assert 0 < (on != off).any(axis=-1).mean() < 0.2  # only the product's edge differs
+
+
+def test_a_folder_of_photos_is_a_manifest(tmp_path):
+    demo = embedded_model().demo
+    (tmp_path / "masks").mkdir()
+    shutil.copy(demo / "product.png", tmp_path / "blue_box.png")
+    shutil.copy(demo / "mask.png", tmp_path / "masks" / "blue_box.png")
+    shutil.copy(demo / "product.png", tmp_path / "rose serum.png")
+    items = B.folder_manifest(tmp_path, None, "cosmetics")
+    assert [i.id for i in items] == ["blue_box", "rose-serum"]
+    assert items[0].mask == tmp_path / "masks" / "blue_box.png" and items[1].mask is None
+    assert items[1].prompt.startswith("rose serum on ")
+    assert [i.prompt for i in B.folder_manifest(tmp_path, "on marble", None)] == ["on marble", "on marble"]
+
+
+def test_shards_are_disjoint_and_cover_every_item_once():
+    items = list(range(11))
+    shards = [B.Shard(r, 3).take(items) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7, 10]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_make_the_same_bytes_as_one(catalog, tmp_path):
+    one = tmp_path / "one"
+    common = ["--manifest", str(catalog), "--formats", "1:1", "--seeds", "0", "--steps", "2", "--dtype", "fp32"]
+    assert B.main([*common, "--out", str(one)]) == 1
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+                           "dreampainter_core.batch", *common, "--out", str(tmp_path / "two")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, done.stderr[-3000:]  # rank 0's items include a failure
+    # torchrun prints its own trace for the failed rank; none comes from our code
+    assert f'File "{REPO / "dreampainter_core"}' not in done.stderr, done.stderr[-3000:]
+    assert "local_rank: 0" in done.stderr and "local_rank: 1" not in done.stderr
+    assert _bytes(tmp_path / "two") == _bytes(one) and _bytes(one)
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert list(report["items"]) == ["box", "box-ref", "broken", "empty"] and report["ranks"] == 2
+    assert report["counts"] == {"done": 2, "skipped": 0, "failed": 2}
+    assert not list((tmp_path / "two").glob(".report.rank*"))
+    assert (tmp_path / "two" / "index.html").is_file()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
