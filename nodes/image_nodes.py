@@ -85,7 +85,10 @@ class DreamPainterProductPrep(io.ComfyNode):
                 io.Float.Input("box_ratio", default=0.6, min=0.05, max=1.0, step=0.05,
                                tooltip="center only: the product fits in box_ratio x canvas height and width."),
             ],
-            outputs=[io.Image.Output(display_name="foreground"), io.Mask.Output(display_name="mask")],
+            outputs=[io.Image.Output(display_name="foreground"), io.Mask.Output(display_name="mask"),
+                     io.Mask.Output(display_name="matte",
+                                    tooltip="The mask as given (soft, e.g. Auto Mask at threshold 0), placed like the "
+                                            "product: connect it to Composite's matte to remove the backdrop fringe.")],
         )
 
     @classmethod
@@ -112,9 +115,9 @@ class DreamPainterProductPrep(io.ComfyNode):
         image = as_image_batch(image, "image")
         width = width or int(image.shape[2])
         height = height or int(image.shape[1])
-        foreground, canvas_mask = place_product(image, mask, width, height, placement=placement,
-                                                box_ratio=(box_ratio, box_ratio))
-        return io.NodeOutput(foreground, canvas_mask)
+        foreground, canvas_mask, matte = place_product(image, mask, width, height, placement=placement,
+                                                       box_ratio=(box_ratio, box_ratio), return_matte=True)
+        return io.NodeOutput(foreground, canvas_mask, matte)
 
 
 def mask_overlay(mask: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
@@ -201,6 +204,10 @@ class DreamPainterComposite(io.ComfyNode):
                                  tooltip="Shift the generated colours near the product towards the real product's."),
                 io.Int.Input("color_ring", default=8, min=0, max=128, step=1,
                              tooltip="color_match: width of the ring used to fit and apply the colour shift (px)."),
+                io.Mask.Input("matte", optional=True,
+                              tooltip="Optional soft mask (Product Prep's matte): colour decontamination. The "
+                                      "product's soft edge is blended with its studio-backdrop colour removed, so a "
+                                      "white backdrop leaves no light fringe; replaces feather."),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
@@ -216,10 +223,10 @@ class DreamPainterComposite(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, generated, product, mask, feather, color_match, color_ring) -> io.NodeOutput:
+    def execute(cls, generated, product, mask, feather, color_match, color_ring, matte=None) -> io.NodeOutput:
         if color_match:
             generated = match_color(generated, product, mask, ring=color_ring)
-        return io.NodeOutput(paste_back(generated, product, mask, feather=feather))
+        return io.NodeOutput(paste_back(generated, product, mask, feather=feather, matte=matte))
 
 
 WITHOUT_REMBG = "Or draw the mask yourself (Load Image alpha / mask editor) and clean it with DreamPainter Mask Refine."

@@ -197,3 +197,37 @@ def test_auto_mask_refine_and_paste_back(comfy):
     assert iou > 0.9, iou
     bottle = _load(comfy, "bottle.png")[0]
     assert torch.equal(out["image"][0][found], bottle[found])
+
+
+def test_product_prep_matte_into_composite_removes_the_backdrop_fringe(comfy):
+    """Auto Mask's soft alpha -> Product Prep's matte -> Composite: on a dark background the edge
+    band carries less of the light studio backdrop than the plain feathered paste-back."""
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "bottle.png"}},
+        "2": {"class_type": "DreamPainterAutoMask", "inputs": {"image": ["1", 0], "model": "u2netp", "threshold": 0.0}},
+        "3": {"class_type": "DreamPainterProductPrep",
+              "inputs": {"image": ["1", 0], "mask": ["2", 0], "width": 0, "height": 0, "placement": "keep",
+                         "box_ratio": 0.6}},
+        "4": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0x101820}},
+        "5": {"class_type": "DreamPainterComposite",
+              "inputs": {"generated": ["4", 0], "product": ["3", 0], "mask": ["3", 1], "feather": 1,
+                         "color_match": False, "color_ring": 8, "matte": ["3", 2]}},
+        "6": {"class_type": "DreamPainterComposite",
+              "inputs": {"generated": ["4", 0], "product": ["3", 0], "mask": ["3", 1], "feather": 1,
+                         "color_match": False, "color_ring": 8}},
+        "7": {"class_type": "DPTestSaveTensors", "inputs": {"name": "clean", "image": ["5", 0], "mask": ["3", 2]}},
+        "8": {"class_type": "DPTestSaveTensors", "inputs": {"name": "plain", "image": ["6", 0], "mask": ["3", 1]}},
+    }
+    entry = comfy.run(g)
+    err = h.execution_error(entry)
+    if err is not None and "needs the 'rembg' package" in err["exception_message"]:
+        h.skip_or_fail("rembg is not installed in the test host (tests/comfy/comfy_harness.py SITE_SPECS)")
+    _ok(entry, comfy)
+    clean, plain = comfy.tensors("clean"), comfy.tensors("plain")
+    matte = clean["mask"][0]
+    band = (matte > 0.05) & (matte < 0.95)
+    assert int(band.sum()) > 20
+    lightness = lambda t: float(t["image"][0][band].mean())  # noqa: E731
+    assert lightness(clean) < lightness(plain) - 0.05
+    full = matte >= 1.0
+    assert torch.equal(clean["image"][0][full], plain["image"][0][full])
