@@ -367,18 +367,27 @@ class Batch:
         """The product photo, its mask (the auto mask's soft alpha when the item has none) and the
         reference, read from the recipe's paths and checked against their recorded hashes."""
         from .generate import load_image, load_mask
+        from .images import check_product_and_mask
 
         for key, entry in recipe["inputs"].items():
             if entry is not None and self._digest(Path(entry["path"])) != entry["sha256"]:
                 raise InputError(f"{key} {entry['path']} changed since the recipe was made (its sha256 differs)")
-        image = load_image(recipe["inputs"]["image"]["path"])
+        def read(key, loader):
+            path = recipe["inputs"][key]["path"]
+            try:
+                return loader(path)
+            except OSError as e:  # PIL's own words ("Truncated File Read") do not say which file
+                raise InputError(f"{key} {path}: not a readable image ({e})") from None
+
+        image = read("image", load_image)
         if recipe["inputs"]["mask"] is not None:
-            mask = load_mask(recipe["inputs"]["mask"]["path"])
+            mask = read("mask", load_mask)
         else:
             mask = auto_mask_of(image, recipe["settings"]["auto_mask"])
+        check_product_and_mask(image, mask)  # an empty or mismatched mask, before any model runs
         self.masks_used[recipe["id"]] = (image, mask)  # for the contact sheet
         reference = recipe["inputs"]["reference"]
-        return image, mask, None if reference is None else load_image(reference["path"])
+        return image, mask, None if reference is None else read("reference", load_image)
 
     def render(self, recipe: dict, seeds: list[int]) -> torch.Tensor:
         """The images of `recipe` at each of `seeds`, rendered as one batch: [len(seeds), H, W, 3]."""
@@ -449,6 +458,14 @@ class Batch:
                 plans[item.id] = self.plan(item, formats, seeds, out)
             except OSError as e:  # an input vanished since the manifest check
                 plans[item.id] = e
+        for item in items:  # read and check the inputs of what is to be made before the model loads
+            jobs = plans[item.id]
+            if isinstance(jobs, list) and any(j.missing for j in jobs):
+                try:
+                    self.inputs(jobs[0].recipes[0])
+                except (DreamPainterError, OSError, ValueError) as e:
+                    plans[item.id] = e
+                self.masks_used.pop(item.id, None)  # read again when rendered: a catalog does not fit in memory
         todo = sum(len(j.missing) for jobs in plans.values() if isinstance(jobs, list) for j in jobs)
         progress = make_progress(todo, position, desc)
         prompts = [p for item in items if isinstance(plans[item.id], list) and any(j.missing for j in plans[item.id])
