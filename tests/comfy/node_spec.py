@@ -27,7 +27,7 @@ NODES = {
         ["DREAMPAINTER_REFERENCE", "IMAGE"]),
     "DreamPainterProductPrep": (
         ["image", "mask", "width", "height", "placement", "box_ratio"], [],
-        ["IMAGE", "MASK"]),
+        ["IMAGE", "MASK", "MASK"]),
     "DreamPainterMaskRefine": (
         ["mask", "close", "open", "dilate", "fill_holes", "min_area", "feather"], ["image"],
         ["MASK", "IMAGE"]),
@@ -41,7 +41,7 @@ NODES = {
          "training_free_reference"],
         ["IMAGE", "LATENT", "MASK"]),
     "DreamPainterComposite": (
-        ["generated", "product", "mask", "feather", "color_match", "color_ring"], [],
+        ["generated", "product", "mask", "feather", "color_match", "color_ring"], ["matte"],
         ["IMAGE"]),
 }
 
