@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .fileio import atomic_write_bytes, atomic_write_text
+from .images import mask_overlay
 
 CELL = 192  # px: the contact sheet's cell height
 THUMB = 256  # px: the review copies' longest side
@@ -28,13 +29,6 @@ BACKDROP = (236, 236, 236)
 
 def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.clamp(0, 1).float().cpu().numpy() * 255).round().astype(np.uint8))
-
-
-def mask_overlay(image: torch.Tensor, mask: torch.Tensor) -> Image.Image:
-    """The photo dimmed where the mask is 0, with a magenta tint: what is kept shows at full strength."""
-    m = mask.clamp(0, 1).float().unsqueeze(-1)
-    tint = torch.tensor([1.0, 0.0, 1.0])
-    return _pil(m * image.float() + (1 - m) * (0.35 * image.float() + 0.25 * tint))
 
 
 def _fit(im: Image.Image, height: int) -> Image.Image:
@@ -51,7 +45,7 @@ def _png_bytes(im: Image.Image) -> bytes:
 def write_contact_sheet(out: Path, item, used: tuple[torch.Tensor, torch.Tensor], outputs: list[Path]) -> Path:
     """`used` = (product photo [H, W, 3], the mask it was generated with [H, W])."""
     image, mask = used
-    product, overlay = _pil(image), mask_overlay(image, mask)
+    product, overlay = _pil(image), _pil(mask_overlay(mask, image)[0])
     review = out / item.id / "review"
     for name, im in (("product", product), ("mask", overlay)):
         small = im.copy()

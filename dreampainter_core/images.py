@@ -285,3 +285,21 @@ def reference_canvas(image, resolution: int, policy: str = "crop", multiple: int
     nh = max(multiple, round(h * scale / multiple) * multiple)
     nw = max(multiple, round(w * scale / multiple) * multiple)
     return _resize(image, nh, nw)
+
+
+def mask_overlay(mask: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    """The kept product tinted green over the image (or the mask alone, grey): Mask Refine's preview and the batch's contact sheets."""
+    mask = as_mask_batch(mask, "mask")
+    if image is None:
+        return mask.unsqueeze(-1).expand(*mask.shape, 3).contiguous()
+    image = as_image_batch(image, "image")
+    if tuple(image.shape[1:3]) != tuple(mask.shape[1:3]):
+        raise InputError(f"mask size {mask.shape[2]}x{mask.shape[1]} does not match image size "
+                         f"{image.shape[2]}x{image.shape[1]} (WxH); connect the image the mask belongs to.")
+    batch = max(image.shape[0], mask.shape[0])
+    image, m = image.expand(batch, -1, -1, -1), mask.expand(batch, -1, -1).unsqueeze(-1)
+    green = torch.tensor([0.1, 0.9, 0.2]).to(image)
+    edge = (F.max_pool2d(m.permute(0, 3, 1, 2), 3, 1, 1) - (-F.max_pool2d(-m.permute(0, 3, 1, 2), 3, 1, 1)))
+    edge = (edge.permute(0, 2, 3, 1) > 0.25).to(image.dtype)
+    out = image * (1 - 0.45 * m) + green * 0.45 * m
+    return (out * (1 - edge) + green * edge).clamp(0, 1)

@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..dreampainter_core import auto_mask
 from ..dreampainter_core.errors import InputError
-from ..dreampainter_core.images import REFERENCE_POLICIES, as_image_batch, as_mask_batch, reference_canvas
+from ..dreampainter_core.images import REFERENCE_POLICIES, as_image_batch, as_mask_batch, mask_overlay, reference_canvas
 from ..dreampainter_core.masks import refine_mask
 from ..dreampainter_core.pipeline import SMALL_MODEL_SIZES
 from ..dreampainter_core.product import PLACEMENTS, match_color, paste_back, place_product
@@ -118,24 +118,6 @@ class DreamPainterProductPrep(io.ComfyNode):
         foreground, canvas_mask, matte = place_product(image, mask, width, height, placement=placement,
                                                        box_ratio=(box_ratio, box_ratio), return_matte=True)
         return io.NodeOutput(foreground, canvas_mask, matte)
-
-
-def mask_overlay(mask: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-    """The kept product tinted green over the image (or the mask alone, grey)."""
-    mask = as_mask_batch(mask, "mask")
-    if image is None:
-        return mask.unsqueeze(-1).expand(*mask.shape, 3).contiguous()
-    image = as_image_batch(image, "image")
-    if tuple(image.shape[1:3]) != tuple(mask.shape[1:3]):
-        raise InputError(f"mask size {mask.shape[2]}x{mask.shape[1]} does not match image size "
-                         f"{image.shape[2]}x{image.shape[1]} (WxH); connect the image the mask belongs to.")
-    batch = max(image.shape[0], mask.shape[0])
-    image, m = image.expand(batch, -1, -1, -1), mask.expand(batch, -1, -1).unsqueeze(-1)
-    green = torch.tensor([0.1, 0.9, 0.2]).to(image)
-    edge = (F.max_pool2d(m.permute(0, 3, 1, 2), 3, 1, 1) - (-F.max_pool2d(-m.permute(0, 3, 1, 2), 3, 1, 1)))
-    edge = (edge.permute(0, 2, 3, 1) > 0.25).to(image.dtype)
-    out = image * (1 - 0.45 * m) + green * 0.45 * m
-    return (out * (1 - edge) + green * edge).clamp(0, 1)
 
 
 class DreamPainterMaskRefine(io.ComfyNode):
