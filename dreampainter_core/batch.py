@@ -23,10 +23,13 @@ Manifest: one JSON object per line (paths relative to the manifest):
   an optional ``category`` and ``style`` for ``dreampainter_core.prompts.build_prompt``.
 - optional: ``reference``, ``negative_prompt``, ``seeds``, ``formats``, and per-item
   overrides of ``steps``, ``cfg``, ``shift``, ``lora_scale``, ``attention_scale``,
-  ``harmonize``, ``reference_strength``, ``mode``, ``box_ratio``.
+  ``harmonize``, ``reference_strength``, ``mode``, ``box_ratio``, ``placement``.
 
 Formats (``FORMATS``): named canvases at 1024 px scale, scaled by ``--resolution`` and snapped to
-the model's size rule; the product is centred in a box of ``box_ratio`` of the canvas.
+the model's size rule; ``--formats-file FILE.toml`` adds or replaces some (``[formats]`` with
+``"2:3" = [832, 1248]``). The product is centred in a box of ``box_ratio`` of the canvas
+(``--placement center``), or kept where the photo has it, the photo fitted to the canvas
+(``--placement keep``).
 
 Outputs: ``DIR/<id>/<format>_<seed>.png``, written atomically (fsynced, then renamed), each with
 its recipe in a PNG text chunk (``dreampainter``: prompt, seed, every setting, the input and model
@@ -68,14 +71,17 @@ from PIL import Image, PngImagePlugin
 
 from .errors import DreamPainterError, InputError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .product import PLACEMENTS
 
 #: name -> (width, height) at 1024 px scale; every side divisible by 32 (CogView4's rule).
 FORMATS = {"1:1": (1024, 1024), "4:5": (864, 1088), "3:4": (768, 1024), "16:9": (1344, 768), "9:16": (768, 1344)}
 RECIPE_KEY = "dreampainter"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the recipe records the format's canvas and the placement
+FORMAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,31}$")  # it names output files (':' -> 'x')
+FORMAT_SIDES = (64, 4096)  # at 1024 px scale
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OVERRIDES = {"steps": int, "cfg": float, "shift": float, "lora_scale": float, "attention_scale": float,
-             "harmonize": float, "reference_strength": float, "mode": str, "box_ratio": float}
+             "harmonize": float, "reference_strength": float, "mode": str, "box_ratio": float, "placement": str}
 KNOWN_KEYS = {"id", "image", "mask", "prompt", "prompt_zh", "name", "category", "style", "reference",
               "negative_prompt", "seeds", "formats", *OVERRIDES}
 
@@ -156,6 +162,8 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
                 isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer()))
             if not ok:
                 problems.append(f"{key} must be {'a string' if kind is str else 'a number'}, got {value!r}")
+            elif key == "placement" and value not in PLACEMENTS:
+                problems.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {value!r}")
             else:
                 overrides[key] = kind(value)
     negative = rec.get("negative_prompt", "")
@@ -205,9 +213,44 @@ def parse_manifest(lines, root: Path, name, known_formats=FORMATS) -> list[Item]
 
 
 def canvas_size(name: str, resolution: int, multiple: int, formats=FORMATS) -> tuple[int, int]:
-    width, height = formats[name]
+    return snap_canvas(formats[name], resolution, multiple)
+
+
+def snap_canvas(canvas, resolution: int, multiple: int) -> tuple[int, int]:
+    """A canvas at 1024 px scale -> pixels at `resolution`, on the model's size rule."""
+    width, height = canvas
     snap = lambda v: max(multiple, round(v * resolution / 1024 / multiple) * multiple)  # noqa: E731
     return snap(width), snap(height)
+
+
+def load_formats(path=None) -> dict[str, tuple[int, int]]:
+    """FORMATS, with a user's TOML file's ``[formats]`` added (a name already there is replaced)."""
+    formats = dict(FORMATS)
+    if path is None:
+        return formats
+    import tomllib
+
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"--formats-file {path}: cannot read it ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:  # its message carries the line and column
+        raise InputError(f"--formats-file {path}: not TOML ({e})") from None
+    extra = table.get("formats")
+    if not isinstance(extra, dict) or not extra:
+        raise InputError(f"--formats-file {path}: expected a [formats] table, e.g. \"2:3\" = [832, 1248]")
+    lo, hi = FORMAT_SIDES
+    for name, size in extra.items():
+        if not FORMAT_NAME.match(name):
+            raise InputError(f"--formats-file {path}: format name {name!r}: give 1-32 letters, digits, ':', '.', "
+                             "'_' or '-' (it names the output files)")
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in size)):
+            raise InputError(f"--formats-file {path}: format {name!r} = {size!r}: expected [width, height], "
+                             f"integers {lo}..{hi} at 1024 px scale")
+        formats[name] = (size[0], size[1])
+    return formats
 
 
 def file_digest(path: Path) -> str:
@@ -244,13 +287,49 @@ def read_recipe(png: Path) -> dict | None:
         return None
 
 
-def write_png(image: torch.Tensor, path: Path, recipe: dict) -> None:
+def png_bytes(image: torch.Tensor, recipe: dict) -> bytes:
+    """The image [H, W, 3] (0..1) as PNG, its recipe in the text chunk."""
     array = (image.clamp(0, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     info = PngImagePlugin.PngInfo()
     info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buffer.getvalue())  # fsynced, then renamed: never a partial file
+    return buffer.getvalue()
+
+
+def write_png(image: torch.Tensor, path: Path, recipe: dict) -> None:
+    atomic_write_bytes(path, png_bytes(image, recipe))  # fsynced, then renamed: never a partial file
+
+
+def default_settings(measured: dict, **chosen) -> dict:
+    """Every setting a recipe records: the model's measured sampling settings (the embedded
+    miniature has them), the pack's defaults, then `chosen` (the command line's)."""
+    settings = {"steps": int(measured.get("steps", 30)), "cfg": float(measured.get("guidance", 3.5)),
+                "shift": None, "lora_scale": 1.0, "attention_scale": 1.0, "harmonize": 0.2,
+                "reference_strength": 0.8, "mode": "auto", "box_ratio": 0.6, "placement": "center",
+                "decontaminate": "auto", "auto_mask_model": "u2netp"}
+    unknown = set(chosen) - set(settings)
+    if unknown:
+        raise InputError(f"unknown batch setting(s) {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update({k: v for k, v in chosen.items() if v is not None})
+    return settings
+
+
+def build_request(pipe, image, mask, reference, settings: dict, width: int, height: int, seeds: list[int]):
+    """The pipeline request for one product at `seeds` (one batch) from a recipe's settings."""
+    from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
+
+    s = settings
+    return pipe.prepare(
+        image, mask, width=width, height=height, batch_size=len(seeds),
+        sampling=SamplingOptions(steps=s["steps"], guidance_scale=s["cfg"], shift=s.get("shift"),
+                                 seed=seeds[0], image_seeds=seeds),
+        reference=ReferenceOptions(image=reference, lora_scale=s["lora_scale"],
+                                   attention_scale=s["attention_scale"], strength=s["reference_strength"]),
+        control=ControlOptions(mode=s["mode"], harmonize=s["harmonize"]),
+        output=OutputOptions(placement=s.get("placement", "center"), box_ratio=(s["box_ratio"], s["box_ratio"]),
+                             decontaminate=s.get("decontaminate", False)),
+    )
 
 
 @dataclass
@@ -281,8 +360,8 @@ class Batch:
     a rerun with nothing to make never loads the model."""
 
     def __init__(self, load_pipe, *, base: Path, weights: Path | None, resolution: int, defaults: dict,
-                 batch_size: int = 1, echo=print):
-        self._load_pipe, self._pipe, self.echo = load_pipe, None, echo
+                 batch_size: int = 1, echo=print, formats=FORMATS):
+        self._load_pipe, self._pipe, self.echo, self.formats = load_pipe, None, echo, formats
         self.resolution, self.defaults, self.batch_size = resolution, defaults, max(1, int(batch_size))
         self.model = {"base": str(base), "weights": None if weights is None else str(weights),
                       "fingerprint": model_fingerprint(base, weights)}
@@ -304,7 +383,7 @@ class Batch:
         return self._digests[path]
 
     def settings(self, item: Item) -> dict:
-        settings = {**self.defaults, **item.overrides}
+        settings = {"placement": "center", **self.defaults, **item.overrides}
         if item.mask is None:
             settings["auto_mask"] = settings.get("auto_mask_model", "u2netp")
         settings.pop("auto_mask_model", None)
@@ -315,8 +394,8 @@ class Batch:
     def recipe(self, item: Item, fmt: str, seed: int) -> dict:
         inputs = {k: None if p is None else {"path": str(p), "sha256": self._digest(p)}
                   for k, p in (("image", item.image), ("mask", item.mask), ("reference", item.reference))}
-        recipe = {"version": RECIPE_VERSION, "id": item.id, "format": fmt, "resolution": self.resolution,
-                  "seed": seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+        recipe = {"version": RECIPE_VERSION, "id": item.id, "format": fmt, "canvas": list(self.formats[fmt]),
+                  "resolution": self.resolution, "seed": seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
                   "settings": self.settings(item), "inputs": inputs, "model": self.model}
         recipe["hash"] = recipe_hash(recipe)
         return recipe
@@ -391,24 +470,13 @@ class Batch:
 
     def render(self, recipe: dict, seeds: list[int]) -> torch.Tensor:
         """The images of `recipe` at each of `seeds`, rendered as one batch: [len(seeds), H, W, 3]."""
-        from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
-
-        s = recipe["settings"]
         image, mask, reference = self.inputs(recipe)
         if "width" in recipe:  # a written recipe (reproduce) says its size
             width, height = recipe["width"], recipe["height"]
         else:
-            width, height = canvas_size(recipe["format"], recipe["resolution"], self.pipe.size_rule.multiple)
-        request = self.pipe.prepare(
-            image, mask, width=width, height=height, batch_size=len(seeds),
-            sampling=SamplingOptions(steps=s["steps"], guidance_scale=s["cfg"], shift=s.get("shift"),
-                                     seed=seeds[0], image_seeds=seeds),
-            reference=ReferenceOptions(image=reference, lora_scale=s["lora_scale"],
-                                       attention_scale=s["attention_scale"], strength=s["reference_strength"]),
-            control=ControlOptions(mode=s["mode"], harmonize=s["harmonize"]),
-            output=OutputOptions(placement="center", box_ratio=(s["box_ratio"], s["box_ratio"]),
-                                 decontaminate=s.get("decontaminate", False)),
-        )
+            canvas = recipe.get("canvas") or FORMATS[recipe["format"]]  # version 1 recipes name a built-in one
+            width, height = snap_canvas(canvas, recipe["resolution"], self.pipe.size_rule.multiple)
+        request = build_request(self.pipe, image, mask, reference, recipe["settings"], width, height, seeds)
         negative = self.embeds(recipe["negative_prompt"]) if request.sampling.uses_cfg else None
         positive = self.embeds(recipe["prompt"])
         t0 = time.perf_counter()
@@ -620,7 +688,7 @@ def _load(base: str | None, weights: str | None, dtype: str, device: str):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def folder_manifest(folder: Path, prompt: str | None, category: str | None) -> list[Item]:
+def folder_manifest(folder: Path, prompt: str | None, category: str | None, known_formats=FORMATS) -> list[Item]:
     """--images DIR: every photo in the folder is a product, id = its file name; its mask is
     DIR/masks/<name>.png when there is one (otherwise the auto mask); the prompt is --prompt, or the
     prompt builder's from the file name (words) and --category."""
@@ -642,7 +710,68 @@ def folder_manifest(folder: Path, prompt: str | None, category: str | None) -> l
             if category:
                 rec["category"] = category
         lines.append(json.dumps(rec))
-    return parse_manifest(lines, folder, f"--images {folder}")
+    return parse_manifest(lines, folder, f"--images {folder}", known_formats)
+
+
+class CatalogPainter:
+    """A callable class for Ray Data (``Dataset.map_batches``), for a cluster without a shared file
+    system: each actor loads its own pipeline once; a batch of rows goes in, PNGs come out.
+
+    Rows: ``id``, ``image`` (H x W x 3 uint8), optional ``mask`` (H x W uint8, 255 = product;
+    without it the auto mask), ``prompt``, optional ``seed`` (0), ``format`` (``1:1``),
+    ``negative_prompt`` (""). Out: ``id``, ``format``, ``seed``, ``path`` (``<id>/<format>_<seed>.png``)
+    and ``png`` (the encoded image with its recipe in the text chunk, as the batch command writes
+    it). Ray does the scheduling, retries and data movement; this class only paints.
+    """
+
+    def __init__(self, base: str | None = None, weights: str | None = None, *, resolution: int | None = None,
+                 dtype: str = "bf16", device: str | None = None, formats=FORMATS, **settings):
+        load, base_path, weights_path, measured = _load(base, weights, dtype, _device(device))
+        self.pipe, self.formats = load(), formats
+        self.resolution = resolution or (1024 if base else int(measured.get("resolution", 128)))
+        self.settings = default_settings(measured, **settings)
+        self.model = {"base": str(base_path), "weights": None if weights_path is None else str(weights_path),
+                      "fingerprint": model_fingerprint(base_path, weights_path)}
+
+    def paint(self, ident: str, image: np.ndarray, mask: np.ndarray | None, prompt: str, seed: int = 0,
+              fmt: str = "1:1", negative_prompt: str = "") -> tuple[str, bytes]:
+        """One row -> (its output path, its PNG bytes)."""
+        from .images import as_image_batch, as_mask_batch, check_product_and_mask
+
+        if fmt not in self.formats:
+            raise InputError(f"row {ident!r}: format {fmt!r} unknown; known: {', '.join(self.formats)}")
+        product = as_image_batch(np.asarray(image), name=f"row {ident!r} image")[0]
+        settings = dict(self.settings, decontaminate=mask is None if self.settings["decontaminate"] == "auto"
+                        else bool(self.settings["decontaminate"]))
+        matte = (auto_mask_of(product, settings["auto_mask_model"]) if mask is None
+                 else as_mask_batch(np.asarray(mask), name=f"row {ident!r} mask")[0])
+        check_product_and_mask(product, matte)
+        width, height = snap_canvas(self.formats[fmt], self.resolution, self.pipe.size_rule.multiple)
+        request = build_request(self.pipe, product, matte, None, settings, width, height, [seed])
+        positive = self.pipe.encode_prompt([prompt])
+        negative = self.pipe.encode_prompt([negative_prompt]) if request.sampling.uses_cfg else None
+        picture = self.pipe.generate(request, positive, negative).images[0]
+        recipe = {"version": RECIPE_VERSION, "id": ident, "format": fmt, "canvas": list(self.formats[fmt]),
+                  "resolution": self.resolution, "seed": seed, "prompt": prompt, "negative_prompt": negative_prompt,
+                  "settings": settings, "model": self.model, "width": width, "height": height,
+                  "inputs": {"image": {"sha256": hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()}}}
+        return f"{ident}/{fmt.replace(':', 'x')}_{seed}.png", png_bytes(picture, recipe)
+
+    def __call__(self, rows: dict) -> dict:
+        n = len(rows["id"])
+        column = lambda key, default: rows[key] if key in rows else [default] * n  # noqa: E731
+        out = {"id": [], "format": [], "seed": [], "path": [], "png": []}
+        for ident, image, mask, prompt, seed, fmt, negative in zip(
+                rows["id"], rows["image"], column("mask", None), rows["prompt"], column("seed", 0),
+                column("format", "1:1"), column("negative_prompt", "")):
+            try:
+                path, data = self.paint(str(ident), image, mask, str(prompt), int(seed), str(fmt), str(negative))
+            except InputError as e:  # Ray shows the actor's traceback; the row's id says which product
+                raise InputError(str(e) if str(e).startswith("row ") else f"row {str(ident)!r}: {e}") from None
+            for key, value in (("id", str(ident)), ("format", str(fmt)), ("seed", int(seed)), ("path", path),
+                               ("png", data)):
+                out[key].append(value)
+        return {k: np.array(v, dtype=object if k == "png" else None) for k, v in out.items()}
 
 
 def main(argv=None) -> int:
@@ -659,6 +788,8 @@ def main(argv=None) -> int:
         source.add_argument("--images", help="a folder of product photos (masks in DIR/masks/<name>.png, else auto)")
         p.add_argument("--prompt", default=None, help="--images: one prompt for every photo")
         p.add_argument("--category", default=None, help="--images without --prompt: the prompt builder's category")
+        p.add_argument("--formats-file", default=None,
+                       help="a TOML file whose [formats] table adds output formats: \"2:3\" = [832, 1248] (1024 px scale)")
     if command == "run":
         p.add_argument("--out", required=True)
         p.add_argument("--formats", default="1:1", help=f"comma-separated, of {', '.join(FORMATS)} (default 1:1)")
@@ -666,7 +797,9 @@ def main(argv=None) -> int:
         p.add_argument("--steps", type=int, default=None)
         p.add_argument("--cfg", type=float, default=None)
         p.add_argument("--mode", choices=("auto", "dreampainter", "training_free"), default="auto")
-        p.add_argument("--box-ratio", type=float, default=0.6, help="the product's box, share of the canvas")
+        p.add_argument("--placement", choices=PLACEMENTS, default="center",
+                       help="center: the product centred in its box; keep: where the photo has it")
+        p.add_argument("--box-ratio", type=float, default=0.6, help="the product's box, share of the canvas (center)")
         p.add_argument("--resolution", type=int, default=None,
                        help="scale of the formats (1024 = as listed; default 1024, the embedded model 128)")
         p.add_argument("--batch-size", type=int, default=1,
@@ -685,7 +818,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if command == "check":
-            items = _read_items(a)
+            items = _read_items(a, load_formats(a.formats_file))
             print(f"{a.manifest or a.images}: {len(items)} products, all lines good")
             return 0
         if command == "reproduce":
@@ -696,10 +829,10 @@ def main(argv=None) -> int:
         return 2
 
 
-def _read_items(a) -> list[Item]:
+def _read_items(a, formats) -> list[Item]:
     if a.manifest:
-        return read_batch_manifest(a.manifest)
-    return folder_manifest(Path(a.images), a.prompt, a.category)
+        return read_batch_manifest(a.manifest, formats)
+    return folder_manifest(Path(a.images), a.prompt, a.category, formats)
 
 
 def _device(requested: str | None) -> str:
@@ -734,17 +867,19 @@ def _reproduce(a) -> int:
 def _run(a) -> int:
     from .gallery import write_gallery
 
+    known = load_formats(a.formats_file)
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in known]
     if bad or not formats:
-        raise InputError(f"--formats: unknown {bad}; known: {', '.join(FORMATS)}")
+        raise InputError(f"--formats: unknown {bad}; known: {', '.join(known)}"
+                         + ("" if a.formats_file else " (--formats-file adds more)"))
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise InputError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
     if a.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {a.batch_size}")
-    items = _read_items(a)  # every line checked before the model loads
+    items = _read_items(a, known)  # every line checked before the model loads
     shard = Shard.from_environment()
     mine = shard.take(items)
     if any(item.mask is None for item in mine):
@@ -755,14 +890,12 @@ def _run(a) -> int:
                       a.auto_mask_model, "Or give each of them a 'mask' (white = product).")
     load, base, weights, measured = _load(a.base, a.weights, a.dtype, _device(a.device))
     resolution = a.resolution or (1024 if a.base else int(measured.get("resolution", 128)))
-    defaults = {"steps": a.steps or int(measured.get("steps", 30)),
-                "cfg": a.cfg if a.cfg is not None else float(measured.get("guidance", 3.5)),
-                "shift": None, "lora_scale": 1.0, "attention_scale": 1.0, "harmonize": 0.2,
-                "reference_strength": 0.8, "mode": a.mode, "box_ratio": a.box_ratio,
-                "decontaminate": {"auto": "auto", "on": True, "off": False}[a.decontaminate],
-                "auto_mask_model": a.auto_mask_model}
+    defaults = default_settings(measured, steps=a.steps, cfg=a.cfg, mode=a.mode, box_ratio=a.box_ratio,
+                                placement=a.placement, auto_mask_model=a.auto_mask_model,
+                                decontaminate={"auto": "auto", "on": True, "off": False}[a.decontaminate])
     out = Path(a.out)
-    batch = Batch(load, base=base, weights=weights, resolution=resolution, defaults=defaults, batch_size=a.batch_size)
+    batch = Batch(load, base=base, weights=weights, resolution=resolution, defaults=defaults, batch_size=a.batch_size,
+                  formats=known)
     t0 = time.perf_counter()
     report = batch.run(mine, out, formats, seeds, shard.report_path(out), position=shard.rank,
                        desc="batch" if shard.world == 1 else f"rank {shard.rank}/{shard.world}")

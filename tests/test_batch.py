@@ -2,6 +2,7 @@
 recorded, a rerun skips what exists, a changed setting remakes only what it affects, reproduce."""
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -238,6 +239,82 @@ def test_items_without_a_mask_get_the_auto_mask_and_a_decontaminated_edge(tmp_pa
     assert B.main([*args[:3], str(tmp_path / "off"), *args[4:], "--decontaminate", "off"]) == 0
     on, off = (np.asarray(Image.open(tmp_path / d / "auto" / "1x1_0.png")).astype(int) for d in ("out", "off"))
     assert 0 < (on != off).any(axis=-1).mean() < 0.2  # only the product's edge differs
+
+
+def test_a_user_formats_file_adds_a_format_and_its_size_is_part_of_the_resume_key(tmp_path, capsys):
+    manifest, out = _one_item(tmp_path), tmp_path / "out"
+    presets = tmp_path / "formats.toml"
+    presets.write_text('[formats]\n"2:3" = [832, 1248]\n')
+    run = lambda *extra: B.main(["--manifest", str(manifest), "--out", str(out), "--formats", "1:1,2:3",  # noqa: E731
+                                 "--formats-file", str(presets), "--steps", "1", "--dtype", "fp32", *extra])
+    assert B.main(["--manifest", str(manifest), "--out", str(out), "--formats", "2:3"]) == 2  # unknown without the file
+    assert "unknown ['2:3']" in capsys.readouterr().err
+    assert run() == 0
+    with Image.open(out / "box" / "2x3_0.png") as im:
+        assert im.size == (96, 160)  # 832x1248 at 128 px scale on the miniature's 16 px grid
+    square = (out / "box" / "1x1_0.png").read_bytes()
+    presets.write_text('[formats]\n"2:3" = [768, 1280]\n')  # the user changes the preset: only 2:3 is remade
+    assert run() == 0
+    assert json.loads((out / "report.json").read_text())["items"]["box"]["made"] == 1
+    assert (out / "box" / "1x1_0.png").read_bytes() == square
+    with Image.open(out / "box" / "2x3_0.png") as im:
+        assert im.size == (96, 160) and json.loads(im.text[B.RECIPE_KEY])["canvas"] == [768, 1280]
+    for text, says in (('[formats]\n"2/3" = [832, 1248]\n', "format name '2/3'"),
+                       ('[formats]\n"2:3" = [832]\n', "expected [width, height]"),
+                       ('formats = ', "not TOML"), ('[sizes]\n', "expected a [formats] table")):
+        presets.write_text(text)
+        assert run() == 2
+        err = capsys.readouterr().err
+        assert str(presets) in err and says in err
+
+
+def test_placement_keep_keeps_the_photos_layout_and_a_bad_one_is_a_manifest_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    kept = _one_item(tmp_path, placement="keep")
+    assert B.main(["--manifest", str(kept), "--out", str(out), "--steps", "1", "--dtype", "fp32"]) == 0
+    recipe = B.read_recipe(out / "box" / "1x1_0.png")
+    assert recipe["settings"]["placement"] == "keep"
+    # keep: the photo (128 px square) fills the 128 px canvas as it is, so the product's pixels are
+    # pasted back where the photo has them
+    mask = np.asarray(Image.open(tmp_path / "mask.png").convert("L")) > 127
+    made = np.asarray(Image.open(out / "box" / "1x1_0.png").convert("RGB"))
+    photo = np.asarray(Image.open(tmp_path / "product.png").convert("RGB"))
+    inner = mask & np.roll(mask, 2, 0) & np.roll(mask, -2, 0) & np.roll(mask, 2, 1) & np.roll(mask, -2, 1)
+    assert np.abs(made[inner].astype(int) - photo[inner]).max() <= 1
+    centred = B.read_recipe(_run_one_default(tmp_path))
+    assert centred["settings"]["placement"] == "center" and centred["hash"] != recipe["hash"]
+    bad = _one_item(tmp_path, placement="left")
+    assert B.main(["check", "--manifest", str(bad)]) == 2
+    assert "placement must be one of keep, center, got 'left'" in capsys.readouterr().err
+
+
+def _run_one_default(tmp_path):
+    manifest, out = _one_item(tmp_path), tmp_path / "out-centre"
+    assert B.main(["--manifest", str(manifest), "--out", str(out), "--steps", "1", "--dtype", "fp32"]) == 0
+    return out / "box" / "1x1_0.png"
+
+
+def test_the_ray_data_callable_class_paints_what_the_batch_command_paints(tmp_path):
+    """CatalogPainter (for Ray Data's map_batches) called as Ray calls it, a dict of numpy columns:
+    the same pixels as the batch command's files for the same product, format and seed."""
+    manifest, out = _one_item(tmp_path), tmp_path / "out"
+    assert B.main(["--manifest", str(manifest), "--out", str(out), "--formats", "1:1,4:5", "--seeds", "3",
+                   "--steps", "2", "--dtype", "fp32"]) == 0
+    photo = np.asarray(Image.open(tmp_path / "product.png").convert("RGB"))
+    mask = np.asarray(Image.open(tmp_path / "mask.png").convert("L"))
+    painter = B.CatalogPainter(dtype="fp32", device="cpu", steps=2)
+    rows = painter({"id": np.array(["box", "box"]), "image": np.stack([photo, photo]), "mask": np.stack([mask, mask]),
+                    "prompt": np.array(["a blue box on a green table"] * 2), "seed": np.array([3, 3]),
+                    "format": np.array(["1:1", "4:5"])})
+    assert list(rows["path"]) == ["box/1x1_3.png", "box/4x5_3.png"]
+    for path, data in zip(rows["path"], rows["png"]):
+        with Image.open(io.BytesIO(data)) as made, Image.open(out / path) as written:
+            assert np.array_equal(np.asarray(made), np.asarray(written))
+            assert json.loads(made.text[B.RECIPE_KEY])["seed"] == 3
+    with pytest.raises(B.InputError, match="row 'x': format '7:1' unknown"):
+        painter({"id": ["x"], "image": [photo], "prompt": ["p"], "format": ["7:1"]})
+    with pytest.raises(B.InputError, match="row 'x': mask size 8x8"):
+        painter({"id": ["x"], "image": [photo], "mask": [np.full((8, 8), 255, np.uint8)], "prompt": ["p"]})
 
 
 def test_a_folder_of_photos_is_a_manifest(tmp_path):
