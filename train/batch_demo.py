@@ -45,7 +45,8 @@ def make_catalog(root: Path, count: int = 10, seed: int = 7) -> Path:
         shot = np.where(rendered["mask"][..., None], rendered["image"], 255).astype(np.uint8)
         Image.fromarray(shot).save(root / f"p{i:02d}.png")
         Image.fromarray(rendered["mask"].astype(np.uint8) * 255).save(root / f"p{i:02d}_mask.png")
-        prompt = scene_prompt(make_scene(seed, 1000 + i)[0])[0]  # another scene's stand and wall
+        # This product, with another scene's stand and wall: a new background for the same product.
+        prompt = scene_prompt(dict(make_scene(seed, 1000 + i)[0], product=scene["product"]))[0]
         lines.append({"id": f"sku-{i:02d}", "image": f"p{i:02d}.png", "mask": f"p{i:02d}_mask.png", "prompt": prompt})
     (root / "unreadable.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated upload")
     Image.new("L", (128, 128), 0).save(root / "empty_mask.png")
