@@ -138,6 +138,10 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
     prompt = rec.get("prompt") or rec.get("prompt_zh")
     if prompt is not None and not isinstance(prompt, str):
         problems.append(f"prompt must be a string, got {prompt!r}")
+    elif isinstance(prompt, str) and not prompt.strip():
+        problems.append("prompt is blank: describe the background to paint")
+    elif isinstance(prompt, str) and not prompt.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == prompt:
+        problems.append("prompt has an unpaired surrogate (broken Unicode escape): fix the text's encoding")
     elif not prompt:
         if rec.get("name"):
             try:

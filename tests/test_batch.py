@@ -363,3 +363,12 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_blank_or_broken_prompt_is_a_manifest_error(tmp_path):
+    photo = embedded_model().demo / "product.png"
+    lines = [json.dumps({"id": "a", "image": str(photo), "prompt": "   "}),
+             '{"id": "b", "image": "%s", "prompt": "red \\ud800 box"}' % photo]
+    with pytest.raises(B.BatchManifestError) as e:
+        B.parse_manifest(lines, tmp_path, "m.jsonl")
+    assert "line 1: prompt is blank" in str(e.value) and "line 2: prompt has an unpaired surrogate" in str(e.value)
