@@ -140,7 +140,7 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
         problems.append(f"prompt must be a string, got {prompt!r}")
     elif isinstance(prompt, str) and not prompt.strip():
         problems.append("prompt is blank: describe the background to paint")
-    elif isinstance(prompt, str) and not prompt.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == prompt:
+    elif isinstance(prompt, str) and not _encodable(prompt):
         problems.append("prompt has an unpaired surrogate (broken Unicode escape): fix the text's encoding")
     elif not prompt:
         if rec.get("name"):
@@ -177,6 +177,20 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
         return None, problems
     return Item(line, sid, paths["image"], paths.get("mask"), prompt, negative, paths.get("reference"), seeds, formats,
                 overrides), []
+
+
+def _encodable(text: str) -> bool:
+    """False for text with an unpaired surrogate (JSON can carry one; no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def output_name(fmt: str, seed: int) -> str:
+    """An output's file name inside its product's folder (':' is not allowed in Windows names)."""
+    return f"{fmt.replace(':', 'x')}_{seed}.png"
 
 
 def read_batch_manifest(path, known_formats=FORMATS) -> list[Item]:
@@ -412,7 +426,7 @@ class Batch:
         for fmt in item.formats or formats:
             for start in range(0, len(item_seeds), self.batch_size):
                 chunk = item_seeds[start:start + self.batch_size]
-                paths = [out / item.id / f"{fmt.replace(':', 'x')}_{seed}.png" for seed in chunk]
+                paths = [out / item.id / output_name(fmt, seed) for seed in chunk]
                 recipes = [self.recipe(item, fmt, seed) for seed in chunk]
                 missing = [i for i, (path, r) in enumerate(zip(paths, recipes))
                            if (read_recipe(path) or {}).get("hash") != r["hash"]]
@@ -759,7 +773,7 @@ class CatalogPainter:
                   "resolution": self.resolution, "seed": seed, "prompt": prompt, "negative_prompt": negative_prompt,
                   "settings": settings, "model": self.model, "width": width, "height": height,
                   "inputs": {"image": {"sha256": hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()}}}
-        return f"{ident}/{fmt.replace(':', 'x')}_{seed}.png", png_bytes(picture, recipe)
+        return f"{ident}/{output_name(fmt, seed)}", png_bytes(picture, recipe)
 
     def __call__(self, rows: dict) -> dict:
         n = len(rows["id"])
