@@ -242,14 +242,38 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | os.PathLike | None = None, smoke: bool = False) -> dict:
-    """The recipe file's tables (``smoke``: its ``[smoke.*]`` tables merged over the others), checked
-    with and without them; read_recipe (or Miniature) types them."""
+def recipe_override(tables: dict, item: str) -> None:
+    """Apply one ``section.key=value`` (value in TOML syntax; a bare word is a string) to a recipe's
+    tables, in place: how an experiment varies one setting without copying the recipe."""
+    import tomllib
+
+    dotted, sep, text = item.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError(f"--set {item!r}: write section.key=value (e.g. vae.steps=3000) or key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = tables
+    for part in parts[:-1]:
+        if not isinstance(table.get(part), dict):
+            raise RecipeError(f"--set {item!r}: the recipe has no table [{'.'.join(parts[:-1])}]")
+        table = table[part]
+    table[parts[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike | None = None, smoke: bool = False, overrides: list[str] = ()) -> dict:
+    """The recipe file's tables (``smoke``: its ``[smoke.*]`` tables merged over the others) with
+    ``overrides`` (``section.key=value``) applied, checked with and without the smoke tables;
+    read_recipe (or Miniature) types them."""
     path = Path(path) if path is not None else DEFAULT_RECIPE
     try:
         recipe = read_config_file(path)
     except ConfigError as e:
         raise RecipeError(str(e)) from None
+    for item in overrides:
+        recipe_override(recipe, item)
     smoke_tables = recipe.pop("smoke", {})
     merged = {**_merge(recipe, smoke_tables), "smoke": True}
     recipe["smoke"] = False
@@ -1059,13 +1083,15 @@ def main(argv=None) -> int:
     p.add_argument("--until", choices=PHASES, default=None, help="stop after this phase")
     p.add_argument("--recipe", default=None, help=f"recipe TOML (default {DEFAULT_RECIPE.relative_to(REPO)})")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one recipe setting (TOML value), e.g. --set vae.steps=3000; repeatable")
     p.add_argument("--embed", action="store_true",
                    help="when finished, install the model as the pack's embedded default (models/, docs/miniature/)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        recipe = load_recipe(a.recipe, smoke=a.smoke)
+        recipe = load_recipe(a.recipe, smoke=a.smoke, overrides=a.set)
         mini = Miniature(a.out, recipe, a.budget_minutes)
         summary = mini.run(a.until)
     except ConfigError as e:  # RecipeError, or a stage's config
