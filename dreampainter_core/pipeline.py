@@ -401,6 +401,7 @@ class DreamPainterPipeline:
         if reference_trajectory is not None:
             clean_reference, reference_noise = (x.to(device=device, dtype=torch.float32) for x in reference_trajectory)
             extra["reference_layout"] = "beside"
+            extra["reference_timestep"] = "same-as-target"  # noised with the target, at its sigma
             reference_latents = clean_reference  # for guide_reference below
         without_reference = dict(extra, reference_latents=None)
         merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)

@@ -16,10 +16,15 @@ embedding, blocks, output head) unchanged and own only what DreamPainter changes
 
 Design choices (documented, stored in weight metadata):
 
-* Reference tokens get the same timestep modulation as the target tokens (the stock
-  block applies one AdaLN modulation to the whole image stream, so the base blocks are
-  reused unchanged; LoRA adapts them in stage 2). OminiControl's t=0 alternative would
-  need a second modulation path through every block.
+* ``reference_timestep``: "same-as-target" gives reference tokens the target's timestep
+  modulation (the stock block applies one AdaLN modulation to the whole image stream, so
+  the base blocks run unchanged; LoRA adapts them in stage 2). "clean" gives them the
+  modulation of t = 0, as OminiControl does: the reference is a clean image, and the base
+  blocks then read it as one, at every noise level of the target. That needs per-token
+  modulation, so those blocks run through ``run_block_with_clean_reference`` (the stock
+  block's arithmetic, checked equal to it when both timesteps are the same).
+* ``reference_layout``: where the reference sits in RoPE (rope.py): "diagonal" (the
+  paper's (h + i, w + j)) or "beside" (same rows, to the right).
 * The control branch sees target tokens and text only, never reference tokens: it is
   trained in stage 1 without references and frozen in stage 2.
 * Control blocks are initialised from the first ``num_blocks`` base blocks: the branch
@@ -43,10 +48,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionModulation
-from .rope import REFERENCE_SCALES, dreampainter_rope
+from .rope import REFERENCE_LAYOUTS, REFERENCE_SCALES, dreampainter_rope
 
 LORA_ADAPTER = "dreampainter"
 # All linear layers of the base DiT blocks (the paper: "all linear layers of the original branch").
+REFERENCE_TIMESTEPS = ("same-as-target", "clean")
 DEFAULT_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
 
 
@@ -66,7 +72,8 @@ class DreamPainterConfig:
     lora_alpha: float | None = None  # default: = rank (scaling 1)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     reference_scale: str = "target"  # see rope.py
-    reference_timestep: str = "same-as-target"
+    reference_timestep: str = "same-as-target"  # or "clean": t = 0 modulation (OminiControl)
+    reference_layout: str = "diagonal"  # RoPE placement of the reference: "diagonal" or "beside"
 
     def resolved(self, num_base_layers: int) -> "DreamPainterConfig":
         cfg = copy.deepcopy(self)
@@ -90,6 +97,10 @@ class DreamPainterConfig:
             cfg.lora_alpha = float(cfg.lora_rank)
         if cfg.reference_scale not in REFERENCE_SCALES:
             raise ValueError(f"reference_scale must be one of {REFERENCE_SCALES}")
+        if cfg.reference_timestep not in REFERENCE_TIMESTEPS:
+            raise ValueError(f"reference_timestep must be one of {REFERENCE_TIMESTEPS}, got {cfg.reference_timestep!r}")
+        if cfg.reference_layout not in REFERENCE_LAYOUTS:
+            raise ValueError(f"reference_layout must be one of {REFERENCE_LAYOUTS}, got {cfg.reference_layout!r}")
         return cfg
 
     def to_json(self) -> str:
@@ -104,6 +115,40 @@ class DreamPainterConfig:
 def _block_takes_attention_kwargs(block_type: type) -> bool:
     """Whether a CogView4 block's forward has an ``attention_kwargs`` parameter (diffusers >= 0.34)."""
     return "attention_kwargs" in inspect.signature(block_type.forward).parameters
+
+
+def run_block_with_clean_reference(block, hidden, text, temb, reference_temb, reference_tokens: int, rope,
+                                   attention_kwargs=None):
+    """One CogView4 block in which the last ``reference_tokens`` image tokens are modulated by
+    ``reference_temb`` (t = 0) and the target and text by ``temb``: diffusers'
+    CogView4TransformerBlock.forward with per-token AdaLN (tested equal to it when the two
+    embeddings are the same)."""
+    norm1 = block.norm1
+    dtype = hidden.dtype
+    n_target = hidden.shape[1] - reference_tokens
+    target_mod = norm1.linear(temb).chunk(12, dim=1)
+    reference_mod = norm1.linear(reference_temb).chunk(12, dim=1)
+
+    def per_token(i: int) -> torch.Tensor:  # [B, N, D]: target rows, then reference rows
+        return torch.cat([target_mod[i].unsqueeze(1).expand(-1, n_target, -1),
+                          reference_mod[i].unsqueeze(1).expand(-1, reference_tokens, -1)], dim=1)
+
+    # The 12 chunks, in CogView4AdaLayerNormZero's order: shift/scale/gate of attention and of the
+    # MLP, each for the image stream and its c_ twin for the text.
+    shift_msa, c_shift_msa, scale_msa, c_scale_msa, gate_msa, c_gate_msa = range(6)
+    shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp, c_gate_mlp = range(6, 12)
+    norm_hidden = norm1.norm(hidden).to(dtype=dtype) * (1 + per_token(scale_msa)) + per_token(shift_msa)
+    norm_text = (norm1.norm_context(text).to(dtype=dtype) * (1 + target_mod[c_scale_msa].unsqueeze(1))
+                 + target_mod[c_shift_msa].unsqueeze(1))
+    attn_hidden, attn_text = block.attn1(hidden_states=norm_hidden, encoder_hidden_states=norm_text,
+                                         image_rotary_emb=rope, attention_mask=None, **(attention_kwargs or {}))
+    hidden = hidden + attn_hidden * per_token(gate_msa)
+    text = text + attn_text * target_mod[c_gate_msa].unsqueeze(1)
+    norm_hidden = block.norm2(hidden) * (1 + per_token(scale_mlp)) + per_token(shift_mlp)
+    norm_text = block.norm2_context(text) * (1 + target_mod[c_scale_mlp].unsqueeze(1)) + target_mod[c_shift_mlp].unsqueeze(1)
+    hidden = hidden + block.ff(norm_hidden) * per_token(gate_mlp)
+    text = text + block.ff(norm_text) * target_mod[c_gate_mlp].unsqueeze(1)
+    return hidden, text
 
 
 def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -306,7 +351,12 @@ class DreamPainterTransformer(nn.Module):
                     weight.copy_(saved)
 
     # ---- forward ----------------------------------------------------------------------
-    def _run_block(self, block, hidden, text, temb, rope, attention_kwargs):
+    def _run_block(self, block, hidden, text, temb, rope, attention_kwargs, reference_temb=None):
+        if reference_temb is not None:  # clean reference tokens: per-token modulation
+            args = (block, hidden, text, temb, reference_temb, attention_kwargs["reference_tokens"], rope, attention_kwargs)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return checkpoint(run_block_with_clean_reference, *args, use_reentrant=False)
+            return run_block_with_clean_reference(*args)
         # diffusers >= 0.34 takes the processor's extra arguments as one `attention_kwargs`
         # dict; 0.33's CogView4TransformerBlock takes them as **kwargs.
         if _block_takes_attention_kwargs(type(block)):
@@ -355,7 +405,8 @@ class DreamPainterTransformer(nn.Module):
         modulation: AttentionModulation | None = None,
         token_mask: torch.Tensor | None = None,
         control_scale: float = 1.0,
-        reference_layout: str = "diagonal",
+        reference_layout: str | None = None,
+        reference_timestep: str | None = None,
     ) -> torch.Tensor:
         """Velocity prediction ``[B, C, H, W]`` for the target latent.
 
@@ -363,6 +414,9 @@ class DreamPainterTransformer(nn.Module):
         latent grid]; None runs the base alone. reference_latents: ``[B, in_channels, h, w]``
         (any size divisible by the patch size). modulation: the attention control between
         target and reference (None = plain attention). token_mask: ``[B, N_target]`` for mask guidance.
+        reference_layout / reference_timestep: None = the model's config (what it was trained with);
+        the training-free in-context reference, noised with the target, passes "beside" and
+        "same-as-target".
         """
         base = self.base
         p = self.patch_size
@@ -378,7 +432,7 @@ class DreamPainterTransformer(nn.Module):
             axes_dim=tuple(base.config.rope_axes_dim),
             reference_scale=self.config.reference_scale,
             device=hidden_states.device,
-            layout=reference_layout,
+            layout=reference_layout or self.config.reference_layout,
         )
         n_target = grid[0] * grid[1]
 
@@ -393,13 +447,17 @@ class DreamPainterTransformer(nn.Module):
                 residuals.setdefault(layer, []).append(residual)
 
         attention_kwargs: dict[str, Any] | None = None
+        reference_temb = None
         if reference_latents is not None:
             ref_tokens = base.patch_embed.proj(patchify(reference_latents.to(tokens.dtype), p))
             tokens = torch.cat([tokens, ref_tokens], dim=1)
             attention_kwargs = {"reference_tokens": ref_tokens.shape[1], "modulation": modulation}
+            if (reference_timestep or self.config.reference_timestep) == "clean":
+                reference_temb = F.silu(base.time_condition_embed(torch.zeros_like(timestep), original_size, target_size,
+                                                                  crop_coords, tokens.dtype))
 
         for index, block in enumerate(base.transformer_blocks):
-            tokens, text = self._run_block(block, tokens, text, temb, rope, attention_kwargs)
+            tokens, text = self._run_block(block, tokens, text, temb, rope, attention_kwargs, reference_temb)
             for residual in residuals.get(index, ()):
                 if tokens.shape[1] == n_target:
                     tokens = tokens + residual

@@ -13,6 +13,7 @@ from dreampainter_core.transformer import (
     DreamPainterConfig,
     DreamPainterTransformer,
     evenly_spaced_layers,
+    run_block_with_clean_reference,
 )
 
 
@@ -137,6 +138,70 @@ def test_reference_tokens_change_target_and_renormalized_zero_scale_removes_them
     # Scale 1 is plain attention over all tokens.
     one = model(x, e, t, size, size, crop, control_latents=control, reference_latents=ref, modulation=AttentionModulation(1.0))
     assert torch.equal(one, with_ref)
+
+
+@torch.no_grad()
+def test_per_token_modulation_equals_the_stock_block_when_both_timesteps_agree(base):
+    """run_block_with_clean_reference is the stock block's arithmetic: with the reference modulated
+    by the target's own embedding it gives the stock block's output; with another embedding only
+    the reference rows' modulation changes (the target moves only through attention)."""
+    model = DreamPainterTransformer(copy.deepcopy(base), DreamPainterConfig(control_blocks=1))
+    _randomize(model.base, "norm1.linear", seed=7)  # a non-trivial modulation
+    block = model.base.transformer_blocks[1]
+    g = torch.Generator().manual_seed(2)
+    inner = model.inner_dim
+    hidden, text = torch.randn(2, 20, inner, generator=g), torch.randn(2, 6, inner, generator=g)
+    temb, other = torch.randn(2, base.config.time_embed_dim, generator=g), torch.randn(2, base.config.time_embed_dim, generator=g)
+    rope = dreampainter_rope(base.config.attention_head_dim, (3, 4), (2, 4))
+    kwargs = {"reference_tokens": 8, "modulation": None}
+    stock = block(hidden, text, temb, rope, None, kwargs)
+    ours = run_block_with_clean_reference(block, hidden, text, temb, temb, 8, rope, kwargs)
+    torch.testing.assert_close(ours[0], stock[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], stock[1], rtol=0, atol=1e-6)
+    moved = run_block_with_clean_reference(block, hidden, text, temb, other, 8, rope, kwargs)
+    assert (moved[0][:, 12:] - stock[0][:, 12:]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_clean_reference_timestep_is_t0_modulation_of_the_reference_only(base):
+    """reference_timestep="clean" equals "same-as-target" when the target's timestep is 0, differs at
+    t > 0, never touches a forward without a reference, and the in-context override restores the
+    target's timestep; training through it (checkpointing) gives the same gradients."""
+    x, e, t, size, crop, control = _inputs(base)
+    ref = torch.randn(2, 16, 8, 8)
+    same = DreamPainterTransformer(copy.deepcopy(base), DreamPainterConfig(control_blocks=2, lora_rank=4))
+    _randomize(same.control, "gates")
+    _randomize(same.base, "lora_B", seed=5)
+    clean = copy.deepcopy(same)
+    clean.config.reference_timestep = "clean"
+    zero = torch.zeros_like(t)
+    torch.testing.assert_close(clean(x, e, zero, size, size, crop, control_latents=control, reference_latents=ref),
+                               same(x, e, zero, size, size, crop, control_latents=control, reference_latents=ref),
+                               rtol=0, atol=1e-5)
+    assert (clean(x, e, t, size, size, crop, control_latents=control, reference_latents=ref)
+            - same(x, e, t, size, size, crop, control_latents=control, reference_latents=ref)).abs().max() > 1e-3
+    assert torch.equal(clean(x, e, t, size, size, crop, control_latents=control),
+                       same(x, e, t, size, size, crop, control_latents=control))
+    assert torch.equal(clean(x, e, t, size, size, crop, reference_latents=ref, reference_timestep="same-as-target"),
+                       same(x, e, t, size, size, crop, reference_latents=ref))
+    with torch.enable_grad():
+        clean.freeze_base()
+        grads = []
+        for ckpt in (False, True):
+            clean.zero_grad(set_to_none=True)
+            clean.gradient_checkpointing = ckpt
+            clean(x, e, t, size, size, crop, control_latents=control, reference_latents=ref).square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in clean.base.named_parameters() if p.grad is not None})
+        assert grads[0] and grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_reference_layout_and_timestep_are_validated():
+    with pytest.raises(ValueError, match="reference_timestep"):
+        DreamPainterConfig(reference_timestep="t0").resolved(4)
+    with pytest.raises(ValueError, match="reference_layout"):
+        DreamPainterConfig(reference_layout="above").resolved(4)
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from dreampainter_core.errors import DreamPainterError
-from dreampainter_core.transformer import DEFAULT_LORA_TARGETS
+from dreampainter_core.rope import REFERENCE_LAYOUTS
+from dreampainter_core.transformer import DEFAULT_LORA_TARGETS, REFERENCE_TIMESTEPS
 
 from .buckets import DEFAULT_RATIOS
 
@@ -71,6 +72,11 @@ class ModelConfig:
     lora_rank: int = 256
     lora_alpha: float = 0.0  # 0 = rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # How the reference enters the blocks (stored in the exported file): its timestep modulation
+    # ("same-as-target", or "clean" = t 0 as OminiControl) and its RoPE place ("diagonal", the
+    # paper's, or "beside": same rows). A stage-2 file given as stage1_weights keeps its own.
+    reference_timestep: str = "same-as-target"
+    reference_layout: str = "diagonal"
 
 
 @dataclass
@@ -203,6 +209,8 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "stage"
 CHOICES = {
     ("model", "dtype"): ("bf16", "fp32"),
     ("model", "trainable_dtype"): ("fp32", "bf16"),
+    ("model", "reference_timestep"): REFERENCE_TIMESTEPS,
+    ("model", "reference_layout"): REFERENCE_LAYOUTS,
     ("data", "on_bad"): ("skip", "stop"),
     ("train", "mixed_precision"): ("bf16", "no"),
     ("train", "timestep_sampling"): ("logit_normal", "uniform"),

@@ -515,6 +515,8 @@ class Trainer:
                 model.config.lora_rank = int(m.lora_rank)
                 model.config.lora_alpha = float(m.lora_alpha or m.lora_rank)
                 model.config.lora_targets = list(m.lora_targets)
+                model.config.reference_timestep = m.reference_timestep
+                model.config.reference_layout = m.reference_layout
                 model.add_lora()
             model.requires_grad_(False)
             for name, p in model.base.named_parameters():
