@@ -274,7 +274,8 @@ def test_pattern_classifier_reads_noise_as_plain_not_as_a_pattern():
 
 def test_reference_similarity_and_quality_proxy():
     # a plain wall: resizing a fine pattern blends its edges into colours of other histogram bins
-    first = next(i for i in range(50) if syn.sample_scene(4, i, 64)["background"]["pattern"] == "plain")
+    # (make_scene, not sample_scene: a scene it has to redraw may come out with another pattern)
+    first = next(i for i in range(50) if syn.make_scene(4, i, 64)[0]["background"]["pattern"] == "plain")
     scene, r, reg = syn.make_scene(4, first, 64)
     img, ref = r["image"], r["reference"]
     bg = reg["background"]
@@ -368,3 +369,42 @@ def test_clip_scorer_runs_on_a_tiny_random_clip(tiny_clip):
 def test_clip_scorer_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(InputError, match="config.json"):
         M.ClipScorer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def test_grid_energy_sees_a_token_grid_pattern_not_a_flat_or_smoothly_lit_wall():
+    h = w = 64
+    region = np.ones((h, w), bool)
+    region[40:] = False  # a wall above a stand
+    flat = np.full((h, w, 3), 0.6)
+    assert M.grid_energy(flat, region) == pytest.approx(0.0, abs=1e-12)
+    yy, xx = np.mgrid[0:h, 0:w]
+    # a smooth light falloff over the wall is not a grid artifact: far below the grid's power
+    lit = np.clip(flat * (0.8 + 0.4 * xx[..., None] / w), 0, 1)
+    grid = flat.copy()
+    grid[(yy % 8 == 0) | (xx % 8 == 0)] = 0.5  # lines on the VAE's 8 px grid
+    e_lit, e_grid = M.grid_energy(lit, region), M.grid_energy(grid, region)
+    assert e_grid > 1e-4 and e_lit < 0.2 * e_grid
+    # the same lines shifted off the grid's phase score the same (a fold keeps the power)...
+    assert M.grid_energy(np.roll(grid, 3, axis=1), region) == pytest.approx(e_grid, rel=0.05)
+    # ...and noise averages out
+    noise = np.clip(flat + np.random.default_rng(0).normal(0, 0.05, (h, w, 1)), 0, 1)
+    assert M.grid_energy(noise, region) < 0.2 * e_grid
+    assert M.grid_energy(flat, np.zeros((h, w), bool)) is None
+
+
+def test_top_surface_iou_is_one_for_the_truth_and_falls_for_a_block():
+    scene, r, reg = next((sc, r, reg) for sc, r, reg in (syn.make_scene(2, i, 128) for i in range(60))
+                         if sc["table"]["shape"] == "round")
+    from train.evaluate import round_stand_iou
+
+    truth = round_stand_iou(r["image"], scene, reg)
+    assert truth > 0.95
+    # a rectangle in the stand's colour where the ellipse was: a "block" stand
+    block = r["image"].copy()
+    ys, xs = np.nonzero(reg["stand_top"])
+    block[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = scene["table"]["rgb"]
+    block = np.where(reg["near_product"][..., None], r["image"], block)
+    assert round_stand_iou(block, scene, reg) < truth - 0.1
