@@ -41,11 +41,15 @@ def recipe():
 
 
 @pytest.fixture(scope="module")
-def test_split(tmp_path_factory, recipe):
-    data = recipe["data"]
+def test_split(tmp_path_factory, recipe, model):
+    # The scenes the model was made with (its miniature.json; a model from before it recorded them
+    # was made from the recipe's, at scene version 2).
+    info = json.loads((model.base / "miniature.json").read_text(encoding="utf-8"))
+    data = {"count": recipe["data"]["count"], "splits": recipe["data"]["splits"], "scene_version": 2,
+            **info.get("data", {})}
     root = tmp_path_factory.mktemp("miniature_test_split")
-    paths = syn.write_scenes(root, int(data["count"]), size=int(data["size"]), seed=int(recipe["seed"]),
-                             splits=data["splits"], only="test")
+    paths = syn.write_scenes(root, int(data["count"]), size=int(info["resolution"]), seed=int(info["seed"]),
+                             splits=data["splits"], only="test", version=int(data["scene_version"]))
     return paths["test"]
 
 

@@ -213,3 +213,20 @@ def test_legacy_toy_dataset_still_available(tmp_path):
     assert check_manifest(manifest)["bad"] == []
     assert syn.main(["--out", str(tmp_path / "toy2"), "--num", "2", "--size", "32", "--legacy"]) == 0
     assert (tmp_path / "toy2" / "train.jsonl").is_file()
+
+
+def test_category_prior_draws_each_shapes_typical_look_at_its_rate_and_nothing_else():
+    """Scenes carry a category prior (Product2Img): the typical look at CATEGORY_PRIOR, with the
+    colours, stand and pattern otherwise as before; patterns stay independent of the shape."""
+    scenes = [syn.sample_scene(0, i) for i in range(1500)]
+    rate = sum(sc["typical"] for sc in scenes) / len(scenes)
+    assert abs(rate - syn.CATEGORY_PRIOR) < 0.04
+    for sc in scenes:
+        look = syn.is_typical_look(sc["product"]["shape"], sc["background"]["color"], sc["table"]["color"])
+        if sc["typical"]:
+            assert look["both"] and sc["table"]["shape"] == syn.TYPICAL_LOOKS[sc["product"]["shape"]]["stand"][0]
+    # the pattern does not reveal the category: each shape's pattern shares are near uniform
+    for shape in syn.PRODUCT_SHAPES:
+        pats = [sc["background"]["pattern"] for sc in scenes if sc["product"]["shape"] == shape]
+        shares = [pats.count(p) / len(pats) for p in syn.PATTERNS]
+        assert max(shares) - min(shares) < 0.15

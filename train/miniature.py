@@ -91,6 +91,9 @@ class DataRecipe:
     count: int
     size: int
     splits: str
+    # train.synthetic's scene version (2: no category prior): the export records it, so a model is
+    # always measured on the kind of scenes it was trained on.
+    scene_version: int = 2
 
 
 @dataclass
@@ -207,7 +210,10 @@ _NOT_FINGERPRINTED = ("checkpoint_every",)
 
 def _check(r: Recipe) -> None:
     """What each key's type allows but the recipe does not."""
-    checks = [("budget_minutes", r.budget_minutes > 0, "> 0")]
+    from .synthetic import SCENE_VERSIONS
+
+    checks = [("budget_minutes", r.budget_minutes > 0, "> 0"),
+              ("data.scene_version", r.data.scene_version in SCENE_VERSIONS, f"one of {SCENE_VERSIONS}")]
     for name in ("vae", "base"):
         sec = getattr(r, name)
         checks += [(f"{name}.steps", sec.steps >= 1, ">= 1"), (f"{name}.batch_size", sec.batch_size >= 1, ">= 1"),
@@ -526,7 +532,7 @@ class Miniature:
         tmp = self.out / ".data.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        write_scenes(tmp, d.count, size=d.size, seed=self.seed, splits=d.splits)
+        write_scenes(tmp, d.count, size=d.size, seed=self.seed, splits=d.splits, version=d.scene_version)
         _replace_dir(tmp, self.data_dir)
         n = split_counts(d.count, d.splits)
         return {"train": n[0], "val": n[1], "test": n[2], "size": d.size}
@@ -942,6 +948,8 @@ class Miniature:
                        "dreampainter": sum(v.numel() for v in pipe.transformer.control_state_dict().values())
                        + sum(v.numel() for v in pipe.transformer.lora_state_dict().values())},
             "resolution": self.recipe.data.size,
+            "data": {"scene_version": self.recipe.data.scene_version, "count": self.recipe.data.count,
+                     "splits": self.recipe.data.splits},
             "sampling": self.sampling(),
         }
         atomic_write_text(self.model_dir / "miniature.json", json.dumps(info, indent=2) + "\n")

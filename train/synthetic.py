@@ -68,6 +68,10 @@ __all__ = [
     "PRODUCT_SHAPES",
     "STAND_SHAPES",
     "SCENE_VERSION",
+    "CATEGORY_PRIOR",
+    "TYPICAL_LOOKS",
+    "is_typical_look",
+    "wall_colours",
     "TONES",
     "WALL_TONES",
     "tone_rgb",
@@ -86,7 +90,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-SCENE_VERSION = 2  # 2: wall tones (light / plain / deep), unnamed in the prompt
+SCENE_VERSION = 3  # 2: wall tones (light / plain / deep), unnamed in the prompt; 3: category prior
+SCENE_VERSIONS = (2, 3)  # what sample_scene can still draw
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary
@@ -131,6 +136,23 @@ STYLES = (
 )
 STYLE_RATIO = 0.5  # the style component is optional (the paper samples components by ratio)
 LIGHTS = ("left", "right", "front")
+
+# Category prior (Product2Img): each product shape has a typical look, as real catalogues do (cups
+# on wooden tables before warm walls, bottles on marble before cool walls). With probability
+# CATEGORY_PRIOR a scene takes one of its shape's typical wall colours and its typical stand
+# (shape and colour); otherwise wall and stand are drawn uniformly, as before. Only the colours and
+# the stand carry it: patterns, tones, sizes and light are drawn alike for every shape, and the
+# prompt names the colours either way. So a model shown only the product's name can learn which
+# background suits it from the images alone (train.background_token measures that).
+CATEGORY_PRIOR = 0.6
+TYPICAL_LOOKS: dict[str, dict[str, Any]] = {
+    "cup": {"walls": ("orange", "yellow"), "stand": ("table", "brown")},  # wooden table, warm wall
+    "bottle": {"walls": ("blue", "green"), "stand": ("table", "white")},  # marble, cool wall
+    "box": {"walls": ("grey", "white"), "stand": ("round", "black")},
+    "can": {"walls": ("red", "pink"), "stand": ("round", "white")},
+    "ball": {"walls": ("purple", "green"), "stand": ("round", "yellow")},
+    "jar": {"walls": ("brown", "black"), "stand": ("table", "grey")},
+}
 
 # Wall tones: the wall is its named colour, or that colour moved TONE_STEP towards white
 # ("light") or black ("deep"). The prompt never names the tone ("a blue background" is any of
@@ -241,15 +263,29 @@ def _r(x: float, nd: int = 1) -> float:
     return round(float(x), nd)
 
 
-def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attempt: int = 0) -> dict[str, Any]:
-    """The parameters of scene `index` for `seed` (and `attempt`, see make_scene): a JSON-ready dict."""
+def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attempt: int = 0,
+                 version: int = SCENE_VERSION) -> dict[str, Any]:
+    """The parameters of scene `index` for `seed` (and `attempt`, see make_scene): a JSON-ready dict.
+    `version` 2 draws the scenes of version 2 (no category prior) bit for bit: a model trained on
+    them is measured on them."""
+    if version not in SCENE_VERSIONS:
+        raise ValueError(f"scene version must be one of {SCENE_VERSIONS}, got {version!r}")
     width, height = (size, size) if isinstance(size, int) else size
     s = float(min(width, height))
-    rng = np.random.default_rng([int(seed), int(index), SCENE_VERSION, int(attempt)])
+    rng = np.random.default_rng([int(seed), int(index), int(version), int(attempt)])
     names = list(PALETTE)
+    typical = False
+    if version >= 3:  # the product first: its shape's typical look may decide the colours
+        shape = PRODUCT_SHAPES[int(rng.integers(len(PRODUCT_SHAPES)))]
+        typical = bool(rng.random() < CATEGORY_PRIOR)
+        look = TYPICAL_LOOKS[shape]
+        stand = look["stand"][0] if typical else STAND_SHAPES[int(rng.integers(len(STAND_SHAPES)))]
     while True:  # redraw until the product colour is separable from the scene (rare)
-        bg = names[int(rng.integers(len(names)))]
-        table = names[int(rng.integers(len(names)))]
+        if typical:
+            bg, table = look["walls"][int(rng.integers(len(look["walls"])))], look["stand"][1]
+        else:
+            bg = names[int(rng.integers(len(names)))]
+            table = names[int(rng.integers(len(names)))]
         if table == bg:
             continue
         pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
@@ -282,11 +318,13 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
                "radius": _r(rng.uniform(0.4, 0.65) * s)}
 
     # Stand.
-    stand = STAND_SHAPES[int(rng.integers(len(STAND_SHAPES)))]
+    if version < 3:
+        stand = STAND_SHAPES[int(rng.integers(len(STAND_SHAPES)))]
     top = int(round(rng.uniform(0.55, 0.72) * height))
 
     # Product size and aspect (width / height).
-    shape = PRODUCT_SHAPES[int(rng.integers(len(PRODUCT_SHAPES)))]
+    if version < 3:
+        shape = PRODUCT_SHAPES[int(rng.integers(len(PRODUCT_SHAPES)))]
     aspect = {"bottle": (0.36, 0.5), "box": (0.6, 1.1), "can": (0.5, 0.7), "ball": (1.0, 1.0),
               "cup": (0.85, 1.1), "jar": (0.75, 1.0)}[shape]
     ph = rng.uniform(0.26, 0.42) * s if shape != "ball" else rng.uniform(0.2, 0.3) * s
@@ -316,7 +354,7 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
         style = int(rng.integers(len(STYLES)))
 
     scene = {
-        "version": SCENE_VERSION,
+        "version": int(version),
         "size": [int(width), int(height)],
         "background": {"color": bg, "tone": tone, "rgb": list(wall_rgb), "pattern": pattern, "pattern_params": pat,
                        "tint_rgb": list(pattern_tint(wall_rgb))},
@@ -326,6 +364,8 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
         "shadow": {"length": shadow_len, "light": light},
         "style": None if style is None else STYLES[style][0],
     }
+    if version >= 3:
+        scene["typical"] = typical  # drawn from the shape's typical look (CATEGORY_PRIOR)
     return scene
 
 
@@ -489,6 +529,27 @@ def _shadow_alpha(scene: dict, width: int, height: int, surface: np.ndarray) -> 
     return np.where(surface, alpha, 0.0)
 
 
+def wall_colours(scene: dict) -> dict[str, list[float]]:
+    """The colours a scene's wall is drawn in (0..255): its own, its pattern's tint, or the centre
+    of its glow."""
+    bg = scene["background"]
+    out = {"wall": [float(v) for v in bg["rgb"]]}
+    if bg["pattern"] == "gradient":
+        out["wall_glow"] = [float(v) for v in _glow_colour(np.array(bg["rgb"], np.float64), 1.0)]
+    elif bg["pattern"] != "plain":
+        out["wall_tint"] = [float(v) for v in bg["tint_rgb"]]
+    return out
+
+
+def is_typical_look(shape: str, wall_colour: str | None, stand_colour: str | None) -> dict[str, bool | None]:
+    """Whether a wall and a stand colour (as read from an image) are the product shape's typical ones."""
+    look = TYPICAL_LOOKS[shape]
+    wall = None if wall_colour is None else wall_colour in look["walls"]
+    stand = None if stand_colour is None else stand_colour == look["stand"][1]
+    both = None if wall is None or stand is None else wall and stand
+    return {"wall": wall, "stand": stand, "both": both}
+
+
 def render_scene(scene: dict) -> dict[str, np.ndarray]:
     """Draw a scene from its parameters.
 
@@ -554,6 +615,9 @@ def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None 
     product's base (round stands: within 0.9 product widths of its centre), the surface the
     product stands on, minus the product grown by 1 px. The shadow falls in it too: measure
     its brightest part (color_match(brightest=...)).
+
+    "stand_top" is the whole top surface as drawn (under the product too) and "near_product"
+    the product and shadow core grown by `margin`: what the stand-shape measure leaves out.
     """
     r = rendered if rendered is not None else render_scene(scene)
     width, height = scene["size"]
@@ -577,6 +641,8 @@ def scene_regions(scene: dict, margin: int | None = None, rendered: dict | None 
         "background": ~near,
         "wall_probe": wall & (rows < base - 0.2 * height) & ~_dilate(r["mask"], margin),
         "table_probe": (labels == 1) & (np.abs(rows - base) <= band) & near_columns & ~_dilate(r["mask"], 1),
+        "stand_top": labels == 1,
+        "near_product": near,
     }
 
 
@@ -603,12 +669,13 @@ MIN_WALL_FRACTION = 0.15
 MIN_TABLE_FRACTION = 0.01
 
 
-def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128) -> tuple[dict, dict, dict]:
+def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128,
+               version: int = SCENE_VERSION) -> tuple[dict, dict, dict]:
     """(scene, render_scene output, scene_regions) of sample `index`: the first attempt whose
     wall regions and stand-top regions are large enough to measure (>= 15% of the image,
     and >= 1% / 16 px)."""
     for attempt in range(100):
-        scene = sample_scene(seed, index, size, attempt)
+        scene = sample_scene(seed, index, size, attempt, version)
         r = render_scene(scene)
         reg = scene_regions(scene, rendered=r)
         n = r["mask"].size
@@ -678,7 +745,7 @@ def split_counts(count: int, splits) -> tuple[int, int, int]:
 
 def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.1,0.1",
                  chinese: bool = True, references: bool = True, progress: bool = False,
-                 only: str | None = None) -> dict[str, Path]:
+                 only: str | None = None, version: int = SCENE_VERSION) -> dict[str, Path]:
     """Draw `count` scenes into `out`; returns {"train": path, "val": path, "test": path, "info": path}.
 
     only="test" (or "train", "val") draws just that split's scenes, the same ones a full run draws
@@ -700,7 +767,7 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
     t0 = time.perf_counter()
     for i in range(first, last):
         sid = f"{i:06d}"
-        scene, r, _ = make_scene(seed, i, size)
+        scene, r, _ = make_scene(seed, i, size, version)
         atomic_write_bytes(out / "images" / f"{sid}.png", _png_bytes(r["image"], "RGB"))
         atomic_write_bytes(out / "masks" / f"{sid}.png", _png_bytes(r["mask"].astype(np.uint8) * 255, "L"))
         if references:
@@ -728,12 +795,14 @@ def write_scenes(out, count: int, size: int = 128, seed: int = 0, splits="0.8,0.
         atomic_write_bytes(path, "".join(line + "\n" for line in lines[start : start + n]).encode("utf-8"))
         paths[name] = path
     info = {
-        "generator": "train.synthetic", "scene_version": SCENE_VERSION, "seed": int(seed), "count": int(count),
+        "generator": "train.synthetic", "scene_version": int(version), "seed": int(seed), "count": int(count),
         "size": [int(size), int(size)], "splits": dict(zip(("train", "val", "test"), counts)),
         "palette": {k: list(v) for k, v in PALETTE.items()}, "patterns": list(PATTERNS),
         "wall_tones": {k: list(v) for k, v in WALL_TONES.items()}, "tone_step": TONE_STEP,
         "product_shapes": list(PRODUCT_SHAPES), "stand_shapes": list(STAND_SHAPES),
     }
+    if version >= 3:
+        info["category_prior"] = {"probability": CATEGORY_PRIOR, "typical_looks": TYPICAL_LOOKS}
     paths["info"] = out / "dataset.json"
     atomic_write_bytes(paths["info"], (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return paths
