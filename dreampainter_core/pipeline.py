@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CapabilityError, DreamPainterError, InputError
+from .errors import CapabilityError, DreamPainterError, InputError, NonFiniteError
 from .images import as_image_batch, as_mask_batch, check_product_and_mask, resize_cover
 from . import masks
 from .masks import mask_to_token_grid
@@ -242,6 +242,12 @@ class DreamPainterPipeline:
         shift = getattr(cfg, "shift_factor", None) or 0.0
         x = latents.to(device=self.vae.device, dtype=self.vae.dtype) / cfg.scaling_factor + shift
         image = self.vae.decode(x, return_dict=False)[0]
+        if not bool(torch.isfinite(image).all()):
+            cause = "finite latents" if bool(torch.isfinite(latents).all()) else "non-finite latents"
+            raise NonFiniteError(
+                f"the VAE decode gave NaN or infinite pixels from {cause}; likely causes: the VAE in "
+                f"{self.vae.dtype} overflowing (fp16 does: load it in bf16 or fp32), or corrupt VAE weights "
+                "(NaN/inf in the file: re-download it)")
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -433,10 +439,28 @@ class DreamPainterPipeline:
                 latents = scheduler.step(v, t, latents, return_dict=False)[0]
                 if known is not None:
                     latents = known.hold(latents, noise.to(device), float(sigmas[i + 1]), (i + 1) / len(timesteps))
+                # One reduction per step (a transformer pass costs far more): a NaN/inf stops the run
+                # here, named, instead of coming back as a blank image after all the steps.
+                if not bool(torch.isfinite(latents).all()):
+                    raise NonFiniteError(self._non_finite_message(i, len(timesteps), sampling, reference, control))
                 if callback is not None:
                     if callback(StepInfo(i, len(timesteps), float(t), sigma, latents, denoised_estimate)) is False:
                         raise GenerationCancelled(f"generation stopped by the callback after step {i + 1} of {len(timesteps)}")
         return latents
+
+    def _non_finite_message(self, step: int, total: int, sampling: SamplingOptions, reference: ReferenceOptions,
+                            control: ControlOptions) -> str:
+        dtype = self.transformer.dtype
+        precision = ("the model runs in float16, which overflows easily: load it in bf16 or fp32"
+                     if dtype == torch.float16 else f"the model runs in {str(dtype).replace('torch.', '')}")
+        return (
+            f"sampling produced NaN or infinite latents at step {step + 1} of {total}; stopped there instead of "
+            f"returning a blank image. Likely causes: a scale too large for this model (guidance_scale="
+            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, control_scale="
+            f"{control.control_scale:g}, shift={'auto' if sampling.shift is None else format(sampling.shift, 'g')}: "
+            f"lower them); {precision}; or corrupt weights (NaN/inf in a transformer or DreamPainter file: "
+            "re-download or re-export it)."
+        )
 
     # ---- the whole thing ------------------------------------------------------------------
     def prepare(
