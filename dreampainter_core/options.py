@@ -2,8 +2,9 @@
 
 A node, the CLI, ``train.evaluate`` and training validation all build these objects; the
 pipeline consumes them. ``pipe(...)`` keeps its keyword API and builds them from its
-keywords (``options_from_keywords``). Adding a control means a field here (with its check),
-the place where it acts, and the node's schema.
+keywords (``options_from_keywords``). Adding a control means a field here (with its check
+and, for a number, its documented range below: MAX_*), the place where it acts, and the node's
+schema (whose min/max use the same constants).
 
     SamplingOptions   steps, guidance, seed, shift, denoise, guidance_end  -> pipeline.sample
     ReferenceOptions  image, size, lora_scale, attention modulation, reference guidance
@@ -32,10 +33,17 @@ __all__ = [
     "ControlOptions",
     "OutputOptions",
     "options_from_keywords",
+    "check_schedule",
+    "MAX_STEPS",
+    "MAX_GUIDANCE",
+    "MAX_SHIFT",
+    "MAX_SCALE",
+    "MAX_SEED",
+    "MAX_BATCH",
 ]
 
 
-#: The documented limits of the numeric controls (both ends included). The Sampler node's widgets
+#: The documented limits of the numeric controls (both ends included; README "Limits"). The Sampler node's widgets
 #: take their min/max from here, so the node and the core refuse the same values. Beyond them a
 #: value is either meaningless or overflows (a huge scale turns the latents into NaN/inf).
 MAX_STEPS = 10_000  # also the longest schedule: steps / denoise (ComfyUI's way of denoising) <= MAX_STEPS
