@@ -1,12 +1,14 @@
 """DreamPainter on CogView4: model math, weights, masks and the sampler (no ComfyUI import here)."""
 
-from .errors import CapabilityError, DreamPainterError, InputError, ModelFilesError, WeightFormatError
+from .errors import (CapabilityError, DreamPainterError, InputError, ModelFilesError, NonFiniteError,
+                     WeightFormatError)
 
 __all__ = [
     "CapabilityError",
     "DreamPainterError",
     "InputError",
     "ModelFilesError",
+    "NonFiniteError",
     "WeightFormatError",
     "DreamPainterPipeline",
 ]

@@ -74,11 +74,14 @@ def _check_args(query: Tensor, key: Tensor, value: Tensor, split, scale) -> tupl
     return split, check_modulation_scale(scale, "modulated_attention: scale")
 
 
-def check_modulation_scale(scale, name: str = "attention_scale") -> float:
-    """The one rule for S's between-group value: a finite number >= 0."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+def check_modulation_scale(scale, name: str = "attention_scale", maximum: float | None = None) -> float:
+    """The one rule for S's between-group value: a finite number >= 0 (and <= ``maximum``, the
+    sampler's documented limit, when given)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0 \
+            or maximum is not None and scale > maximum:
+        bound = "" if maximum is None else f" and <= {maximum:g}"
         raise InputError(
-            f"{name} must be a finite number >= 0 (1 = plain attention, > 1 = attend more to the other "
+            f"{name} must be a finite number >= 0{bound} (1 = plain attention, > 1 = attend more to the other "
             f"group, 0 = the groups do not see each other), got {scale!r}"
         )
     return float(scale)

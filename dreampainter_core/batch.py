@@ -71,6 +71,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import DreamPainterError, InputError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .options import MAX_BATCH
 from .product import PLACEMENTS
 
 #: name -> (width, height) at 1024 px scale; every side divisible by 32 (CogView4's rule).
@@ -111,7 +112,7 @@ class Item:
 
 
 def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, list[str]]:
-    from .prompts import PromptConfigError, build_prompt
+    from .prompts import PromptConfigError, build_prompt, prompt_problem
 
     if not isinstance(rec, dict):
         return None, ["expected a JSON object"]
@@ -140,8 +141,8 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
         problems.append(f"prompt must be a string, got {prompt!r}")
     elif isinstance(prompt, str) and not prompt.strip():
         problems.append("prompt is blank: describe the background to paint")
-    elif isinstance(prompt, str) and not _encodable(prompt):
-        problems.append("prompt has an unpaired surrogate (broken Unicode escape): fix the text's encoding")
+    elif isinstance(prompt, str) and prompt_problem(prompt):
+        problems.append(f"prompt {prompt_problem(prompt)}")
     elif not prompt:
         if rec.get("name"):
             try:
@@ -170,22 +171,18 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
                 problems.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {value!r}")
             else:
                 overrides[key] = kind(value)
+    if overrides:
+        try:  # the values, by the pipeline's own checks (ranges), against the pack's defaults
+            settings_options({**default_settings({}), **overrides})
+        except InputError as exc:
+            problems.append(str(exc))
     negative = rec.get("negative_prompt", "")
-    if not isinstance(negative, str):
-        problems.append(f"negative_prompt must be a string, got {negative!r}")
+    if prompt_problem(negative):
+        problems.append(f"negative_prompt {prompt_problem(negative)}")
     if problems:
         return None, problems
     return Item(line, sid, paths["image"], paths.get("mask"), prompt, negative, paths.get("reference"), seeds, formats,
                 overrides), []
-
-
-def _encodable(text: str) -> bool:
-    """False for text with an unpaired surrogate (JSON can carry one; no tokenizer takes it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def output_name(fmt: str, seed: int) -> str:
@@ -333,13 +330,14 @@ def default_settings(measured: dict, **chosen) -> dict:
     return settings
 
 
-def build_request(pipe, image, mask, reference, settings: dict, width: int, height: int, seeds: list[int]):
-    """The pipeline request for one product at `seeds` (one batch) from a recipe's settings."""
+def settings_options(settings: dict, seeds=(0,), reference=None) -> dict:
+    """A recipe's settings as the pipeline's option objects, each checking its values (InputError):
+    what build_request runs with, and how the manifest and the command line are checked before any
+    model loads."""
     from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
 
     s = settings
-    return pipe.prepare(
-        image, mask, width=width, height=height, batch_size=len(seeds),
+    return dict(
         sampling=SamplingOptions(steps=s["steps"], guidance_scale=s["cfg"], shift=s.get("shift"),
                                  seed=seeds[0], image_seeds=seeds),
         reference=ReferenceOptions(image=reference, lora_scale=s["lora_scale"],
@@ -348,6 +346,12 @@ def build_request(pipe, image, mask, reference, settings: dict, width: int, heig
         output=OutputOptions(placement=s.get("placement", "center"), box_ratio=(s["box_ratio"], s["box_ratio"]),
                              decontaminate=s.get("decontaminate", False)),
     )
+
+
+def build_request(pipe, image, mask, reference, settings: dict, width: int, height: int, seeds: list[int]):
+    """The pipeline request for one product at `seeds` (one batch) from a recipe's settings."""
+    return pipe.prepare(image, mask, width=width, height=height, batch_size=len(seeds),
+                        **settings_options(settings, seeds, reference))
 
 
 @dataclass
@@ -895,8 +899,13 @@ def _run(a) -> int:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         raise InputError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
-    if a.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if not 1 <= a.batch_size <= MAX_BATCH:
+        raise InputError(f"--batch-size must be >= 1 and <= {MAX_BATCH}, got {a.batch_size}")
+    try:
+        settings_options(default_settings({}, steps=a.steps, cfg=a.cfg, mode=a.mode, box_ratio=a.box_ratio,
+                                          placement=a.placement), seeds)
+    except InputError as exc:  # --steps, --cfg, --seeds ... before the model loads
+        raise InputError(f"batch settings: {exc}") from None
     items = _read_items(a, known)  # every line checked before the model loads
     shard = Shard.from_environment()
     mine = shard.take(items)

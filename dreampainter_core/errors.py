@@ -27,3 +27,8 @@ class CapabilityError(DreamPainterError, ValueError):
 
 class MissingDependencyError(DreamPainterError, ImportError):
     """An optional package a feature needs is not installed; the message says what to install."""
+
+
+class NonFiniteError(DreamPainterError, ArithmeticError):
+    """A computation gave NaN or infinite values (e.g. the latents at one sampling step); the
+    message names where and the likely causes instead of letting a blank image come back."""

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             print(f"demo (embedded miniature model, {time.time() - start:.1f} s): " + ", ".join(str(p) for p in paths))
             return 0
         from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions
-        from .pipeline import DreamPainterPipeline
+        from .pipeline import DreamPainterPipeline, check_prompt
 
         if not args.product:
             parser.error("--product is required with --base")
@@ -166,6 +166,8 @@ def main(argv=None) -> int:
                                    region_dilate=args.region_dilate, region_feather=args.region_feather),
             output=OutputOptions(placement=args.placement, paste_back=not args.no_paste_back),
         )
+        check_prompt(args.prompt, "--prompt")  # before the model loads, like the options above
+        check_prompt(args.negative_prompt, "--negative-prompt")
         pipe = DreamPainterPipeline.from_pretrained(
             args.base, dreampainter_weights=args.weights, dtype=DTYPES[args.dtype], device=args.device,
             allow_fp16=args.dtype == "fp16",

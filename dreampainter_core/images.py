@@ -3,6 +3,11 @@
 IMAGE: float32 [B, H, W, 3] in 0..1. MASK: float32 [B, H, W] in 0..1, 1 = product.
 Every problem raises InputError naming the input, what was expected and what to do,
 before any model work starts.
+
+Accepted: torch tensors and numpy arrays of bool (masks), uint8 (0..255), uint16 (0..65535),
+other integers (masks: 0/1 labels only), float16/bfloat16/float32/float64 (0..1); PIL images of
+every mode Pillow converts ("1", L, LA, La, P, PA, RGB, RGBA, RGBa, RGBX, CMYK, YCbCr, HSV, I,
+I;16*, F; LAB masks by lightness). Anything else is refused with what was received.
 """
 
 from __future__ import annotations
@@ -31,12 +36,20 @@ def _is_pil(x) -> bool:
 
 def _to_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            raise InputError(f"{name}: got a tensor on the meta device, which holds no values; pass real data.")
         return x
     if isinstance(x, np.ndarray):
         if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise InputError(f"{name}: expected a numeric array, got dtype {x.dtype}.")
-        # np.array copies: from_numpy would share (and warn about) read-only memory.
-        return torch.from_numpy(np.array(x, copy=True))
+        # np.array copies: from_numpy would share (and warn about) read-only memory; it also takes
+        # only native byte order.
+        x = np.array(x, dtype=x.dtype.newbyteorder("="), copy=True)
+        try:
+            return torch.from_numpy(x)
+        except TypeError:  # e.g. float128, which torch has no type for
+            raise InputError(f"{name}: numpy dtype {x.dtype} has no torch equivalent; convert it to float32 "
+                             "(0..1) or uint8 (0..255).") from None
     raise InputError(
         f"{name}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}."
     )
@@ -69,45 +82,83 @@ def _check_not_empty(shape, name: str, layout: str) -> None:
 # ----------------------------------------------------------------------------- images
 
 
-def _pil_to_image_array(img) -> np.ndarray:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Premultiplied alpha: Pillow converts these to the other modes only through their plain-alpha twin.
+_UNPREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+
+
+def _pil_convert(img, mode: str, name: str):
+    try:
+        return img.convert(mode)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{name}: this Pillow cannot convert a PIL image of mode {img.mode!r} to {mode!r} ({exc}); "
+                         "convert it to RGB (an image) or L (a mask) first.") from None
+
+
+def _pil_int_levels(img, name: str) -> tuple[np.ndarray, float]:
+    """A mode "I" (32-bit integer) picture: its levels and their full scale, 255 or 65535 (16-bit
+    PNGs open as "I" in older Pillows)."""
+    levels = np.asarray(img, dtype=np.int64)
+    low, high = (int(levels.min()), int(levels.max())) if levels.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise InputError(f"{name}: a PIL image of mode 'I' with values {low}..{high}; expected levels 0..255 or "
+                         "0..65535. Rescale it and convert it to L or I;16.")
+    return levels, (65535.0 if high > 255 else 255.0)
+
+
+def _pil_to_image_array(img, name: str) -> np.ndarray:
+    if img.mode in _UNPREMULTIPLIED:
+        img = _pil_convert(img, _UNPREMULTIPLIED[img.mode], name)
+    if img.mode in _SIXTEEN_BIT_MODES:
         # 16-bit grayscale: convert("RGB") would clip it to 255.
         gray = np.asarray(img, dtype=np.float32) / 65535.0
         return np.repeat(gray[..., None], 3, axis=-1)
     if img.mode == "F":
         return np.repeat(np.asarray(img, dtype=np.float32)[..., None], 3, axis=-1)
+    if img.mode == "I":
+        levels, scale = _pil_int_levels(img, name)
+        if scale > 255:
+            return np.repeat((levels.astype(np.float32) / 65535.0)[..., None], 3, axis=-1)
+    if img.mode == "LAB":
+        raise InputError(f"{name}: a PIL image of mode 'LAB' (CIELAB), which Pillow does not convert to RGB by itself; "
+                         "convert it with PIL.ImageCms (a LAB -> sRGB transform) first.")
     # RGBA/LA/P: alpha dropped (the mask says what the product is), palette expanded.
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(_pil_convert(img, "RGB", name))
 
 
 def as_image_batch(x, name: str = "product") -> torch.Tensor:
     """A PIL image, numpy array or tensor -> float32 [B, H, W, 3] in 0..1 (ComfyUI IMAGE).
 
     Arrays/tensors: [H, W, C] or [B, H, W, C] with C = 3, or 4 (alpha dropped); uint8 is
-    divided by 255, floats must already be 0..1. The device of a tensor is kept.
+    divided by 255, uint16 by 65535, floats must already be 0..1; bool and other integer types
+    are refused (their scale is ambiguous). The device of a tensor is kept.
     """
-    t = _to_tensor(_pil_to_image_array(x) if _is_pil(x) else x, name)
+    t = _to_tensor(_pil_to_image_array(x, name) if _is_pil(x) else x, name)
     expected = "[H, W, 3] or [B, H, W, 3] (channels last, RGB)"
+    given = list(t.shape)
     if t.ndim == 3:
         t = t.unsqueeze(0)
     if t.ndim != 4:
-        raise InputError(f"{name}: expected an image of shape {expected}, got {list(t.shape)}.")
+        raise InputError(f"{name}: expected an image of shape {expected}, got {given}.")
     if t.shape[-1] not in (3, 4):
         hint = (
             " It looks channels-first: permute it to [B, H, W, C]."
             if t.shape[1] in (3, 4)
             else " For a grayscale image, repeat it to 3 channels."
         )
-        raise InputError(f"{name}: expected an image of shape {expected}, got {list(t.shape)}.{hint}")
+        raise InputError(f"{name}: expected an image of shape {expected}, got {given}.{hint}")
     _check_not_empty(t.shape, name, "[B, H, W, C]")
     t = t[..., :3]
 
     if t.dtype == torch.uint8:
         t = t.to(torch.float32) / 255.0
+    elif t.dtype == torch.uint16:
+        t = t.to(torch.float32) / 65535.0
     elif t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
         raise InputError(
-            f"{name}: expected uint8 (0..255) or float (0..1) pixel values, got {t.dtype}; "
-            "convert it to uint8 or divide by its maximum value."
+            f"{name}: expected uint8 (0..255), uint16 (0..65535) or float (0..1) pixel values, got "
+            f"{str(t.dtype).replace('torch.', '')}, whose scale is ambiguous; convert it to uint8 or divide by its "
+            "full-scale value to get floats in 0..1."
         )
     else:
         t = _to_unit_float(t, name, "image")
@@ -117,67 +168,85 @@ def as_image_batch(x, name: str = "product") -> torch.Tensor:
 # ----------------------------------------------------------------------------- masks
 
 
-def _uint8_mask_to_unit(t: torch.Tensor) -> torch.Tensor:
-    # 0/1-valued uint8 masks (common for segmentation PNGs) are labels, not 0..255 levels:
-    # read as 0..255 they would be all background and fail as "empty".
-    if int(t.max()) <= 1:
-        return t.to(torch.float32)
-    return t.to(torch.float32) / 255.0
+def _level_mask_to_unit(t: torch.Tensor, full_scale: float) -> torch.Tensor:
+    # 0/1-valued uint8/uint16 masks (common for segmentation PNGs) are labels, not levels: read
+    # as 0..255 they would be all background and fail as "empty".
+    t = t.to(torch.float32)
+    if float(t.max()) <= 1:
+        return t
+    return t / full_scale
 
 
-def _pil_to_mask_tensor(img) -> torch.Tensor:
+def _pil_to_mask_tensor(img, name: str) -> torch.Tensor:
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode in _UNPREMULTIPLIED:
+        img = _pil_convert(img, _UNPREMULTIPLIED[img.mode], name)
+    if img.mode in ("RGBA", "LA", "PA"):
         alpha = np.asarray(img.getchannel("A"))
         # A fully opaque alpha carries no mask: then the picture itself is the mask.
         if alpha.min() < 255:
-            return _uint8_mask_to_unit(torch.from_numpy(alpha.copy()))
+            return _level_mask_to_unit(torch.from_numpy(alpha.copy()), 255.0)
         img = img.convert("L")
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+    if img.mode in _SIXTEEN_BIT_MODES:
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 65535.0)
     if img.mode == "I":
-        levels = np.asarray(img, dtype=np.int64)
-        return torch.from_numpy(levels.astype(np.float32) / (65535.0 if levels.max() > 255 else 255.0))
+        levels, scale = _pil_int_levels(img, name)
+        return torch.from_numpy(levels.astype(np.float32) / scale)
     if img.mode == "F":
         return torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    if img.mode == "LAB":
+        img = img.getchannel("L")  # lightness: Pillow has no LAB -> L conversion
     if img.mode != "L":
-        img = img.convert("L")  # "1", RGB, CMYK, ...: luminance
-    return _uint8_mask_to_unit(torch.from_numpy(np.asarray(img).copy()))
+        img = _pil_convert(img, "L", name)  # "1", RGB, CMYK, ...: luminance
+    return _level_mask_to_unit(torch.from_numpy(np.asarray(img).copy()), 255.0)
+
+
+def _image_like(shape) -> str:
+    """A hint when a mask's shape looks like a channels-last picture, else ""."""
+    channels, rest = shape[-1], shape[:-1]
+    if channels not in (1, 3, 4) or min(rest[-2:]) <= 4:  # [B, H, W] masks 1-4 px wide are taken as masks
+        return ""
+    if channels == 1:
+        return " It looks like an image [..., H, W, 1] (one channel), not a mask: drop the last axis (mask[..., 0])."
+    kind = "RGB" if channels == 3 else "RGBA"
+    return (f" It looks like an image [..., H, W, {channels}] ({kind}), not a mask: pass one channel (e.g. the alpha "
+            "or mask[..., 0]) or convert it to grayscale.")
 
 
 def as_mask_batch(x, name: str = "mask") -> torch.Tensor:
     """A PIL image, numpy array or tensor -> float32 [B, H, W] in 0..1, 1 = product.
 
-    PIL: "L"/"1" as is, RGBA/LA alpha (when not fully opaque, else luminance), RGB and
-    others by luminance. Arrays/tensors: [H, W], [B, H, W] or [B, 1, H, W]; bool; uint8
-    (0..255, or 0/1 when the maximum is 1); other integers must be 0/1; floats 0..1.
+    PIL: "L"/"1" as is, RGBA/LA/PA/RGBa/La alpha (when not fully opaque, else luminance), I;16
+    and I by their full scale, RGB and others by luminance. Arrays/tensors: [H, W], [B, H, W] or
+    [B, 1, H, W]; bool; uint8 (0..255) and uint16 (0..65535), each read as 0/1 labels when the
+    maximum is 1; other integers must be 0/1; floats 0..1. A [H, W, 3] array (a picture) is
+    refused as such.
     """
-    t = _pil_to_mask_tensor(x) if _is_pil(x) else _to_tensor(x, name)
+    t = _pil_to_mask_tensor(x, name) if _is_pil(x) else _to_tensor(x, name)
     expected = "[H, W], [B, H, W] or [B, 1, H, W]"
     if t.ndim == 4 and t.shape[1] == 1:
         t = t[:, 0]
     elif t.ndim == 2:
         t = t.unsqueeze(0)
-    if t.ndim != 3:
-        hint = (
-            " It looks like an image [B, H, W, C]: take one channel (e.g. alpha) or convert it to grayscale."
-            if t.ndim == 4 and t.shape[-1] in (3, 4)
-            else ""
-        )
+    if t.ndim != 3 or _image_like(t.shape):
+        hint = _image_like(t.shape) if t.ndim in (3, 4) else ""
         raise InputError(f"{name}: expected a mask of shape {expected}, got {list(t.shape)}.{hint}")
     _check_not_empty(t.shape, name, "[B, H, W]")
 
     if t.dtype == torch.bool:
         t = t.to(torch.float32)
     elif t.dtype == torch.uint8:
-        t = _uint8_mask_to_unit(t)
+        t = _level_mask_to_unit(t, 255.0)
+    elif t.dtype == torch.uint16:
+        t = _level_mask_to_unit(t, 65535.0)
     elif not (t.is_floating_point() or t.is_complex()):
-        low, high = int(t.min()), int(t.max())
+        values = t if t.is_signed() else t.to(torch.float64)  # uint32/uint64 have no min/max
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high > 1:
             raise InputError(
-                f"{name}: integer masks must hold only 0 and 1, got values {low}..{high}; "
-                "for a label map pick the product with (labels == product_id), "
+                f"{name}: integer masks of dtype {str(t.dtype).replace('torch.', '')} must hold only 0 and 1, got "
+                f"values {low}..{high}; for a label map pick the product with (labels == product_id), "
                 "for a 0..255 mask convert it to uint8."
             )
         t = t.to(torch.float32)

@@ -1,8 +1,10 @@
 """Product-mask operations in pure torch: morphology, hole filling, components, feathering.
 
 Convention: 1 = product (kept), 0 = background (generated). Every function takes a mask of
-shape [H, W] or [B, H, W] (float or bool, any device) and returns the same rank as float32,
-except `connected_components` (int64 labels) and `mask_to_token_grid` ([B, tokens]).
+shape [H, W] or [B, H, W] (float in 0..1, bool, or 0/1 integers; any device) and returns the
+same rank as float32 in 0..1, except `connected_components` (int64 labels) and
+`mask_to_token_grid` ([B, tokens]). Other values (NaN, 0..255 levels) are refused: convert
+such masks with dreampainter_core.images.as_mask_batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .images import _check_not_empty, _to_unit_float
 
 __all__ = [
     "binarize",
@@ -44,7 +47,15 @@ def _to_batch(mask, name: str = "mask") -> tuple[torch.Tensor, bool]:
         )
     added = mask.ndim == 2
     batch = mask.unsqueeze(0) if added else mask
-    return batch.to(torch.float32), added
+    _check_not_empty(batch.shape, name, "[B, H, W]")
+    if batch.is_floating_point() or batch.is_complex():
+        return _to_unit_float(batch, name, "mask"), added  # finite, in 0..1 (rounding noise clamped)
+    batch = batch.to(torch.float32)  # bool, or integers that must be 0/1 labels
+    low, high = float(batch.min()), float(batch.max())
+    if low < 0 or high > 1:
+        raise InputError(f"{name}: an integer mask must hold only 0 and 1, got values {low:g}..{high:g}; convert a "
+                         "0..255 mask or a label map with dreampainter_core.images.as_mask_batch first.")
+    return batch, added
 
 
 def _restore(batch: torch.Tensor, added: bool) -> torch.Tensor:

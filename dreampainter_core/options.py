@@ -2,8 +2,9 @@
 
 A node, the CLI, ``train.evaluate`` and training validation all build these objects; the
 pipeline consumes them. ``pipe(...)`` keeps its keyword API and builds them from its
-keywords (``options_from_keywords``). Adding a control means a field here (with its check),
-the place where it acts, and the node's schema.
+keywords (``options_from_keywords``). Adding a control means a field here (with its check
+and, for a number, its documented range below: MAX_*), the place where it acts, and the node's
+schema (whose min/max use the same constants).
 
     SamplingOptions   steps, guidance, seed, shift, denoise, guidance_end  -> pipeline.sample
     ReferenceOptions  image, size, lora_scale, attention modulation, reference guidance
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AttentionModulation
+from .attention import AttentionModulation, check_modulation_scale
 from .errors import InputError
 from .images import as_image_batch
 from .product import PLACEMENTS, normalize_box_ratio
@@ -32,21 +33,61 @@ __all__ = [
     "ControlOptions",
     "OutputOptions",
     "options_from_keywords",
+    "check_schedule",
+    "MAX_STEPS",
+    "MAX_GUIDANCE",
+    "MAX_SHIFT",
+    "MAX_SCALE",
+    "MAX_SEED",
+    "MAX_BATCH",
 ]
 
 
-def _finite(name: str, value, minimum: float | None = None, hint: str = "") -> float:
+#: The documented limits of the numeric controls (both ends included; README "Limits"). The Sampler node's widgets
+#: take their min/max from here, so the node and the core refuse the same values. Beyond them a
+#: value is either meaningless or overflows (a huge scale turns the latents into NaN/inf).
+MAX_STEPS = 10_000  # also the longest schedule: steps / denoise (ComfyUI's way of denoising) <= MAX_STEPS
+MAX_GUIDANCE = 30.0  # guidance_scale (cfg) and reference_guidance; CogView4 uses 3.5-5
+MAX_SHIFT = 20.0  # shift (mu of CogView4's linear time shift): > 0; 3.25 at 1024x1024, ~4.5 at 2048x1024
+MAX_SCALE = 2.0  # lora_scale, attention_scale, control_scale: 1 = as trained, 0 = off
+MAX_SEED = 2**64 - 1  # ComfyUI's seed range 0..2^64-1, what torch.Generator.manual_seed takes
+MAX_BATCH = 64  # images in one sampler batch (products x batch_size)
+
+
+def _finite(name: str, value, minimum: float | None = None, hint: str = "", maximum: float | None = None,
+            above: bool = False) -> float:
+    """float(value) if it is a finite number >= minimum (> minimum with ``above``) and <= maximum,
+    else InputError naming ``name`` with the range and ``hint``."""
+    bounds = "".join([f" {'>' if above else '>='} {minimum:g}" if minimum is not None else "",
+                      " and" if minimum is not None and maximum is not None else "",
+                      f" <= {maximum:g}" if maximum is not None else ""])
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number{hint}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise InputError(f"{name} must be >= {minimum}{hint}, got {value}")
+        raise InputError(f"{name} must be a finite number{bounds}{hint}, got {value!r}")
+    if minimum is not None and (value <= minimum if above else value < minimum) \
+            or maximum is not None and value > maximum:
+        raise InputError(f"{name} must be{bounds}{hint}, got {value}")
     return float(value)
 
 
-def _whole(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _whole(name: str, value, minimum: int, maximum: int | None = None, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
+            or maximum is not None and value > maximum:
+        bounds = f" >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+        raise InputError(f"{name} must be an integer{bounds}{hint}, got {value!r}")
     return int(value)
+
+
+SEED_HINT = (" (ComfyUI's range; -1 is not 'random': for a random image draw a seed, e.g. "
+             "random.randrange(2**64), and keep it to reproduce the image)")
+
+
+def check_schedule(steps: int, denoise: float, name: str = "denoise") -> None:
+    """denoise < 1 runs the last ``steps`` of a round(steps / denoise)-step schedule: bound its length,
+    which is what is allocated (the schedule and the scheduler's tables) before the first step."""
+    total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
+    if total > MAX_STEPS:
+        raise InputError(f"steps={steps} with {name}={denoise:g} builds a {total}-step schedule (steps / {name}); "
+                         f"at most {MAX_STEPS}: lower steps or raise {name}")
 
 
 def _set(obj, name: str, value) -> None:
@@ -73,20 +114,24 @@ class SamplingOptions:
     image_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        _set(self, "steps", _whole("steps", self.steps, 1))
-        _set(self, "guidance_scale", _finite("guidance_scale", self.guidance_scale, 0.0))
-        _set(self, "seed", _whole("seed", self.seed, -(2**63)))
+        _set(self, "steps", _whole("steps", self.steps, 1, MAX_STEPS))
+        _set(self, "guidance_scale", _finite("guidance_scale", self.guidance_scale, 0.0,
+                                             " (classifier-free guidance; <= 1 = off)", MAX_GUIDANCE))
+        _set(self, "seed", _whole("seed", self.seed, 0, MAX_SEED, SEED_HINT))
         if self.image_seeds is not None:
             if isinstance(self.image_seeds, (str, bytes)) or not hasattr(self.image_seeds, "__len__") \
                     or not len(self.image_seeds):
                 raise InputError(f"image_seeds must be a non-empty list of integers, one per image, got {self.image_seeds!r}")
-            _set(self, "image_seeds", tuple(_whole("image_seeds item", s, -(2**63)) for s in self.image_seeds))
+            _set(self, "image_seeds", tuple(_whole("image_seeds item", s, 0, MAX_SEED, SEED_HINT)
+                                               for s in self.image_seeds))
         if self.shift is not None:
-            _set(self, "shift", _finite("shift", self.shift, hint=" (mu; None = CogView4's automatic shift)"))
+            _set(self, "shift", _finite("shift", self.shift, 0.0, " (mu; None = CogView4's automatic shift, 3.25 at "
+                                                                  "1024x1024)", MAX_SHIFT, above=True))
         denoise = _finite("denoise", self.denoise)
         if not 0.0 < denoise <= 1.0:
             raise InputError(f"denoise must be in (0, 1], got {denoise}")
         _set(self, "denoise", denoise)
+        check_schedule(self.steps, denoise)
         end = _finite("guidance_end", self.guidance_end)
         if not 0.0 <= end <= 1.0:
             raise InputError(f"guidance_end must be in [0, 1] (the fraction of steps that use CFG; 1 = all), got {end}")
@@ -133,10 +178,11 @@ class ReferenceOptions:
                 raise InputError(f"reference_size must be one side or (width, height) in pixels, "
                                  f"got {self.size!r}") from None
             _set(self, "size", size)
-        _set(self, "lora_scale", _finite("lora_scale", self.lora_scale))
+        _set(self, "lora_scale", _finite("lora_scale", self.lora_scale, 0.0, " (1 = as trained, 0 = the stage-1 model)",
+                                         MAX_SCALE))
         _set(self, "renormalize_attention", bool(self.renormalize_attention))
+        _set(self, "attention_scale", check_modulation_scale(self.attention_scale, maximum=MAX_SCALE))
         _set(self, "modulation", AttentionModulation(self.attention_scale, self.renormalize_attention))
-        _set(self, "attention_scale", self.modulation.scale)
         if self.training_free_method not in TRAINING_FREE_REFERENCE:
             raise InputError(f"training_free_reference must be one of {TRAINING_FREE_REFERENCE}, "
                              f"got {self.training_free_method!r}")
@@ -148,7 +194,8 @@ class ReferenceOptions:
         if self.guidance is not None:
             _set(self, "guidance", _finite(
                 "reference_guidance", self.guidance, 0.0,
-                " (None = guidance_scale; 1 = the reference in both CFG passes, higher = follow the reference more)"))
+                " (None = guidance_scale; 1 = the reference in both CFG passes, higher = follow the reference more)",
+                MAX_GUIDANCE))
 
 
 MODES = ("auto", "dreampainter", "training_free")
@@ -174,7 +221,8 @@ class ControlOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
-        _set(self, "control_scale", _finite("control_scale", self.control_scale))
+        _set(self, "control_scale", _finite("control_scale", self.control_scale, 0.0,
+                                            " (1 = as trained, 0 = no control branch)", MAX_SCALE))
         _set(self, "mask_guidance", bool(self.mask_guidance))
         harmonize = _finite("harmonize", self.harmonize)
         if not 0.0 <= harmonize <= 1.0:

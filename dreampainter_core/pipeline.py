@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,13 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CapabilityError, DreamPainterError, InputError
+from .errors import CapabilityError, DreamPainterError, InputError, NonFiniteError
 from .images import as_image_batch, as_mask_batch, check_product_and_mask, resize_cover
 from . import masks
 from .masks import mask_to_token_grid
-from .options import ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions, options_from_keywords
+from .options import (MAX_BATCH, ControlOptions, OutputOptions, ReferenceOptions, SamplingOptions, _whole,
+                      check_schedule, options_from_keywords)
 from .product import paste_back as paste_back_product
 from .product import place_product
+from .prompts import prompt_problem
 from .transformer import DreamPainterTransformer
 
 logger = logging.getLogger("dreampainter")
@@ -127,10 +130,21 @@ def draw_noise(sampling: SamplingOptions, shape, reference_shape=None) -> tuple[
     return torch.cat(noises), (torch.cat(references) if references else None)
 
 
+def check_prompt(text, name: str) -> str:
+    """``text`` if it can be a prompt (prompts.prompt_problem: a string, paired surrogates, at most
+    MAX_PROMPT_CHARS characters), else InputError naming ``name``. Cheap: before any tokenizer."""
+    problem = prompt_problem(text)
+    if problem:
+        raise InputError(f"{name} {problem}")
+    return text
+
+
 def _as_prompt_list(prompt, batch: int, name: str) -> list[str]:
     if isinstance(prompt, str):
-        return [prompt] * batch
+        return [check_prompt(prompt, name)] * batch
     if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        for i, text in enumerate(prompt):
+            check_prompt(text, f"{name}[{i}]")
         if len(prompt) == batch:
             return list(prompt)
         if len(prompt) == 1:
@@ -146,8 +160,11 @@ def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: tor
 
     The text encoder runs where it is; the embeddings come back as `dtype` on `device`.
     """
+    prompts = list(prompts)
+    for i, text in enumerate(prompts):
+        check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {i}")
     inputs = tokenizer(
-        list(prompts), padding="longest", max_length=max_sequence_length, truncation=True,
+        prompts, padding="longest", max_length=max_sequence_length, truncation=True,
         add_special_tokens=True, return_tensors="pt",
     )
     ids = inputs.input_ids
@@ -242,6 +259,12 @@ class DreamPainterPipeline:
         shift = getattr(cfg, "shift_factor", None) or 0.0
         x = latents.to(device=self.vae.device, dtype=self.vae.dtype) / cfg.scaling_factor + shift
         image = self.vae.decode(x, return_dict=False)[0]
+        if not bool(torch.isfinite(image).all()):
+            cause = "finite latents" if bool(torch.isfinite(latents).all()) else "non-finite latents"
+            raise NonFiniteError(
+                f"the VAE decode gave NaN or infinite pixels from {cause}; likely causes: the VAE in "
+                f"{self.vae.dtype} overflowing (fp16 does: load it in bf16 or fp32), or corrupt VAE weights "
+                "(NaN/inf in the file: re-download it)")
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -434,10 +457,28 @@ class DreamPainterPipeline:
                 latents = scheduler.step(v, t, latents, return_dict=False)[0]
                 if known is not None:
                     latents = known.hold(latents, noise.to(device), float(sigmas[i + 1]), (i + 1) / len(timesteps))
+                # One reduction per step (a transformer pass costs far more): a NaN/inf stops the run
+                # here, named, instead of coming back as a blank image after all the steps.
+                if not bool(torch.isfinite(latents).all()):
+                    raise NonFiniteError(self._non_finite_message(i, len(timesteps), sampling, reference, control))
                 if callback is not None:
                     if callback(StepInfo(i, len(timesteps), float(t), sigma, latents, denoised_estimate)) is False:
                         raise GenerationCancelled(f"generation stopped by the callback after step {i + 1} of {len(timesteps)}")
         return latents
+
+    def _non_finite_message(self, step: int, total: int, sampling: SamplingOptions, reference: ReferenceOptions,
+                            control: ControlOptions) -> str:
+        dtype = self.transformer.dtype
+        precision = ("the model runs in float16, which overflows easily: load it in bf16 or fp32"
+                     if dtype == torch.float16 else f"the model runs in {str(dtype).replace('torch.', '')}")
+        return (
+            f"sampling produced NaN or infinite latents at step {step + 1} of {total}; stopped there instead of "
+            f"returning a blank image. Likely causes: a scale too large for this model (guidance_scale="
+            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, control_scale="
+            f"{control.control_scale:g}, shift={'auto' if sampling.shift is None else format(sampling.shift, 'g')}: "
+            f"lower them); {precision}; or corrupt weights (NaN/inf in a transformer or DreamPainter file: "
+            "re-download or re-export it)."
+        )
 
     # ---- the whole thing ------------------------------------------------------------------
     def prepare(
@@ -460,19 +501,35 @@ class DreamPainterPipeline:
 
         The option objects checked their own values when they were built; this checks what
         needs the model or the images. Raises InputError/CapabilityError.
+
+        width/height: the output size (None = the product's; 0 is refused, not read as "auto").
+        batch_size: images per product, 1..MAX_BATCH (None = one per product); a batch is at most
+        MAX_BATCH images. reference_size: within the model's size rule (each side <= max_side,
+        at most max_pixels pixels: a reference never costs more tokens than the largest output).
         """
         sampling = sampling or SamplingOptions()
         reference = reference or ReferenceOptions()
         control = control or ControlOptions()
         output = output or OutputOptions()
+        if batch_size is not None:
+            batch_size = _whole("batch_size", batch_size, 1, MAX_BATCH, " (images per product; None = one per product)")
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and not isinstance(value, bool) and isinstance(value, numbers.Real) and value <= 0:
+                raise InputError(f"{name}={value} is not a size: give the output {name} in pixels "
+                                 f"({self.size_rule.min_side}..{self.size_rule.max_side}, divisible by "
+                                 f"{self.size_rule.multiple}), or leave it out (None) for the product's {name}")
+        self._check_reference_size(reference.size)
         product_b, mask_b = check_product_and_mask(as_image_batch(product, "product"), as_mask_batch(mask, "mask"))
         batch = product_b.shape[0]
         if batch_size is not None:
-            if batch_size < 1 or (batch > 1 and batch_size != batch):
+            if batch > 1 and batch_size != batch:
                 raise InputError(f"batch_size={batch_size} does not fit {batch} products; give 1 product or batch_size={batch}")
             if batch == 1 and batch_size > 1:
                 product_b, mask_b = product_b.expand(batch_size, -1, -1, -1), mask_b.expand(batch_size, -1, -1)
                 batch = batch_size
+        if batch > MAX_BATCH:
+            raise InputError(f"a batch of {batch} images is more than the {MAX_BATCH} one run takes: split the products "
+                             f"into batches of at most {MAX_BATCH}")
         mode = control.resolved_mode(self.transformer.control is not None)
         if reference.image is not None:
             if mode == "dreampainter" and not self.transformer.supports_reference:
@@ -486,11 +543,13 @@ class DreamPainterPipeline:
                     "denoise < 1 and a training-free reference both set where sampling starts: with "
                     "training_free_reference='init', reference_strength is the denoise; leave denoise at 1"
                 )
+            if mode == "training_free" and reference.training_free_method == "init":
+                check_schedule(sampling.steps, reference.strength, "reference_strength")
             if reference.image.shape[0] not in (1, batch):
                 raise InputError(f"reference: got {reference.image.shape[0]} images for a batch of {batch}; give 1 or {batch}")
             reference = dataclasses.replace(reference, image=reference.image.expand(batch, -1, -1, -1))
-        width = width or product_b.shape[2]
-        height = height or product_b.shape[1]
+        width = product_b.shape[2] if width is None else width
+        height = product_b.shape[1] if height is None else height
         self.size_rule.check(width, height)
         init_b = None
         if init_image is not None:
@@ -502,16 +561,24 @@ class DreamPainterPipeline:
             init_b = init_b.expand(batch, -1, -1, -1)
         if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
             raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
-        if reference.size is not None:
-            step = self.vae_scale_factor * self.transformer.patch_size
-            if any(s % step for s in reference.size):
-                raise InputError(f"reference_size {reference.size[0]}x{reference.size[1]} must be a positive multiple "
-                                 f"of {step} px")
         return GenerationRequest(
             product=product_b, mask=mask_b, width=int(width), height=int(height), sampling=sampling,
             reference=reference, control=control, output=output, mode=mode, init_image=init_b, callback=callback,
             merge_lora=merge_lora,
         )
+
+    def _check_reference_size(self, size: tuple[int, int] | None) -> None:
+        """reference_size (width, height): whole tokens, and no more than the model's largest output."""
+        if size is None:
+            return
+        (width, height), step, rule = size, self.vae_scale_factor * self.transformer.patch_size, self.size_rule
+        if width % step or height % step:
+            raise InputError(f"reference_size {width}x{height} must be a positive multiple of {step} px")
+        if max(width, height) > rule.max_side or width * height > rule.max_pixels:
+            raise InputError(
+                f"reference_size {width}x{height} is larger than this model takes: each side at most {rule.max_side} "
+                f"px and at most {rule.max_pixels} pixels (as many as its largest output; the paper uses 512-800 px "
+                "references). Use a smaller reference size (DreamPainter Reference: a lower resolution).")
 
     def prepare_inputs(self, product, mask, reference=None, **keywords) -> "GenerationRequest":
         """``prepare`` from ``pipe(...)``'s flat keywords (see ``__call__``)."""

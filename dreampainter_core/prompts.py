@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +33,7 @@ from typing import Any, Mapping
 from .errors import DreamPainterError
 
 __all__ = ["COMPONENTS", "PRODUCT_ATTRIBUTES", "Prompt", "PromptComposer", "PromptConfigError", "EXAMPLE_TOML",
-           "PromptPresets", "build_prompt", "build_prompts", "load_presets"]
+           "PromptPresets", "build_prompt", "build_prompts", "load_presets", "MAX_PROMPT_CHARS", "prompt_problem"]
 
 COMPONENTS = ("product", "stand", "environment", "background", "style")
 PRODUCT_ATTRIBUTES = ("count", "colour", "category")
@@ -329,6 +330,30 @@ class PromptComposer:
 
 
 # ---------------------------------------------------------------------------------------
+# Prompt text: what any prompt must be before it reaches a tokenizer
+
+#: The longest prompt (and negative prompt) accepted, in characters. The text encoder reads at
+#: most 1024 tokens (the rest is cut); this bounds the tokenizer's work before that cut.
+MAX_PROMPT_CHARS = 10_000
+
+
+def prompt_problem(text) -> str | None:
+    """Why ``text`` cannot be a prompt, as the rest of a sentence that starts with its name
+    ("prompt has ..."), or None. Cheap: run before any text encoder loads."""
+    if not isinstance(text, str):
+        return f"must be a string, got {reprlib.repr(text)}"
+    if len(text) > MAX_PROMPT_CHARS:
+        return (f"is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted (the text encoder reads "
+                "at most 1024 tokens and cuts the rest): shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON can carry one; no tokenizer takes it
+        return (f"has an unpaired surrogate at character {exc.start} (a broken Unicode escape such as \\ud83d "
+                "without its pair): fix the text's encoding")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # Category presets: a whole prompt from a product name (dreampainter_core/prompt_presets.toml)
 
 PRESETS_FILE = Path(__file__).resolve().with_name("prompt_presets.toml")
@@ -495,6 +520,9 @@ def build_prompts(name: str, category: str | None = None, style: str | None = No
     if len(name) > MAX_NAME_CHARS:
         raise PromptConfigError(f"name is {len(name)} characters; keep it under {MAX_NAME_CHARS} (a product name, "
                                 "not a prompt: the scene is drawn from the category)")
+    problem = prompt_problem(name)
+    if problem:
+        raise PromptConfigError(f"name {problem}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PromptConfigError(f"seed must be an integer, got {seed!r}")
     p = _presets(presets)

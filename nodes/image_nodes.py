@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,14 +51,26 @@ class DreamPainterReferenceEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resolution=None):
-        problem = widget_problem(cls, resolution=resolution)
-        if problem or resolution is None or resolution % REFERENCE_MULTIPLE == 0:
+    def validate_inputs(cls, resolution=None, policy=None):
+        problem = widget_problem(cls, resolution=resolution, policy=policy)
+        if problem or resolution is None:
             return problem or True
-        low = max(REFERENCE_MULTIPLE, resolution // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE)
-        return (f"DreamPainter Reference: resolution {resolution} is not a multiple of {REFERENCE_MULTIPLE} px "
-                f"(VAE 8x times patch 2: the reference must cover whole tokens); use {low} or "
-                f"{low + REFERENCE_MULTIPLE}.")
+        if resolution % REFERENCE_MULTIPLE:
+            low = max(REFERENCE_MULTIPLE, resolution // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE)
+            return (f"DreamPainter Reference: resolution {resolution} is not a multiple of {REFERENCE_MULTIPLE} px "
+                    f"(VAE 8x times patch 2: the reference must cover whole tokens); use {low} or "
+                    f"{low + REFERENCE_MULTIPLE}.")
+        # The sampler takes a reference of at most as many pixels as its largest output (the core's
+        # reference_size limit, the same for every model's size rule). Square policies are known now;
+        # keep_aspect's other side only when the image arrives (the sampler then checks it).
+        limit = SMALL_MODEL_SIZES.max_pixels
+        if policy not in (None, "keep_aspect") and resolution * resolution > limit:
+            side = math.isqrt(limit) // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE
+            return (f"DreamPainter Reference: resolution {resolution} with policy {policy} makes a "
+                    f"{resolution}x{resolution} reference ({resolution * resolution} pixels); the sampler takes at "
+                    f"most {limit} (as many as its largest output): use {side} or less, or keep_aspect for a wide "
+                    "image.")
+        return True
 
     @classmethod
     def execute(cls, image, resolution, policy) -> io.NodeOutput:

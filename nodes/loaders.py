@@ -13,7 +13,8 @@ import comfy.model_management as mm
 
 from ..dreampainter_core.errors import ModelFilesError
 from ..dreampainter_core.loading import default_scheduler, load_text_encoder, load_tokenizer, load_transformer, load_vae
-from ..dreampainter_core.pipeline import encode_prompt
+from ..dreampainter_core.pipeline import check_prompt, encode_prompt
+from ..dreampainter_core.prompts import prompt_problem
 from ..dreampainter_core.transformer import DreamPainterTransformer
 from ..dreampainter_core.weights import build_from_weights, read_dreampainter_metadata
 from . import memory, paths
@@ -264,7 +265,18 @@ class DreamPainterTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt=None, negative_prompt=None):
+        # An API prompt can carry what the text box cannot: an unpaired surrogate (JSON "\ud83d"), megabytes.
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            problem = None if text is None else prompt_problem(text)
+            if problem:
+                return f"DreamPainter Text Encode: {name} {problem}."
+        return True
+
+    @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        check_prompt(prompt, "prompt")  # linked texts (e.g. the Prompt Builder's) are only known now
+        check_prompt(negative_prompt or "", "negative_prompt")
         memory.load(text_encoder.patcher)
         try:
             # float32 on ComfyUI's intermediate device: the sampler casts them to the transformer's dtype

@@ -8,6 +8,12 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..dreampainter_core.options import (
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SHIFT,
+    MAX_STEPS,
     MODES,
     TRAINING_FREE_REFERENCE,
     ControlOptions,
@@ -29,7 +35,9 @@ from .sockets import (
 
 logger = logging.getLogger("DreamPainter")
 
-SCALE_SLIDER = dict(default=1.0, min=0.0, max=2.0, step=0.05, round=0.01, display_mode=io.NumberDisplay.slider)
+# The widgets' ranges are the core's documented limits (dreampainter_core.options), so a value the
+# widget offers is one the core takes.
+SCALE_SLIDER = dict(default=1.0, min=0.0, max=MAX_SCALE, step=0.05, round=0.01, display_mode=io.NumberDisplay.slider)
 LORA_SCALE_TIP = ("Strength of the stage-2 LoRA (reference following and harmonisation); 0 = the stage-1 model. "
                   "The paper finds quality collapses below about 0.4: to follow the reference less, lower "
                   "attention_scale instead.")
@@ -131,16 +139,16 @@ class DreamPainterSampler(io.ComfyNode):
                 io.Image.Input("product", tooltip="The product on its canvas (e.g. Product Prep's foreground); "
                                                   "sets the output size."),
                 io.Mask.Input("mask", tooltip="1 = product (kept), 0 = background (generated); same size as product."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=50, min=1, max=10000),
-                io.Float.Input("cfg", default=3.5, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+                io.Int.Input("steps", default=50, min=1, max=MAX_STEPS),
+                io.Float.Input("cfg", default=3.5, min=0.0, max=MAX_GUIDANCE, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance; <= 1 disables the negative prompt pass."),
-                io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, round=0.01,
+                io.Float.Input("shift", default=0.0, min=0.0, max=MAX_SHIFT, step=0.05, round=0.01,
                                tooltip="Timestep shift (mu). 0 = auto: CogView4's resolution-dependent shift "
                                        "(3.25 at 1024x1024)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="< 1 starts from the product on its blank canvas instead of pure noise."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH,
                              tooltip="Images per product (a batch of products gives one image each)."),
                 io.Float.Input("lora_scale", tooltip=LORA_SCALE_TIP, **SCALE_SLIDER),
                 io.Float.Input("attention_scale", tooltip=ATTENTION_SCALE_TIP, **SCALE_SLIDER),
@@ -154,7 +162,7 @@ class DreamPainterSampler(io.ComfyNode):
                                                         "without one, mode training_free follows it (see "
                                                         "training_free_reference)."),
                 # Optional, so API-format prompts written before it existed still validate.
-                io.Float.Input("reference_cfg", default=0.0, min=0.0, max=30.0, step=0.1, round=0.01, optional=True,
+                io.Float.Input("reference_cfg", default=0.0, min=0.0, max=MAX_GUIDANCE, step=0.1, round=0.01, optional=True,
                                tooltip=REFERENCE_CFG_TIP),
                 io.Float.Input("guidance_end", default=1.0, min=0.0, max=1.0, step=0.05, round=0.01, optional=True,
                                tooltip=GUIDANCE_END_TIP),
@@ -171,16 +179,17 @@ class DreamPainterSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, shift=None, denoise=None, lora_scale=None, attention_scale=None,
+    def validate_inputs(cls, steps=None, cfg=None, shift=None, denoise=None, lora_scale=None, attention_scale=None,
                         reference_cfg=None, guidance_end=None, harmonize=None, reference_strength=None):
         # The FLOAT widgets (a JSON NaN passes ComfyUI's min/max), then what execute does with them:
-        # sampler_options builds the core's option objects, which check their values as they are built.
-        floats = dict(cfg=cfg, shift=shift, denoise=denoise, lora_scale=lora_scale, attention_scale=attention_scale,
-                      reference_cfg=reference_cfg, guidance_end=guidance_end, harmonize=harmonize,
-                      reference_strength=reference_strength)
-        return widget_problem(cls, **floats) or core_problem(
+        # sampler_options builds the core's option objects, which check their values as they are built
+        # (steps too: steps / denoise, the schedule's length, is bounded).
+        values = dict(steps=steps, cfg=cfg, shift=shift, denoise=denoise, lora_scale=lora_scale,
+                      attention_scale=attention_scale, reference_cfg=reference_cfg, guidance_end=guidance_end,
+                      harmonize=harmonize, reference_strength=reference_strength)
+        return widget_problem(cls, **values) or core_problem(
             "DreamPainter Sampler", sampler_options, {"guidance_scale": "cfg", "reference_guidance": "reference_cfg"},
-            **widget_values(cls, exclude=("batch_size",), **floats)) or True
+            **widget_values(cls, exclude=("batch_size",), **values)) or True
 
     @classmethod
     def execute(cls, model, conditioning, vae, product, mask, batch_size, **widgets) -> io.NodeOutput:

@@ -374,3 +374,26 @@ def test_a_blank_or_broken_prompt_is_a_manifest_error(tmp_path):
     with pytest.raises(B.BatchManifestError) as e:
         B.parse_manifest(lines, tmp_path, "m.jsonl")
     assert "line 1: prompt is blank" in str(e.value) and "line 2: prompt has an unpaired surrogate" in str(e.value)
+
+
+def test_out_of_range_settings_are_manifest_and_command_line_errors(tmp_path, capsys):
+    """cfg 1e30 or 10^7 steps in a manifest line (or on the command line) are refused by the
+    pipeline's own range checks before any model loads, not at render time item by item."""
+    photo = embedded_model().demo / "product.png"
+    lines = [json.dumps({"id": "a", "image": str(photo), "prompt": "on marble", "cfg": 1e30}),
+             json.dumps({"id": "b", "image": str(photo), "prompt": "on marble", "steps": 10**7}),
+             json.dumps({"id": "c", "image": str(photo), "prompt": "on marble", "shift": 0})]
+    with pytest.raises(B.BatchManifestError) as e:
+        B.parse_manifest(lines, tmp_path, "m.jsonl")
+    text = str(e.value)
+    assert "line 1: guidance_scale must be >= 0 and <= 30" in text
+    assert "line 2: steps must be an integer >= 1 and <= 10000" in text
+    assert "line 3: shift must be > 0 and <= 20" in text
+    manifest = tmp_path / "ok.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "image": str(photo), "prompt": "on marble"}) + "\n")
+    for flags, phrase in ((["--cfg", "1e9"], "batch settings: guidance_scale must be"),
+                          (["--seeds", "-1"], "batch settings: seed must be an integer >= 0"),
+                          (["--batch-size", "65"], "--batch-size must be >= 1 and <= 64")):
+        assert B.main(["--manifest", str(manifest), "--out", str(tmp_path / "out"), *flags]) == 2
+        assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -105,3 +105,50 @@ def test_defaults_and_linked_widgets_pass(comfy):
     g["7"]["inputs"]["cfg"] = ["20", 0]
     errors = _refused(comfy, g)
     assert set(errors) == {"1"}, errors
+
+
+SAMPLER_FLOATS = ("cfg", "shift", "denoise", "lora_scale", "attention_scale", "reference_cfg", "guidance_end",
+                  "harmonize", "reference_strength")
+
+
+def test_every_sampler_float_refuses_json_nan_and_infinity_by_name(comfy):
+    for name in SAMPLER_FLOATS:
+        for value in (math.nan, -math.inf):
+            g = h.graph(f"nan_{name}")
+            g["7"]["inputs"][name] = value
+            msg = _one(_refused(comfy, g), "7")
+            assert msg.startswith(f"DreamPainter Sampler: {name} = {value} is not a finite number"), msg
+
+
+def test_sampler_widgets_are_the_cores_limits(comfy):
+    from dreampainter_core import options
+
+    inputs = comfy.get("/object_info/DreamPainterSampler")["DreamPainterSampler"]["input"]
+    widgets = {**inputs["required"], **inputs["optional"]}
+    limits = {"seed": options.MAX_SEED, "steps": options.MAX_STEPS, "cfg": options.MAX_GUIDANCE,
+              "reference_cfg": options.MAX_GUIDANCE, "shift": options.MAX_SHIFT, "batch_size": options.MAX_BATCH,
+              "lora_scale": options.MAX_SCALE, "attention_scale": options.MAX_SCALE}
+    assert {name: widgets[name][1]["max"] for name in limits} == limits
+
+
+def test_sampler_refuses_a_schedule_longer_than_the_limit(comfy):
+    # steps and denoise are each within their widget, their schedule (steps / denoise) is not
+    msg = _one(_refused(comfy, h.graph("sched", steps=200, denoise=0.01)), "7")
+    assert msg.startswith("DreamPainter Sampler: steps=200 with denoise=0.01 builds a 20000-step schedule"), msg
+    assert "at most 10000" in msg
+
+
+def test_text_encode_refuses_an_unpaired_surrogate_by_name(comfy):
+    msg = _one(_refused(comfy, h.graph("surrogate", negative_prompt="blurry \ud83d")), "3")
+    assert msg.startswith("DreamPainter Text Encode: negative_prompt has an unpaired surrogate at character 7"), msg
+    msg = _one(_refused(comfy, h.graph("long", prompt="x" * 10_001)), "3")
+    assert "prompt is 10001 characters long; at most 10000" in msg, msg
+
+
+def test_reference_canvases_larger_than_the_sampler_takes_are_refused(comfy):
+    msg = _one(_refused(comfy, h.graph("ref2048", reference={"resolution": 2048, "policy": "pad"})), "10")
+    assert msg.startswith("DreamPainter Reference: resolution 2048 with policy pad makes a 2048x2048 reference"), msg
+    assert "use 1440 or less" in msg, msg
+    status, body = comfy.queue(h.graph("ref2048k", reference={"resolution": 2048, "policy": "keep_aspect"},
+                                       memory_mode="block_swap", swap_blocks=0))
+    assert status == 400 and set(body["node_errors"]) == {"1"}, body  # keep_aspect: only known at run time
