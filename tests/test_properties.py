@@ -9,6 +9,8 @@ construction are accepted; paste-back returns the product's pixels bit for bit.
 Kept out of tests/test_images.py & co.: the min-version CI leg runs those without hypothesis.
 """
 
+import os
+
 import numpy as np
 import torch
 from hypothesis import HealthCheck, event, given, settings  # requirements-dev.txt (not in the min-version leg)
@@ -20,7 +22,9 @@ from dreampainter_core import DreamPainterError, masks
 from dreampainter_core.images import as_image_batch, as_mask_batch
 from dreampainter_core.product import PLACEMENTS, paste_back, place_product
 
-CASES = settings(max_examples=2000, deadline=None,
+# CI draws the same 2000 cases every run (a red CI then always means a code change); a local run
+# draws new ones each time, to keep looking.
+CASES = settings(max_examples=2000, deadline=None, derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"),
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 DTYPES = [np.bool_, np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64, np.float16,
