@@ -166,3 +166,27 @@ def test_reference_probe_tells_right_none_and_wrong_references_apart(tiny_model_
     assert report["n"] == 2 and set(report["losses"]) == {"0.9"}
     assert rp.main(["--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
                     "--times", "1.5"]) == 2
+
+
+def test_compare_pairs_two_reports_by_scene_and_refuses_unlike_runs(tmp_path):
+    from train.compare import compare, main
+
+    def report(values, seed=0):
+        return {"seed": seed, "steps": 20, "guidance_scale": 1.5,
+                "modes": {"tr2i": {"samples": [{"id": str(i), "wall_tone": v, "quality": 0.5} for i, v in values]}}}
+
+    a = report([(0, False), (1, False), (2, True), (3, None)])
+    b = report([(3, True), (2, True), (1, True), (0, True), (9, False)])  # another order, an extra scene
+    out = compare(a, b, "tr2i", metrics=("wall_tone", "quality"))
+    assert out["n_items"] == 4
+    assert out["wall_tone"]["n"] == 3 and out["wall_tone"]["mean_difference"] == pytest.approx(2 / 3)
+    assert out["quality"]["mean_difference"] == 0.0
+    with pytest.raises(ValueError, match="seed"):
+        compare(a, report([(0, True)], seed=1), "tr2i")
+    with pytest.raises(ValueError, match="no mode 't2i'"):
+        compare(a, b, "t2i")
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a)), pb.write_text(json.dumps(b))
+    assert main([str(pa), str(pb), "--metrics", "wall_tone", "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["wall_tone"]["n"] == 3
+    assert main([str(pa), str(pb), "--metrics", "nonsense"]) == 2

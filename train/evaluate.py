@@ -384,7 +384,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              progress: bool = False, reference_guidance: float | None = None, control_mode: str = "dreampainter",
              training_free_reference: str = "init", reference_strength: float = 0.8,
              harmonize: float | None = None, lora_scale: float = 1.0,
-             roundtrip: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
+             roundtrip: bool = False, mask_guidance: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -408,8 +408,8 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     if "tr2i" in modes and not with_refs:
         modes = [m for m in modes if m != "tr2i"]
         notes.append("no sample in the manifest has a reference: TR2I skipped")
-    control = ControlOptions(mode=control_mode) if harmonize is None else ControlOptions(mode=control_mode,
-                                                                                       harmonize=harmonize)
+    control = ControlOptions(mode=control_mode, mask_guidance=mask_guidance,
+                             **({} if harmonize is None else {"harmonize": harmonize}))
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
                                                             strength=reference_strength),
@@ -501,6 +501,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "training_free_reference": training_free_reference if training_free else None,
         "reference_strength": reference_strength if training_free and training_free_reference == "init" else None,
         "lora_scale": lora_scale if has_lora else None,
+        "mask_guidance": mask_guidance,
         "seed": seed,
         "n_samples": len(samples),
         "n_with_reference": len(with_refs),
@@ -742,6 +743,8 @@ def main(argv=None) -> int:
     p.add_argument("--harmonize", type=float, default=None, help="training_free: share of free last steps")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="LoRA scale outside the sweeps (0 on a stage-2 file: exactly its stage-1 model)")
+    p.add_argument("--mask-guidance", action="store_true",
+                   help="train-free mask guidance (seed 004): the control branch acts on the product's tokens only")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K samples")
     p.add_argument("--reference-mode", choices=("none", "manifest", "both", "vae"), default="both",
@@ -793,7 +796,7 @@ def main(argv=None) -> int:
                                 progress=a.progress, reference_guidance=a.reference_guidance, control_mode=a.mode,
                                 training_free_reference=a.training_free_reference,
                                 reference_strength=a.reference_strength, harmonize=a.harmonize,
-                                lora_scale=a.lora_scale, roundtrip=a.roundtrip)
+                                lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
