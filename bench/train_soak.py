@@ -347,7 +347,7 @@ def corruption_trial(base: Path, out: Path, kind: str, model_dir: Path, manifest
         verdict["problems"].append(f"the damage was not reported (damaged checkpoint and {damaged} named: {named}, "
                                    f"fell back to checkpoint 3: {fell_back}): {o.stderr[-1500:]}")
     return {"kind": kind + (" (no manifest)" if legacy else ""), "file": damaged,
-            "message": _report_line(o.stderr, newest.name), **verdict}
+            "message": _report_line(o.stderr, f"{newest.name} cannot be resumed"), **verdict}
 
 
 def all_damaged_trial(base: Path, out: Path, model_dir: Path, manifest: Path,
