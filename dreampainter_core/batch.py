@@ -70,7 +70,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .errors import DreamPainterError, InputError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, file_digest
 from .options import MAX_BATCH
 from .product import PLACEMENTS
 
@@ -266,14 +266,6 @@ def load_formats(path=None) -> dict[str, tuple[int, int]]:
                              f"integers {lo}..{hi} at 1024 px scale")
         formats[name] = (size[0], size[1])
     return formats
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(base: Path, weights: Path | None) -> str:

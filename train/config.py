@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -118,6 +119,11 @@ class TrainConfig:
     # soft at edges), normalised to mean 1 per sample; 1 = plain MSE (ours; the paper gives none)
     mask_loss_weight: float = 1.0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
+    # A step whose loss or gradient is NaN or infinite is never applied (no optimizer or EMA update).
+    # stop: max_nonfinite_steps of them in a row stop the run with an error (the checkpoints stay
+    # those of finite weights) | skip: skip every such step and go on (counted and reported)
+    on_nonfinite: str = "stop"
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -214,6 +220,7 @@ CHOICES = {
     ("data", "on_bad"): ("skip", "stop"),
     ("train", "mixed_precision"): ("bf16", "no"),
     ("train", "timestep_sampling"): ("logit_normal", "uniform"),
+    ("train", "on_nonfinite"): ("stop", "skip"),
     ("optim", "optimizer"): ("adamw", "adamw8bit"),
     ("optim", "scheduler"): ("constant", "cosine"),
     ("checkpoint", "export_dtype"): ("bf16", "fp32"),
@@ -514,9 +521,17 @@ def validate(cfg: Config) -> Config:
     problems = []
     for name, v, lo in (("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
                         ("train.max_steps", t.max_steps, 1), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
-                        ("log.every", cfg.log.every, 1)):
+                        ("log.every", cfg.log.every, 1), ("train.max_nonfinite_steps", t.max_nonfinite_steps, 1)):
         if v < lo:
             problems.append(f"{name} must be >= {lo}, got {v}")
+    for section in SECTIONS:  # nan/inf parse as numbers; no setting means anything with them
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            v = getattr(values, f.name)
+            for x in v if isinstance(v, list) else [v]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    problems.append(f"{section}.{f.name} must be a finite number, got {v}")
+                    break
     if not 0.0 <= d.reference_prob <= 1.0:
         problems.append(f"data.reference_prob must be in [0, 1], got {d.reference_prob}")
     if not 0.0 <= t.high_noise_prob <= 1.0:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "is_dtensor", "full_tensor", "apply_fsdp", "sync_replicated_grads", "clip_grad_norm"]
+__all__ = ["DistEnv", "init_distributed", "is_dtensor", "full_tensor", "apply_fsdp", "sync_replicated_grads", "grad_norm", "clip_grad_norm"]
 
 
 @dataclass
@@ -145,6 +145,25 @@ def sync_replicated_grads(params: list[torch.nn.Parameter], env: DistEnv) -> Non
             offset += n
 
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)
+        if is_dtensor(n):
+            n = n.full_tensor()
+        norms.append(n.to(grads[0].device if not is_dtensor(grads[0]) else n.device))
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+@torch.no_grad()
+def grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """The global 2-norm of the parameters' gradients (0.0 when there are none), also when some are
+    FSDP-sharded DTensors and some are plain (a collective then: every rank must call it). Non-finite
+    when any gradient element is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(_total_norm(grads)) if grads else 0.0
+
+
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """clip_grad_norm_ that also works when some gradients are FSDP-sharded DTensors and some are
@@ -152,13 +171,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norms = []
-    for g in grads:
-        n = torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)
-        if is_dtensor(n):
-            n = n.full_tensor()
-        norms.append(n.to(grads[0].device if not is_dtensor(grads[0]) else n.device))
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    total = _total_norm(grads)
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
     if coef < 1.0:
         for g in grads:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from dreampainter_core.fileio import atomic_path
+
 __all__ = ["TrainLogger"]
 
 FIELDS = ["step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "probe_loss", "epoch", "time"]
@@ -57,12 +59,10 @@ class TrainLogger:
             rows = list(csv.DictReader(f))
         kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
         if len(kept) != len(rows):
-            tmp = self.csv_path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+            with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(kept)
-            os.replace(tmp, self.csv_path)
 
     def step(self, step: int, n: int = 1) -> None:
         if self.bar is not None:

@@ -62,6 +62,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dreampainter_core.errors import DreamPainterError
 from dreampainter_core.fileio import atomic_write_bytes, atomic_write_text
 
 from .config import ConfigError, OptimConfig, explicit_values, read_config_file, read_table
@@ -311,10 +312,16 @@ def _scaled(steps: int, scale: float) -> int:
 
 def _save_bf16_into_place(model, final: Path) -> None:
     """save_pretrained in bf16 into a temporary folder, then move it into place."""
+    from .checkpoint import nonfinite_tensor
+
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+    model.to(torch.bfloat16)
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise RecipeError(f"refusing to write {final}: {bad!r} holds NaN or infinite values in bf16")
+    model.save_pretrained(str(tmp), safe_serialization=True)
     _replace_dir(tmp, final)
 
 
@@ -805,14 +812,16 @@ class Miniature:
         format go to DIR/<phase> every ``checkpoint_every`` steps and at the end: an interrupted phase
         continues from the last one exactly (every draw is keyed by seed and step; `stats`, counters
         that `step` keeps, are restored). Returns (log rows, training seconds)."""
-        from .checkpoint import latest_checkpoint, read_checkpoint, rng_state
+        from .checkpoint import load_newest_intact, remove_stale_temp, rng_state
         from .trainer import write_checkpoint
 
         out = self._claim(phase, self.out / phase)
+        for stale in remove_stale_temp(out):
+            self.echo(f"[{phase}] removed {stale}, left by a run that was killed while writing it")
         start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
-        last = latest_checkpoint(out)
-        if last is not None:
-            ck = read_checkpoint(last)
+        ck = load_newest_intact(out, lambda msg: self.echo(f"[{phase}] {msg}"))
+        if ck is not None:
+            last = ck["path"]
             opt.restore(ck)
             st = ck["state"]
             start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
@@ -823,6 +832,8 @@ class Miniature:
         every = getattr(self.recipe, phase).checkpoint_every
         for i in range(start, steps):
             values, grad_norm = opt.step(lambda: step(i))
+            if opt.skipped:
+                self.echo(f"[{phase}] {opt.skipped}")
             for k, v in values.items():
                 acc[k] = acc.get(k, 0.0) + v
             acc_n += 1
@@ -832,7 +843,7 @@ class Miniature:
                 rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
                 self.echo(f"[{phase}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
                 acc, acc_n = {}, 0
-            if (every > 0 and (i + 1) % every == 0) or i + 1 == steps:
+            if (every > 0 and (i + 1) % every == 0 and opt.worth_a_checkpoint) or i + 1 == steps:
                 loop = {"phase": phase, "log_rows": rows, "acc": acc, "acc_n": acc_n,
                         "seconds": time.perf_counter() - t0, "stats": stats or {}}
                 write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
@@ -1102,7 +1113,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(a.recipe, smoke=a.smoke, overrides=a.set)
         mini = Miniature(a.out, recipe, a.budget_minutes)
         summary = mini.run(a.until)
-    except ConfigError as e:  # RecipeError, or a stage's config
+    except DreamPainterError as e:  # RecipeError, a stage's config, a training or checkpoint error
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(summary['phases'])} phases, {summary['seconds_all_phases']:.0f} s in all "

@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
 from dreampainter_core.errors import DreamPainterError
+from dreampainter_core.fileio import atomic_write_text
 from dreampainter_core.pipeline import DreamPainterPipeline
 from dreampainter_core.transformer import DreamPainterConfig, DreamPainterTransformer
 from dreampainter_core.weights import read_dreampainter_metadata, save_dreampainter_weights
@@ -53,20 +55,25 @@ from . import flow
 from .buckets import make_buckets
 from .cache import ConditionCache, files_identity
 from .checkpoint import (
+    CheckpointError,
     CheckpointWriter,
     flatten_optimizer_state,
-    latest_checkpoint,
+    load_checkpoint,
+    load_newest_intact,
+    nonfinite_tensor,
     read_checkpoint,
+    remove_stale_temp,
     rng_state,
     set_rng_state,
 )
-from .config import Config, ConfigError, EmaConfig, OptimConfig, dump_toml
+from .config import Config, ConfigError, EmaConfig, OptimConfig, TrainConfig, dump_toml
 from .dataset import BucketBatchSampler, ManifestDataset, collate
 from .distributed import (
     DistEnv,
     apply_fsdp,
     clip_grad_norm,
     full_tensor,
+    grad_norm,
     init_distributed,
     is_dtensor,
     sync_replicated_grads,
@@ -76,7 +83,8 @@ from .logs import TrainLogger
 
 log = logging.getLogger("train")
 
-__all__ = ["Trainer", "TrainResult", "GlobalBatchSampler", "Optimization", "lr_lambda", "write_checkpoint", "run", "main"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteError", "GlobalBatchSampler", "Optimization", "lr_lambda",
+           "write_checkpoint", "run", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -88,6 +96,42 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 class TrainingError(DreamPainterError, RuntimeError):
     pass
+
+
+class NonFiniteError(TrainingError):
+    """train.max_nonfinite_steps optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
+def _check_finite(what: str, *groups: dict | None) -> None:
+    """The last guard before weights reach a file: never write NaN or infinite values."""
+    for tensors in groups:
+        bad = nonfinite_tensor(tensors)
+        if bad is not None:
+            raise TrainingError(f"refusing to write {what}: {bad!r} holds NaN or infinite values (nothing was written; "
+                                "the checkpoints already on disk are untouched)")
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every number in `value` (a tensor, a number, or dicts/lists/tuples of them) is finite."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def _numbers_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return f"{float(value):.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_numbers_text(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "?"
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,17 +258,29 @@ class Optimization:
     parameters, the LR schedule (lr_lambda), the EMA when enabled, and their checkpoint state.
 
     ``step(backward)`` is one optimizer step: zero the gradients, run ``backward`` (the forward and
-    backward passes of the step's micro-batches; its result is returned), clip the gradients to
-    ``optim.max_grad_norm`` (0 = off), step the optimizer and the schedule, update the EMA. The
-    stage trainer (Trainer) and the miniature recipe's VAE and base phases (train/miniature.py)
-    train through this.
+    backward passes of the step's micro-batches; its result, the loss, is returned), clip the
+    gradients to ``optim.max_grad_norm`` (0 = off), step the optimizer and the schedule, update the
+    EMA. The stage trainer (Trainer) and the miniature recipe's VAE and base phases
+    (train/miniature.py) train through this.
+
+    A step whose loss (any number in what `backward` returned, on any rank: `any_rank` is the
+    trainer's all-reduce) or gradient norm is NaN or infinite is not applied: no optimizer step, no
+    EMA update (the schedule still advances, so the step numbers stay). ``skipped`` then says so;
+    with ``on_nonfinite="stop"``, the ``max_nonfinite_steps``-th such step in a row raises
+    NonFiniteError instead. The counts go into checkpoints, so a resumed run counts on exactly.
 
     `module` names the parameters in checkpoints (its named_parameters); `params` are the trained ones.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], optim: OptimConfig, total_steps: int,
-                 ema: EmaConfig | None = None):
+                 ema: EmaConfig | None = None, on_nonfinite: str = TrainConfig.on_nonfinite,
+                 max_nonfinite_steps: int = TrainConfig.max_nonfinite_steps,
+                 any_rank: Callable[[bool], bool] = lambda flag: flag):
         self.module, self.params, self.max_grad_norm = module, params, optim.max_grad_norm
+        self.on_nonfinite, self.max_nonfinite_steps, self.any_rank = on_nonfinite, max_nonfinite_steps, any_rank
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.skipped: str | None = None  # why the last step was not applied (None: it was)
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
         if optim.optimizer == "adamw8bit":
             try:
@@ -240,18 +296,48 @@ class Optimization:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.ema = EMA(params, ema.decay, ema.warmup) if ema is not None and ema.enabled else None
 
-    def step(self, backward: Callable[[], Any]) -> tuple[Any, float | None]:
-        """(what `backward` returned, the gradient norm before clipping or None when clipping is off)."""
+    def step(self, backward: Callable[[], Any]) -> tuple[Any, float]:
+        """(what `backward` returned, the gradient norm before clipping)."""
         self.optimizer.zero_grad(set_to_none=True)
         out = backward()
-        grad_norm = None
-        if self.max_grad_norm > 0:
-            grad_norm = clip_grad_norm(list(self.params.values()), self.max_grad_norm)
+        params = list(self.params.values())
+        norm = clip_grad_norm(params, self.max_grad_norm) if self.max_grad_norm > 0 else grad_norm(params)
+        if self.any_rank(not _all_finite(out)) or not math.isfinite(norm):
+            self._skip(f"loss {_numbers_text(out)}, gradient norm {norm:.4g}")
+            return out, norm
+        self.nonfinite_in_a_row, self.skipped = 0, None
         self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        return out, grad_norm
+        return out, norm
+
+    def _skip(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # the non-finite gradients must not linger
+        step = self.lr_scheduler.last_epoch + 1
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        if self.on_nonfinite == "stop" and self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            first = step - self.nonfinite_in_a_row + 1
+            steps = f"steps {first}-{step}" if first < step else f"step {step}"
+            raise NonFiniteError(
+                f"training stopped at step {step}: the loss or the gradient was NaN or infinite in "
+                f"{self.nonfinite_in_a_row} step(s) in a row ({steps}; last: {what}). None of them was applied: the "
+                f"weights are those after step {first - 1}, and nothing with non-finite values was saved. Likely "
+                "causes: a learning rate too high (optim.lr), fp16/bf16 overflow, damaged data or weights. "
+                "train.on_nonfinite=skip skips such steps and goes on; train.max_nonfinite_steps sets how many in a "
+                "row stop the run.")
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.lr_scheduler.step()
+        self.skipped = (f"step {step}: NaN or infinite {what}: step not applied ({self.nonfinite_in_a_row} in a row, "
+                        f"{self.nonfinite_total} in all)")
+
+    @property
+    def worth_a_checkpoint(self) -> bool:
+        """False during a run of non-finite steps under on_nonfinite="stop": weights that just gave a NaN
+        loss may be diverging, and keep_last must not prune the checkpoints before them for a copy of them."""
+        return self.on_nonfinite == "skip" or self.nonfinite_in_a_row == 0
 
     @property
     def lr(self) -> float:
@@ -284,6 +370,8 @@ class Optimization:
             if ck["ema"] is None:
                 raise ConfigError(f"{path} has no EMA state but ema.enabled is true")
             self.ema.load(ck["ema"], ck["state"].get("ema_updates", 0))
+        self.nonfinite_in_a_row = int(ck["state"].get("nonfinite_in_a_row", 0))
+        self.nonfinite_total = int(ck["state"].get("nonfinite_total", 0))
         if rank in ck["rng"]:
             set_rng_state(*ck["rng"][rank])
 
@@ -295,12 +383,13 @@ def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered:
     every rank's rng_state() and the JSON `state` (step and whatever the loop needs to continue
     exactly); `extra(writer)` may add files. Returns the checkpoint folder."""
     trainable, osd, ema = gathered
+    ot, ometa = flatten_optimizer_state(osd)
+    _check_finite(f"checkpoint-{step:08d} in {out}", trainable, ema, ot)
     w = CheckpointWriter(out, step)
     try:
         w.tensors("trainable.safetensors", trainable)
         if ema is not None:
             w.tensors("ema.safetensors", ema)
-        ot, ometa = flatten_optimizer_state(osd)
         w.tensors("optimizer.safetensors", ot)
         w.json("optimizer.json", ometa)
         w.json("scheduler.json", optimization.lr_scheduler.state_dict())
@@ -314,8 +403,9 @@ def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered:
             w.text("config.toml", config_text)
         if extra is not None:
             extra(w)
-        ema_updates = optimization.ema.updates if optimization.ema else 0
-        return w.commit({"step": step, "ema_updates": ema_updates, **state}, keep_last)
+        counts = {"ema_updates": optimization.ema.updates if optimization.ema else 0,
+                  "nonfinite_in_a_row": optimization.nonfinite_in_a_row, "nonfinite_total": optimization.nonfinite_total}
+        return w.commit({"step": step, **counts, **state}, keep_last)
     except BaseException:
         w.abort()
         raise
@@ -332,7 +422,7 @@ class Trainer:
         self.result = TrainResult()
         self.stats: dict[str, Any] = {
             "samples": 0, "references_used": 0, "references_shifted": 0, "reference_sizes": {},
-            "empty_prompts": 0, "latents_computed": 0, "texts_computed": 0,
+            "empty_prompts": 0, "latents_computed": 0, "texts_computed": 0, "nonfinite_steps": 0,
             "loaded": {"text_encoder": False, "vae": False},
         }
         self.result.stats = self.stats
@@ -355,7 +445,9 @@ class Trainer:
         self._seed_everything(cfg.train.seed)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+            for stale in remove_stale_temp(self.out):
+                self.say(f"removed {stale}, left by a run that was killed while writing it")
+            atomic_write_text(self.out / "config.toml", dump_toml(cfg))
         self._build_data()
         self._plan_cache()
         self._load_components()
@@ -667,7 +759,9 @@ class Trainer:
         self.replicated = [p for p in self.trainable.values() if not is_dtensor(p)]
 
     def _build_optimizer(self) -> None:
-        self.optimization = Optimization(self.model, self.trainable, self.cfg.optim, self.cfg.train.max_steps, self.cfg.ema)
+        t = self.cfg.train
+        self.optimization = Optimization(self.model, self.trainable, self.cfg.optim, t.max_steps, self.cfg.ema,
+                                         t.on_nonfinite, t.max_nonfinite_steps, any_rank=self.env.any)
         self.optimizer, self.lr_scheduler, self.ema = (
             self.optimization.optimizer, self.optimization.lr_scheduler, self.optimization.ema)
 
@@ -693,15 +787,35 @@ class Trainer:
         self.result.checkpoint = path
         return path
 
-    def _resume(self) -> None:
+    def _load_resume_checkpoint(self) -> dict | None:
+        """The checkpoint to resume from (checkpoint.resume), verified; None to start afresh. Rank 0
+        verifies (hashing every file once, not once per rank) and picks; the other ranks read its pick."""
         r = self.cfg.checkpoint.resume
         if r in ("none", ""):
+            return None
+        ck, error = None, None
+        if self.env.is_main:
+            try:
+                if r == "auto":
+                    ck = load_newest_intact(self.out, self.say)
+                else:
+                    ck = load_checkpoint(r, self.say)
+            except CheckpointError as e:
+                error = str(e) if r == "auto" else (
+                    f"checkpoint.resume names a checkpoint that cannot be resumed from: {e}. Name another checkpoint "
+                    "folder, or use checkpoint.resume=auto (the newest intact one in checkpoint.output_dir).")
+        choice = self.env.gather_objects((None if ck is None else str(ck["path"]), error))[0]
+        if choice[1] is not None:
+            raise CheckpointError(choice[1])
+        if not self.env.is_main and choice[0] is not None:
+            ck = read_checkpoint(choice[0])
+        return ck
+
+    def _resume(self) -> None:
+        ck = self._load_resume_checkpoint()
+        if ck is None:
             return
-        path = latest_checkpoint(self.out) if r == "auto" else Path(r)
-        if path is None:
-            return
-        ck = read_checkpoint(path)
-        st = ck["state"]
+        path, st = ck["path"], ck["state"]
         t = self.cfg.train
         if st.get("stage") != self.stage:
             raise ConfigError(f"{path} is a stage-{st.get('stage')} checkpoint; this is stage {self.stage}")
@@ -720,6 +834,7 @@ class Trainer:
             elif k == "reference_sizes":
                 self.stats[k] = dict(v)
         self.result.resumed_from = path
+        self.stats["nonfinite_steps"] = self.optimization.nonfinite_total
         self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     # ---- export ------------------------------------------------------------------------
@@ -756,6 +871,7 @@ class Trainer:
             for k in self.model.lora_state_dict():
                 a, _, b = k.rpartition(".")  # "...lora_A.weight" -> param "...lora_A.<adapter>.weight"
                 lora[k] = named[f"base.{a}.{LORA_ADAPTER}.{b}"]
+        _check_finite(str(path), named)
         view = _ExportView(self.model, control, lora)
         meta = {"trained_steps": str(self.step), "ema": str(bool(use_ema and ema is not None))}
         return save_dreampainter_weights(view, path, base_model=self.cfg.model.base_model_name,
@@ -938,7 +1054,7 @@ class Trainer:
                 self._probe()
             batches = self._batches()
             per_step = t.batch_size * t.grad_accum
-            def backward() -> torch.Tensor:  # the step's micro-batches
+            def backward() -> torch.Tensor:  # the step's micro-batches; this rank's mean loss
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 for micro in range(t.grad_accum):
                     epoch, k, batch = next(batches)
@@ -952,20 +1068,28 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = epoch, k + 1
                 if self.fsdp_modules:
                     sync_replicated_grads(self.replicated, env)
-                return loss_sum
+                return loss_sum / per_step
 
             while self.step < stop_at:
                 t0 = time.perf_counter()
-                loss_sum, grad_norm = self.optimization.step(backward)
+                try:
+                    loss, grad_norm = self.optimization.step(backward)
+                except NonFiniteError as e:
+                    newest = self.result.checkpoint or self.result.resumed_from
+                    note = f"The newest checkpoint is {newest}." if newest else "No checkpoint was written yet."
+                    raise NonFiniteError(f"{e} {note}") from None
                 self.step += 1
+                if self.optimization.skipped:
+                    self.stats["nonfinite_steps"] = self.optimization.nonfinite_total
+                    self.say(f"{self.optimization.skipped} (train.on_nonfinite={t.on_nonfinite})")
                 dt = time.perf_counter() - t0
                 log_now = self.step % cfg.log.every == 0 or self.step == stop_at or self.step == 1
                 if log_now:
-                    mean = float(env.all_reduce_mean((loss_sum / per_step).to(self.device if self.device.type == "cuda" else "cpu")))
+                    mean = float(env.all_reduce_mean(loss.to(self.device if self.device.type == "cuda" else "cpu")))
                     self.result.losses.append((self.step, mean))
                     if self.logger is not None:
                         self.logger.log(self.step, loss=mean, lr=self.lr_scheduler.get_last_lr()[0],
-                                        grad_norm=grad_norm if grad_norm is not None else "", step_time_s=dt,
+                                        grad_norm=grad_norm, step_time_s=dt,
                                         samples_per_s=per_step * env.world / dt, epoch=self.epoch)
                 if self.logger is not None:
                     self.logger.step(self.step)
@@ -974,7 +1098,11 @@ class Trainer:
                     self._validate_and_probe()
                 every = cfg.checkpoint.every
                 if (every > 0 and self.step % every == 0) or self.step == stop_at:
-                    self.save_checkpoint()
+                    if self.step == stop_at or self.optimization.worth_a_checkpoint:
+                        self.save_checkpoint()
+                    else:
+                        self.say(f"step {self.step}: no checkpoint while steps are not applied "
+                                 f"({self.optimization.nonfinite_in_a_row} in a row)")
             if self.step >= stop_at:
                 if not (cfg.validation.every > 0 and self.step % cfg.validation.every == 0):
                     self._probe()
@@ -1035,12 +1163,15 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         return 0
     try:
         result = run(cfg)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.losses[-1] if result.losses else None
-        print(f"done: step {result.step}, last loss {last[1]:.6g}" if last else f"done: step {result.step}", file=sys.stderr)
+        skipped = result.stats.get("nonfinite_steps", 0)
+        note = f", {skipped} step(s) with a NaN or infinite loss or gradient skipped" if skipped else ""
+        print((f"done: step {result.step}, last loss {last[1]:.6g}" if last else f"done: step {result.step}") + note,
+              file=sys.stderr)
         if result.export_path:
             print(result.export_path)
     return 0
