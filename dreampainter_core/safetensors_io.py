@@ -13,11 +13,13 @@ Errors name the file and say what to do; the low-level exception is chained.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import safetensors
 import torch
 
 from .errors import ModelFilesError
@@ -37,8 +39,10 @@ LOADABLE_DTYPES = ("F32", "BF16", "F16")
 #: the weight_dtype fp8_e4m3fn option stores the same Linear weights in the same format again, so the
 #: transformer and text-encoder loaders accept it. F8_E5M2, F64, integers and BOOL are refused: no weight
 #: of these models is an integer or a bool, e5m2 would be re-rounded by the fp8 option, and F64 doubles
-#: the memory of a load for nothing.
-FP8_DTYPES = ("F8_E4M3",)
+#: the memory of a load for nothing. safetensors reads float8 into torch from 0.4.2 on; with an older
+#: one fp8 files are refused, with that hint.
+FP8_READABLE = tuple(int(p) for p in re.findall(r"\d+", safetensors.__version__)[:3]) >= (0, 4, 2)
+FP8_DTYPES = ("F8_E4M3",) if FP8_READABLE else ()
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONVERT_HINT = (
@@ -153,6 +157,8 @@ def dtype_problem(tensors: dict[str, TensorInfo], allowed: Iterable[str]) -> str
     if not bad:
         return None
     found = "; ".join(f"{d} ({len(keys)} tensor(s), e.g. {keys[0]})" for d, keys in sorted(bad.items()))
+    if not FP8_READABLE and any(d.startswith("F8") for d in bad):
+        found += f" (fp8 files need safetensors >= 0.4.2; this is {safetensors.__version__})"
     return (f"it stores tensors as {found}, which this loader does not run; expected {', '.join(allowed)}. "
             "Convert the file to bf16 or fp32 (e.g. load it in a trusted environment, .to(torch.bfloat16), and "
             "save with safetensors), or use the original release")
