@@ -10,8 +10,12 @@
   from the safetensors metadata key ``"config"`` when present, otherwise it is inferred from the
   tensor shapes).
 
-Everything is validated from file headers before any weight is read: paths, layout, file format
-(pickle formats are refused: they can run code when loaded), truncation, key names and shapes.
+Everything is validated from file headers before any weight is read, and before any module is
+built: paths, layout, file format (pickle formats are refused: they can run code when loaded),
+truncation, header size, dtypes (safetensors_io.LOADABLE_DTYPES; F8_E4M3 too for the transformer
+and text encoder), the layer counts a config asks for against the weights present (and caps:
+``MAX_*_LAYERS``), shard indexes naming only files beside them, key names and shapes.
+``check_finite=True`` also refuses NaN/inf weights while they are read.
 Failures raise ``ModelFilesError`` (files) or ``InputError`` (arguments) with a message that names
 the file and says what was expected; the low-level exception is chained.
 
@@ -24,15 +28,25 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .errors import InputError, ModelFilesError
+from .safetensors_io import (
+    CONVERT_HINT,
+    FP8_DTYPES,
+    LOADABLE_DTYPES,
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    dtype_problem,
+    first_non_finite,
+    non_finite_message,
+    read_safetensors_header,
+)
 
 __all__ = [
     "CogView4Components",
@@ -50,12 +64,6 @@ REPO_HINT = "THUDM/CogView4-6B"
 LAYOUT_HINT = (
     "expected a diffusers-layout CogView4 folder with transformer/ vae/ text_encoder/ tokenizer/ "
     f"scheduler/ and model_index.json ({REPO_HINT})"
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-CONVERT_HINT = (
-    "pickle-based weight files (.bin/.pt/.pth/.ckpt) are not loaded because unpickling can run "
-    "arbitrary code; convert them to .safetensors first (e.g. load them once in a trusted "
-    "environment and save with safetensors.torch.save_file / save_pretrained(safe_serialization=True))"
 )
 
 #: FlowMatchEulerDiscreteScheduler config of THUDM/CogView4-6B (scheduler/scheduler_config.json).
@@ -80,6 +88,17 @@ COGVIEW4_SCHEDULER_CONFIG: dict[str, Any] = dict(
 #: them; other widths need that entry.
 COGVIEW4_HEAD_DIM = 128
 GLM_HEAD_DIM = 128
+#: Config files, shard indexes and 'config' metadata longer than this are refused unread (CogView4-6B's
+#: are 1-30 KB).
+MAX_JSON_CHARS = 2**20
+#: Layer counts a config may ask for, whether read or inferred from key names. CogView4-6B has 28
+#: transformer blocks, GLM-4-9B 40 layers, the VAE 4 levels of 2 (encoder) / 3 (decoder) resnets; the
+#: caps leave room for larger models of these architectures, and stop a forged config or key name
+#: ("transformer_blocks.999999999.x") from building millions of modules, even on the meta device.
+MAX_TRANSFORMER_LAYERS = 256
+MAX_TEXT_ENCODER_LAYERS = 256
+MAX_VAE_LEVELS = 8
+MAX_VAE_LAYERS_PER_BLOCK = 8
 #: CogView4-6B's VAE settings that weight shapes do not show (its vae/config.json); shape inference
 #: assumes them.
 COGVIEW4_VAE_SETTINGS: dict[str, Any] = dict(
@@ -166,67 +185,24 @@ def _refuse_pickle(path: Path, what: str) -> None:
         raise ModelFilesError(f"{what}: {path} is a pickle-based weight file. {CONVERT_HINT}.")
 
 
-def _sniff_safetensors(path: Path, what: str) -> None:
-    """Cheap format check on the first bytes, for clearer messages than the parser's."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-            size = path.stat().st_size
-    except OSError as e:
-        raise ModelFilesError(f"{what}: cannot read {path}: {e}") from e
-    if len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{":
-        return  # the safetensors layout (its 8-byte header length may well start with 0x80, like a pickle)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise ModelFilesError(f"{what}: {path} is named .safetensors but is a PyTorch pickle file. {CONVERT_HINT}.")
-    if head[:4] == b"GGUF":
-        raise ModelFilesError(f"{what}: {path} is a GGUF file; only .safetensors weights are supported.")
-    if len(head) < 9:
-        raise ModelFilesError(f"{what}: {path} is truncated or empty ({size} bytes); re-download or re-copy it.")
-    raise ModelFilesError(
-        f"{what}: {path} is not a valid safetensors file (bad header; truncated or not safetensors, "
-        f"{size} bytes); re-download or re-copy it."
-    )
-
-
-@dataclass
-class _Header:
-    shapes: dict[str, tuple]
-    metadata: dict[str, str]
-
-
-def _read_header(path: Path, what: str) -> _Header:
-    from safetensors import safe_open
-
-    _refuse_pickle(path, what)
-    if not path.is_file():
-        raise ModelFilesError(f"{what}: weight file {path} does not exist.")
-    _sniff_safetensors(path, what)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # SafetensorError has no importable base class across versions
-        raise ModelFilesError(
-            f"{what}: {path} is truncated or corrupt and cannot be read as safetensors ({e}); "
-            "re-download or re-copy it."
-        ) from e
-    return _Header(shapes, metadata)
-
-
 @dataclass
 class _Weights:
-    """Where each stored key lives, and its shape (from headers only)."""
+    """Where each stored key lives, its shape and dtype (from headers only)."""
 
     label: str  # file or folder, for messages
     files: list[Path]
     key_file: dict[str, Path]
-    shapes: dict[str, tuple]
+    tensors: dict[str, TensorInfo]
     metadata: dict[str, str]  # of the first / only file
+    shapes: dict[str, tuple] = field(init=False)
+
+    def __post_init__(self):
+        self.shapes = {k: t.shape for k, t in self.tensors.items()}
 
 
 def _weights_from_file(path: Path, what: str) -> _Weights:
-    h = _read_header(path, what)
-    return _Weights(str(path), [path], {k: path for k in h.shapes}, h.shapes, h.metadata)
+    h = read_safetensors_header(path, what)
+    return _Weights(str(path), [path], {k: path for k in h.tensors}, h.tensors, h.metadata)
 
 
 def _weights_from_folder(folder: Path, what: str, stem: str) -> _Weights:
@@ -239,10 +215,11 @@ def _weights_from_folder(folder: Path, what: str, stem: str) -> _Weights:
             index = folder / cand
             break
     if index is not None:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except Exception as e:
-            raise ModelFilesError(f"{what}: shard index {index} is not valid JSON with a 'weight_map'.") from e
+        weight_map = _read_json(index, what).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFilesError(f"{what}: shard index {index} has no 'weight_map' object (tensor name -> shard file).")
+        for key, name in weight_map.items():
+            _check_shard_name(index, key, name, what)
         shard_names = sorted(set(weight_map.values()))
         missing = [s for s in shard_names if not (folder / s).is_file()]
         if missing:
@@ -250,21 +227,21 @@ def _weights_from_folder(folder: Path, what: str, stem: str) -> _Weights:
                 f"{what}: {index} lists shards that are not in {folder}: {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; the download is incomplete."
             )
-        key_file, shapes, meta = {}, {}, {}
+        key_file, tensors, meta = {}, {}, {}
         files = [folder / s for s in shard_names]
         for fp in files:
-            h = _read_header(fp, what)
+            h = read_safetensors_header(fp, what)
             meta = meta or h.metadata
-            for k, s in h.shapes.items():
+            for k, t in h.tensors.items():
                 key_file[k] = fp
-                shapes[k] = s
-        not_in_shards = [k for k, s in weight_map.items() if k not in shapes]
+                tensors[k] = t
+        not_in_shards = [k for k in weight_map if k not in tensors]
         if not_in_shards:
             raise ModelFilesError(
                 f"{what}: {index} names tensors not found in their shards (first: {not_in_shards[:3]}); "
                 "a shard is truncated or from another version."
             )
-        return _Weights(str(folder), files, key_file, shapes, meta)
+        return _Weights(str(folder), files, key_file, tensors, meta)
 
     st = sorted(folder.glob("*.safetensors"))
     preferred = [p for p in st if p.name in (f"{stem}.safetensors", "diffusion_pytorch_model.safetensors",
@@ -284,25 +261,53 @@ def _weights_from_folder(folder: Path, what: str, stem: str) -> _Weights:
     raise ModelFilesError(f"{what}: no .safetensors weights in {folder} (expected {stem}.safetensors).")
 
 
+def _check_shard_name(index: Path, key, name, what: str) -> None:
+    """A shard index may only name files beside it: never a path that leads elsewhere."""
+    plain = (isinstance(key, str) and isinstance(name, str) and name not in ("", ".", "..")
+             and not any(c in name for c in "/\\\0:"))
+    if not plain:
+        raise ModelFilesError(
+            f"{what}: shard index {index} maps {str(key)[:100]!r} to {str(name)[:100]!r}; shard names must be plain "
+            "file names in the index's own folder (no '/', '\\', ':', '..' or absolute paths). The index is corrupt "
+            "or made to read files elsewhere: re-download the model.")
+
+
+def _parse_json(text: str, source: str, what: str, max_chars: int = MAX_JSON_CHARS):
+    """JSON from a config file or metadata field, bounded in size (nesting is bounded by Python's
+    recursion limit, reported as an error like any other)."""
+    if len(text) > max_chars:
+        raise ModelFilesError(f"{what}: {source} is {len(text)} characters long; at most {max_chars} are read "
+                              "(real model configs are a few KB). The file is corrupt or not a model config.")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ModelFilesError(f"{what}: {source} is not valid JSON ({str(e)[:200]}).") from e
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         extra = (" (expected a diffusers component folder: config.json plus .safetensors weights, as in "
                  f"{REPO_HINT})") if path.name == "config.json" else ""
         raise ModelFilesError(f"{what}: {path} is missing{extra}.")
+    size = path.stat().st_size
+    if size > MAX_JSON_CHARS:  # refused unread
+        raise ModelFilesError(f"{what}: {path} is {size} bytes; at most {MAX_JSON_CHARS} are read (real configs "
+                              "and shard indexes are under 100 KB). The file is corrupt or not a model config.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except Exception as e:
-        raise ModelFilesError(f"{what}: {path} is not valid JSON ({e}).") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFilesError(f"{what}: cannot read {path} as UTF-8 text ({e}).") from e
+    value = _parse_json(text, str(path), what)
+    if not isinstance(value, dict):
+        raise ModelFilesError(f"{what}: {path} is not a JSON object.")
+    return value
 
 
 def _metadata_config(w: _Weights, what: str) -> dict | None:
     raw = w.metadata.get("config")
     if raw is None:
         return None
-    try:
-        cfg = json.loads(raw)
-    except Exception as e:
-        raise ModelFilesError(f"{what}: the 'config' metadata of {w.label} is not valid JSON.") from e
+    cfg = _parse_json(raw, f"the 'config' metadata of {w.label}", what)
     if not isinstance(cfg, dict):
         raise ModelFilesError(f"{what}: the 'config' metadata of {w.label} is not a JSON object.")
     return cfg
@@ -421,7 +426,9 @@ def _empty_model(factory: Callable[[], torch.nn.Module], what: str, cfg: dict) -
         raise ModelFilesError(f"{what}: cannot build the model from its config ({e}); config: {str(cfg)[:400]}") from e
 
 
-def _materialise(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _materialise(plan: _Plan, dtype: torch.dtype, device: torch.device, check_finite: bool = False) -> torch.nn.Module:
+    """Read the weights into the meta-built model, file by file; with ``check_finite``, a tensor
+    holding NaN or inf (after conversion to ``dtype``) is refused before it is assigned."""
     from safetensors import safe_open
 
     model = plan.model
@@ -440,6 +447,8 @@ def _materialise(plan: _Plan, dtype: torch.dtype, device: torch.device) -> torch
                     sd[mk] = t
         except Exception as e:
             raise ModelFilesError(f"{plan.what}: reading tensors from {fp} failed ({e}); the file may be corrupt.") from e
+        if check_finite and (bad := first_non_finite(sd.items())) is not None:
+            raise ModelFilesError(non_finite_message(plan.what, fp, plan.mapping[bad]))
         model.load_state_dict(sd, strict=False, assign=True)
         del sd
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
@@ -488,16 +497,23 @@ def _open_component(path_or_folder, sub: str, what: str, stem: str,
 
 
 def _resolve_config(config: dict | None, w: _Weights, is_file: bool, cfg_json: dict | None, cls_name: str | None,
-                    infer: Callable[[dict, str, str], dict], mapping: dict[str, str], what: str) -> dict:
-    """`config` when given; else the folder's config.json or the file's 'config' metadata; else
-    inferred from the weight shapes."""
-    if config is None:
-        config = _metadata_config(w, what) if is_file else cfg_json
+                    infer: Callable[[dict, str, str], dict], shapes: dict[str, tuple], what: str) -> tuple[dict, str]:
+    """(config, where it came from): `config` when given; else the folder's config.json or the
+    file's 'config' metadata; else inferred from the weight shapes (keys without their prefix)."""
+    if config is not None:
+        source = "the config given"
+    else:
+        if is_file:
+            config, source = _metadata_config(w, what), f"the 'config' metadata of {w.label}"
+        else:
+            config, source = cfg_json, f"the config.json of {w.label}"
         if cls_name:
-            _check_class(config, cls_name, f"the 'config' metadata of {w.label}", what)
+            _check_class(config, cls_name, source, what)
     if config is None:
-        config = infer({k: w.shapes[v] for k, v in mapping.items()}, w.label, what)
-    return config
+        config, source = infer(shapes, w.label, what), f"the config inferred from {w.label}"
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"{what}: {source} is not a JSON object / dict.")
+    return config, source
 
 
 # ---- transformer ---------------------------------------------------------------------------
@@ -514,12 +530,43 @@ def _shape_getter(shapes: dict[str, tuple], label: str, what: str, kind: str, hi
     return get
 
 
-def _layer_count(shapes: dict[str, tuple], prefix: str, label: str, what: str, kind: str) -> int:
-    """1 + the largest N in the keys "<prefix>.N." (a ModelFilesError naming `kind` when there is none)."""
-    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+def _layer_count(shapes: dict[str, tuple], prefix: str, label: str, what: str, kind: str, cap: int) -> int:
+    """N for keys "<prefix>.0." .. "<prefix>.N-1." (a ModelFilesError naming `kind` when there are none,
+    when N exceeds `cap` or when a layer in between has no tensors)."""
+    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d{1,9})\.", k))}
     if not found:
         raise ModelFilesError(f"{what}: {label} has no '{prefix}.N.' tensors; not {kind}.")
-    return max(found) + 1
+    n = max(found) + 1
+    if n > cap:
+        raise ModelFilesError(f"{what}: {label} has tensors named {prefix}.{n - 1}.*; at most {cap} layers are "
+                              f"loaded for {kind}. The file is corrupt or not {kind}.")
+    if len(found) != n:
+        gaps = sorted(set(range(n)) - found)
+        raise ModelFilesError(f"{what}: {label} has no tensors for {prefix}.{gaps[0]} (layers 0..{n - 1} expected); "
+                              "the file is incomplete or corrupt.")
+    return n
+
+
+def _check_config_fits(config: dict, source: str, what: str, label: str, counts: dict[str, int],
+                       lengths: dict[str, int] | None = None) -> None:
+    """The layer counts a config asks for (ints in ``counts``, list lengths in ``lengths``) must be
+    the ones the weights hold. Checked before any module is built, so that a forged config cannot
+    build millions of modules, not even on the meta device."""
+    wanted = [(f, n, config.get(f)) for f, n in counts.items() if type(config.get(f)) is not int or config.get(f) != n]
+    wanted += [(f, n, config.get(f)) for f, n in (lengths or {}).items()
+               if not isinstance(config.get(f), list) or len(config.get(f)) != n]
+    if wanted:
+        field_name, n, value = wanted[0]
+        shown = f"a list of {len(value)}" if isinstance(value, list) else repr(value)[:60]
+        said = f"does not set {field_name}" if value is None else f"sets {field_name} = {shown}"
+        raise ModelFilesError(f"{what}: {source} {said}, but {label} holds weights for {n}. "
+                              "The config does not belong to these weights: fix or remove it.")
+
+
+def _check_dtypes(w: _Weights, mapping: dict[str, str], allowed: tuple[str, ...], what: str) -> None:
+    problem = dtype_problem({sk: w.tensors[sk] for sk in mapping.values()}, allowed)
+    if problem:
+        raise ModelFilesError(f"{what}: {w.label}: {problem}.")
 
 
 def _no_config_for(label: str, what: str, detail: str) -> ModelFilesError:
@@ -532,7 +579,7 @@ def _no_config_for(label: str, what: str, detail: str) -> ModelFilesError:
 
 def _infer_transformer_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
     get = _shape_getter(shapes, label, what, "transformer", "is this a CogView4 transformer in diffusers key layout?")
-    num_layers = _layer_count(shapes, "transformer_blocks", label, what, "a CogView4 transformer")
+    num_layers = _layer_count(shapes, "transformer_blocks", label, what, "a CogView4 transformer", MAX_TRANSFORMER_LAYERS)
     inner, proj_in = get(_T_SIG)
     p = COGVIEW4_TRANSFORMER_SETTINGS["patch_size"]
     head_dim = COGVIEW4_HEAD_DIM
@@ -562,8 +609,12 @@ def _plan_transformer(path_or_folder, what="transformer", config: dict | None = 
     w, is_file, cfg_json = _open_component(path_or_folder, "transformer", what, "diffusion_pytorch_model", cls_name)
     _check_kind(w, "transformer", what)
     mapping, outside = _strip_prefix(w.shapes, _T_SIG, lambda k: False)
-    config = _clean_cfg(_resolve_config(config, w, is_file, cfg_json, cls_name, _infer_transformer_config, mapping,
-                                        what))
+    shapes = {k: w.shapes[v] for k, v in mapping.items()}
+    config, source = _resolve_config(config, w, is_file, cfg_json, cls_name, _infer_transformer_config, shapes, what)
+    config = _clean_cfg(config)
+    layers = _layer_count(shapes, "transformer_blocks", w.label, what, "a CogView4 transformer", MAX_TRANSFORMER_LAYERS)
+    _check_config_fits(config, source, what, w.label, {"num_layers": layers})
+    _check_dtypes(w, mapping, LOADABLE_DTYPES + FP8_DTYPES, what)
     model = _empty_model(lambda: CogView4Transformer2DModel.from_config(config), what, config)
     note = (f"CogView4Transformer2DModel, {config.get('num_layers')} layers, "
             f"{config.get('num_attention_heads')}x{config.get('attention_head_dim')}")
@@ -576,19 +627,25 @@ def _plan_transformer(path_or_folder, what="transformer", config: dict | None = 
 _V_SIG = "decoder.conv_in.weight"
 
 
+def _vae_layer_counts(shapes: dict[str, tuple], label: str, what: str) -> tuple[int, int]:
+    """(levels, resnets per encoder level) that the weights hold."""
+    levels = _layer_count(shapes, "encoder.down_blocks", label, what, "a VAE", MAX_VAE_LEVELS)
+    per_block = _layer_count(shapes, "encoder.down_blocks.0.resnets", label, what, "a VAE", MAX_VAE_LAYERS_PER_BLOCK)
+    return levels, per_block
+
+
 def _infer_vae_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
-    levels = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))}
-    if not levels or "encoder.conv_in.weight" not in shapes or _V_SIG not in shapes:
+    if "encoder.conv_in.weight" not in shapes or _V_SIG not in shapes or not any(
+            k.startswith("encoder.down_blocks.") for k in shapes):
         raise ModelFilesError(f"{what}: {label} is not an AutoencoderKL in diffusers key layout "
                               "(no encoder.down_blocks.N / encoder.conv_in / decoder.conv_in tensors).")
-    n = max(levels) + 1
+    n, lpb = _vae_layer_counts(shapes, label, what)
     boc = []
     for i in range(n):
         k = f"encoder.down_blocks.{i}.resnets.0.conv1.weight"
         if k not in shapes:
             raise ModelFilesError(f"{what}: cannot infer the VAE config from {label}: {k!r} missing.")
         boc.append(shapes[k][0])
-    lpb = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
     groups = COGVIEW4_VAE_SETTINGS["norm_num_groups"]
     if any(c % groups for c in boc):
         raise _no_config_for(label, what, f"its block widths {boc} are not multiples of CogView4's {groups} norm groups")
@@ -616,7 +673,13 @@ def _plan_vae(path_or_folder, what="vae", config: dict | None = None) -> _Plan:
                               f"use the diffusers-layout vae from {REPO_HINT} (vae/ folder or its safetensors file).")
     _check_kind(w, "vae", what)
     mapping, outside = _strip_prefix(w.shapes, _V_SIG, lambda k: False)
-    config = _clean_cfg(_resolve_config(config, w, is_file, cfg_json, "AutoencoderKL", _infer_vae_config, mapping, what))
+    shapes = {k: w.shapes[v] for k, v in mapping.items()}
+    config, source = _resolve_config(config, w, is_file, cfg_json, "AutoencoderKL", _infer_vae_config, shapes, what)
+    config = _clean_cfg(config)
+    levels, per_block = _vae_layer_counts(shapes, w.label, what)
+    _check_config_fits(config, source, what, w.label, {"layers_per_block": per_block},
+                       {k: levels for k in ("block_out_channels", "down_block_types", "up_block_types")})
+    _check_dtypes(w, mapping, LOADABLE_DTYPES, what)  # the pack never stores the VAE in fp8
     model = _empty_model(lambda: AutoencoderKL.from_config(config), what, config)
     note = f"AutoencoderKL, block_out_channels {list(config.get('block_out_channels', []))}, " \
            f"{config.get('latent_channels')} latent channels"
@@ -635,7 +698,7 @@ def _glm_ignorable(k: str) -> bool:
 
 def _infer_glm_config(shapes: dict[str, tuple], label: str, what: str) -> dict:
     get = _shape_getter(shapes, label, what, "GLM", "is this a transformers GlmModel / GLM-4 text encoder?")
-    num_layers = _layer_count(shapes, "layers", label, what, "a GLM text encoder")
+    num_layers = _layer_count(shapes, "layers", label, what, "a GLM text encoder", MAX_TEXT_ENCODER_LAYERS)
     vocab, hidden = get(_G_SIG)
     q_out = get("layers.0.self_attn.q_proj.weight")[0]
     k_out = get("layers.0.self_attn.k_proj.weight")[0]
@@ -681,8 +744,19 @@ def _plan_text_encoder(path_or_folder, what="text_encoder", config: dict | None 
     w, is_file, cfg_json = _open_component(path_or_folder, "text_encoder", what, "model", None)
     _check_kind(w, "text_encoder", what)
     mapping, outside = _strip_prefix(w.shapes, _G_SIG, _glm_ignorable)
-    config = _resolve_config(config, w, is_file, cfg_json, None, _infer_glm_config, mapping, what)
+    shapes = {k: w.shapes[v] for k, v in mapping.items()}
+    config, source = _resolve_config(config, w, is_file, cfg_json, None, _infer_glm_config, shapes, what)
+    layers = _layer_count(shapes, "layers", w.label, what, "a GLM text encoder", MAX_TEXT_ENCODER_LAYERS)
+    _check_config_fits(config, source, what, w.label, {"num_hidden_layers": layers})
+    _check_dtypes(w, mapping, LOADABLE_DTYPES + FP8_DTYPES, what)
     gcfg = _glm_config(config, what)
+    # head_dim sizes a real (not meta) RoPE buffer: it must match the weights before building
+    q_out = shapes.get("layers.0.self_attn.q_proj.weight", (None,))[0]
+    heads, head_dim = gcfg.num_attention_heads, gcfg.head_dim
+    if type(heads) is not int or type(head_dim) is not int or heads * head_dim != q_out:
+        raise ModelFilesError(f"{what}: {source} sets {heads!r} heads x head_dim {head_dim!r}, "
+                              f"but the q_proj weights of {w.label} are {q_out} wide. The config does not belong to "
+                              "these weights: fix or remove it.")
     model = _empty_model(lambda: GlmModel(gcfg), what, config)
     note = f"GlmModel, {gcfg.num_hidden_layers} layers, hidden {gcfg.hidden_size}, vocab {gcfg.vocab_size}"
     _validate_keys(model, mapping, outside, w, what, note)
@@ -695,29 +769,30 @@ def _plan_text_encoder(path_or_folder, what="text_encoder", config: dict | None 
 
 
 def load_transformer(path_or_folder, dtype=torch.float32, device="cpu", *, allow_fp16: bool = False,
-                     config: dict | None = None):
+                     config: dict | None = None, check_finite: bool = False):
     """CogView4Transformer2DModel from a diffusers ``transformer/`` folder or one safetensors file.
-    ``config`` overrides the folder's config.json / the file's metadata / shape inference."""
+    ``config`` overrides the folder's config.json / the file's metadata / shape inference.
+    ``check_finite`` refuses weights holding NaN or inf (one extra pass over them)."""
     dtype = resolve_dtype(dtype, allow_fp16)
     device = _resolve_device(device)
-    return _materialise(_plan_transformer(path_or_folder, config=config), dtype, device)
+    return _materialise(_plan_transformer(path_or_folder, config=config), dtype, device, check_finite)
 
 
 def load_vae(path_or_folder, dtype=torch.float32, device="cpu", *, allow_fp16: bool = False,
-             config: dict | None = None):
+             config: dict | None = None, check_finite: bool = False):
     """AutoencoderKL from a diffusers ``vae/`` folder or one safetensors file."""
     dtype = resolve_dtype(dtype, allow_fp16)
     device = _resolve_device(device)
-    return _materialise(_plan_vae(path_or_folder, config=config), dtype, device)
+    return _materialise(_plan_vae(path_or_folder, config=config), dtype, device, check_finite)
 
 
 def load_text_encoder(path_or_folder, dtype=torch.float32, device="cpu", *, allow_fp16: bool = False,
-                      config: dict | None = None):
+                      config: dict | None = None, check_finite: bool = False):
     """transformers GlmModel from a ``text_encoder/`` folder or one safetensors file (keys with or
     without the ``model.`` prefix; an ``lm_head`` is ignored)."""
     dtype = resolve_dtype(dtype, allow_fp16)
     device = _resolve_device(device)
-    return _materialise(_plan_text_encoder(path_or_folder, config=config), dtype, device)
+    return _materialise(_plan_text_encoder(path_or_folder, config=config), dtype, device, check_finite)
 
 
 def _tokenizer_source(folder, what="tokenizer") -> Path:
@@ -790,12 +865,14 @@ def load_cogview4(
     device="cpu",
     load_text_encoder: bool = True,
     allow_fp16: bool = False,
+    check_finite: bool = False,
 ) -> CogView4Components:
     """Load CogView4's parts. Every path is checked (and every weight file's header read and its
     keys/shapes compared with the model) before any weights are loaded.
 
     ``load_text_encoder=False`` leaves ``text_encoder`` as None (the tokenizer is still loaded
-    when a source for it is available, else None)."""
+    when a source for it is available, else None). ``check_finite`` refuses weights holding NaN or
+    inf (one extra pass over them)."""
     dtype = resolve_dtype(dtype, allow_fp16)
     device = _resolve_device(device)
 
@@ -873,8 +950,8 @@ def load_cogview4(
             warnings.warn(f"{base} has no scheduler/ folder; using CogView4's default scheduler config.")
         scheduler = default_scheduler()
 
-    transformer = _materialise(plans["transformer"], dtype, device)
-    vae = _materialise(plans["vae"], dtype, device)
-    text_encoder = _materialise(plans["text_encoder"], dtype, device) if load_text_encoder else None
+    transformer = _materialise(plans["transformer"], dtype, device, check_finite)
+    vae = _materialise(plans["vae"], dtype, device, check_finite)
+    text_encoder = _materialise(plans["text_encoder"], dtype, device, check_finite) if load_text_encoder else None
     return CogView4Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)

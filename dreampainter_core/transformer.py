@@ -212,6 +212,9 @@ class ControlBranch(nn.Module):
     def __init__(self, base, config: DreamPainterConfig):
         super().__init__()
         cfg = base.config
+        if config.control_blocks > cfg.num_layers:  # weight files are refused beyond this too (weights.py)
+            raise ValueError(f"control_blocks ({config.control_blocks}) must not exceed the base model's "
+                             f"{cfg.num_layers} blocks")
         inner_dim = cfg.num_attention_heads * cfg.attention_head_dim
         # [Z_f (in_channels), Z_m (1)] patchified like the base's patch embedding.
         self.cond_embed = nn.Linear((cfg.in_channels + 1) * cfg.patch_size**2, inner_dim)

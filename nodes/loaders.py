@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from comfy_api.latest import io
@@ -12,7 +12,14 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 
 from ..dreampainter_core.errors import ModelFilesError
-from ..dreampainter_core.loading import default_scheduler, load_text_encoder, load_tokenizer, load_transformer, load_vae
+from ..dreampainter_core.loading import (
+    _load_scheduler,
+    default_scheduler,
+    load_text_encoder,
+    load_tokenizer,
+    load_transformer,
+    load_vae,
+)
 from ..dreampainter_core.pipeline import check_prompt, encode_prompt
 from ..dreampainter_core.prompts import prompt_problem
 from ..dreampainter_core.transformer import DreamPainterTransformer
@@ -36,6 +43,9 @@ logger = logging.getLogger("DreamPainter")
 
 AUTO = "auto"
 TEXT_ENCODER_DEVICES = ("default", "cpu")
+#: Refuse weights holding NaN/inf (one extra pass while they are read): a corrupt download would
+#: otherwise paint black images with no word.
+CHECK_FINITE = True
 
 
 def _with_hint(load, *args, **kwargs):
@@ -51,13 +61,9 @@ def _with_hint(load, *args, **kwargs):
 def _scheduler_for(entry: str):
     """The diffusers folder's scheduler config when there is one, else CogView4's."""
     if entry.startswith(paths.DIFFUSERS_PREFIX):
-        cfg_path = os.path.join(paths.resolve_diffusers(entry, None, "scheduler"), "scheduler", "scheduler_config.json")
-        if os.path.isfile(cfg_path):
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            with open(cfg_path, encoding="utf-8") as fh:
-                cfg = {k: v for k, v in json.load(fh).items() if not k.startswith("_")}
-            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        folder = Path(paths.resolve_diffusers(entry, None, "scheduler")) / "scheduler"
+        if (folder / "scheduler_config.json").is_file():
+            return _load_scheduler(folder)
     return default_scheduler()
 
 
@@ -76,9 +82,9 @@ def load_dreampainter_model(transformer: str, dreampainter_weights: str, weight_
     dp_path = paths.resolve_dreampainter(dreampainter_weights)
     if dp_path is not None:
         read_dreampainter_metadata(dp_path)  # fail fast, before loading the base model
-    base = _with_hint(load_transformer, t_path, dtype=compute, device=offload)
+    base = _with_hint(load_transformer, t_path, dtype=compute, device=offload, check_finite=CHECK_FINITE)
     if dp_path is not None:
-        model = build_from_weights(base, dp_path)
+        model = build_from_weights(base, dp_path, check_finite=CHECK_FINITE)
         stage = 2 if model.supports_reference else 1
     else:
         model = DreamPainterTransformer(base, with_control=False)
@@ -162,6 +168,7 @@ class DreamPainterModelLoader(io.ComfyNode):
         return True
 
     @classmethod
+    @memory.frees_memory_on_failure
     def execute(cls, transformer, dreampainter_weights, weight_dtype, memory_mode, swap_blocks) -> io.NodeOutput:
         return io.NodeOutput(load_dreampainter_model(transformer, dreampainter_weights, weight_dtype, memory_mode, swap_blocks))
 
@@ -228,6 +235,7 @@ class DreamPainterTextEncoderLoader(io.ComfyNode):
         return True  # named to leave them to execute, whose message says where the files go
 
     @classmethod
+    @memory.frees_memory_on_failure
     def execute(cls, text_encoder, tokenizer, weight_dtype, device) -> io.NodeOutput:
         what = "DreamPainter text encoder loader"
         load_device = torch.device("cpu") if device == "cpu" else mm.get_torch_device()
@@ -236,7 +244,7 @@ class DreamPainterTextEncoderLoader(io.ComfyNode):
         te_path = paths.resolve(text_encoder, "text_encoders", "text_encoder", what)
         tok_path = _tokenizer_path(text_encoder, te_path, tokenizer)
         tok = _with_hint(load_tokenizer, tok_path)
-        model = _with_hint(load_text_encoder, te_path, dtype=compute, device=offload)
+        model = _with_hint(load_text_encoder, te_path, dtype=compute, device=offload, check_finite=CHECK_FINITE)
         if storage is not None:
             memory.store_linears_in(model.layers, storage)
         patcher = memory.make_patcher(load_device, offload, text_encoder=model)
@@ -319,10 +327,11 @@ class DreamPainterVAELoader(io.ComfyNode):
         return True  # named to leave it to execute, whose message says where the files go
 
     @classmethod
+    @memory.frees_memory_on_failure
     def execute(cls, vae, weight_dtype) -> io.NodeOutput:
         device, offload = mm.vae_device(), mm.vae_offload_device()
         compute, _, notes = memory.choose_dtypes(weight_dtype, device, "VAE")
         path = paths.resolve(vae, "vae", "vae", "DreamPainter VAE loader")
-        model = _with_hint(load_vae, path, dtype=compute, device=offload)
+        model = _with_hint(load_vae, path, dtype=compute, device=offload, check_finite=CHECK_FINITE)
         patcher = memory.make_patcher(device, offload, vae=model)
         return io.NodeOutput(DreamPainterVAE(vae=model, patcher=patcher, notes=notes, source=f"{vae} ({weight_dtype})"))

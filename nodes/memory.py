@@ -11,11 +11,15 @@
 * Block swap: N transformer blocks stay on the CPU (pinned memory where possible) and are moved
   to the compute device by a forward pre-hook and dropped again by a forward hook, so only the
   other blocks count against the GPU. ModelPatcher only sees the resident part.
+* A failed load frees what it had built (``frees_memory_on_failure``).
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
+import traceback
 
 import torch
 import torch.nn as nn
@@ -141,6 +145,40 @@ def unload(patcher) -> bool:
     if done:
         mm.soft_empty_cache()
     return done
+
+
+def drop_frame_locals(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in the tracebacks of ``exc`` and of the
+    exceptions it was raised from (their text, file names and line numbers stay)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # frames still running are skipped
+        todo += [e.__cause__, e.__context__]
+
+
+def frees_memory_on_failure(load):
+    """Decorator for the loader nodes: a load that fails must not keep what it had built.
+
+    ComfyUI holds the exception until it has reported it, and through its traceback every frame's
+    locals (the base transformer loaded before the DreamPainter file failed, say); cycles among them
+    wait for ComfyUI's next periodic gc. So the frames are cleared, the cycles collected and the
+    device cache emptied now."""
+
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except BaseException as exc:
+            drop_frame_locals(exc)
+            gc.collect()
+            mm.soft_empty_cache()
+            raise
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,19 @@ The pack's embedded miniature model (dreampainter_core.embedded) is listed too, 
 models: ``[diffusers] dreampainter-miniature`` and ``dreampainter_miniature.safetensors``.
 
 A name that is not found raises ``ModelFilesError`` naming the file, the folders searched and
-where to get it.
+where to get it. Names come from API clients too, so every name must stay inside the registered
+folders (``inside_model_folder``): an absolute path, a drive or a ``..`` component is refused with
+that same "not found" message, before the file system is asked anything, so a client cannot tell
+whether something exists outside them. Symlinks placed inside a model folder are followed, as
+ComfyUI's own loaders do (models kept on another disk, Hugging Face downloads linking into their
+cache); a name cannot walk out through one, since ``..`` is refused wherever it appears.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 import folder_paths
 
@@ -122,6 +128,16 @@ def folder_entries(kind: str, marker: str = "config.json") -> list[str]:
     return out
 
 
+def inside_model_folder(name) -> bool:
+    """Whether ``name``, joined to a model folder, can only lead inside it: relative, no drive, no
+    '..' component, no NUL, not the folder itself."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        return False
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or os.path.splitdrive(name)[0]:
+        return False
+    return ".." not in re.split(r"[\\/]", name) and os.path.normpath(name) != "."
+
+
 def _searched(kind: str) -> str:
     paths = folders(kind)
     return ", ".join(paths) if paths else f"(no '{kind}' folder is registered)"
@@ -130,7 +146,7 @@ def _searched(kind: str) -> str:
 def resolve_diffusers(entry: str, component: str | None, what: str) -> str:
     """Path of a ``[diffusers] <folder>`` entry (or its ``component`` sub-folder)."""
     name = entry[len(DIFFUSERS_PREFIX):].strip()
-    for base in folders("diffusers"):
+    for base in folders("diffusers") if inside_model_folder(name) else ():
         folder = os.path.join(base, name)
         if os.path.isdir(folder):
             if component is None:
@@ -142,7 +158,7 @@ def resolve_diffusers(entry: str, component: str | None, what: str) -> str:
                     f"download?). {BASE_HINT}"
                 )
             return sub
-    raise ModelFilesError(f"{what}: diffusers folder '{name}' not found; searched {_searched('diffusers')}. {BASE_HINT}")
+    raise ModelFilesError(f"{what}: diffusers folder '{name[:200]}' not found; searched {_searched('diffusers')}. {BASE_HINT}")
 
 
 def resolve(entry: str, kind: str, component: str, what: str) -> str:
@@ -153,14 +169,15 @@ def resolve(entry: str, kind: str, component: str, what: str) -> str:
     if entry.startswith(DIFFUSERS_PREFIX):
         return resolve_diffusers(entry, component, what)
     if entry.endswith("/"):
-        for base in folders(kind):
+        for base in folders(kind) if inside_model_folder(entry.rstrip("/")) else ():
             folder = os.path.join(base, entry.rstrip("/"))
             if os.path.isdir(folder):
                 return folder
-        raise ModelFilesError(f"{what}: folder '{entry}' not found; searched {_searched(kind)}. {BASE_HINT}")
-    path = folder_paths.get_full_path(kind, entry) if kind in folder_paths.folder_names_and_paths else None
+        raise ModelFilesError(f"{what}: folder '{entry[:200]}' not found; searched {_searched(kind)}. {BASE_HINT}")
+    known = kind in folder_paths.folder_names_and_paths and inside_model_folder(entry)
+    path = folder_paths.get_full_path(kind, entry) if known else None
     if path is None:
-        raise ModelFilesError(f"{what}: model file '{entry}' not found; searched {_searched(kind)}. {BASE_HINT}")
+        raise ModelFilesError(f"{what}: model file '{entry[:200]}' not found; searched {_searched(kind)}. {BASE_HINT}")
     return path
 
 
@@ -168,10 +185,10 @@ def resolve_dreampainter(entry: str) -> str | None:
     if entry in (None, "", NONE):
         return None
     register_model_folders()
-    path = folder_paths.get_full_path("dreampainter", entry)
+    path = folder_paths.get_full_path("dreampainter", entry) if inside_model_folder(entry) else None
     if path is None:
         raise ModelFilesError(
-            f"DreamPainter weights: file '{entry}' not found; searched {_searched('dreampainter')}. {DREAMPAINTER_HINT}"
+            f"DreamPainter weights: file '{str(entry)[:200]}' not found; searched {_searched('dreampainter')}. {DREAMPAINTER_HINT}"
         )
     return path
 

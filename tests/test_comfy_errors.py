@@ -114,3 +114,76 @@ def test_interrupt_stops_sampling_within_a_step_and_next_prompt_runs(comfy):
     entry = comfy.run(h.graph("after_interrupt", steps=2))
     assert entry["status"]["status_str"] == "success", h.execution_error(entry)
     assert comfy.tensors("after_interrupt")["image"].shape == (1, h.SIZE, h.SIZE, 3)
+
+
+def _poisoned_stage2(comfy, name: str) -> Path:
+    """models/dreampainter/<name>: the host's stage-2 file with a NaN in a gate (passes every header
+    check, so it fails only after the base transformer has loaded, in the NaN pass)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from forge import read_all
+
+    folder = comfy.base / "models" / "dreampainter"
+    tensors, meta = read_all(folder / h.STAGE2)
+    gate = next(k for k in tensors if k.startswith("control.gates") and k.endswith("weight"))
+    tensors[gate] = tensors[gate].clone()
+    tensors[gate].view(-1)[0] = float("nan")
+    save_file(tensors, str(folder / name), metadata=meta)
+    return folder / name
+
+
+def test_nan_weights_are_refused_with_a_readable_error(comfy):
+    path = _poisoned_stage2(comfy, "nan-gate.safetensors")
+    err = _error(comfy, h.graph("nan_weights", weights=path.name))
+    assert err["node_type"] == "DreamPainterModelLoader"
+    msg = err["exception_message"]
+    assert "NaN or infinite" in msg and "control.gates." in msg and str(path) in msg, msg
+
+
+def test_failed_load_frees_the_model_it_had_loaded(comfy):
+    path = _poisoned_stage2(comfy, "nan-gate-2.safetensors")
+    g = {"1": {"class_type": "DPTestFailedLoad",
+               "inputs": {"name": "failed", "transformer": h.TINY, "weights": path.name}}}
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", h.execution_error(entry)
+    report = json.loads((comfy.base / "output" / "dp_failed_load" / "failed.json").read_text(encoding="utf-8"))
+    released, unreleased = report["released"], report["unreleased"]
+    assert released["error"] == "WeightFormatError" and "NaN" in released["message"], report
+    assert released["tracked"] == 2 and released["alive"] == 0, report  # transformer and its tensor: gone
+    # the control: the same failure without the release keeps both alive through the held exception
+    assert unreleased["error"] == "WeightFormatError" and unreleased["alive"] == 2, report
+
+
+def test_names_outside_the_model_folders_get_the_not_found_message(comfy, tmp_path):
+    import shutil
+
+    outside = comfy.base / "outside-models"  # a complete model next to models/, not inside it
+    if not outside.exists():
+        shutil.copytree(comfy.base / "models" / "diffusers" / "cogview4-tiny", outside / "cogview4-tiny")
+        shutil.copy(comfy.base / "models" / "vae" / "cogview4-tiny-vae.safetensors", outside / "vae.safetensors")
+    tiny = outside / "cogview4-tiny"
+    missing = outside / "no-such-model"
+    # slot: [(entry that exists outside, the same kind of entry that exists nowhere)]
+    probes = {
+        "transformer": [(f"[diffusers] ../../outside-models/{tiny.name}", "[diffusers] ../../outside-models/nothing"),
+                        (f"[diffusers] {tiny}", f"[diffusers] {missing}"),
+                        (str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"),
+                         str(missing / "diffusion_pytorch_model.safetensors"))],
+        "vae": [(str(outside / "vae.safetensors"), str(outside / "nothing.safetensors")),
+                (f"{tiny / 'vae'}/", f"{missing}/"),
+                ("../../outside-models/vae.safetensors", "../../outside-models/nothing.safetensors")],
+        "text_encoder": [(f"{tiny / 'text_encoder'}/", f"{missing}/"),
+                         (f"[diffusers] ../../outside-models/{tiny.name}", "[diffusers] ../nothing")],
+        "weights": [(str(comfy.base / "models" / "dreampainter" / h.STAGE2), str(missing / h.STAGE2)),
+                    (f"../dreampainter/{h.STAGE2}", "../dreampainter/nothing.safetensors")],
+    }
+    for slot, pairs in probes.items():
+        for exists, nowhere in pairs:
+            messages = []
+            for name in (exists, nowhere):
+                err = _error(comfy, h.graph(f"probe_{slot}", **{slot: name}))
+                msg = err["exception_message"]
+                assert "not found" in msg, (slot, name, msg)
+                messages.append(msg.replace(name.removeprefix("[diffusers] ").rstrip("/"), "<name>"))
+            assert messages[0] == messages[1], (slot, messages)  # nothing tells the two apart

@@ -428,3 +428,142 @@ def test_shape_inference_recovers_the_real_cogview4_configs():
               "num_key_value_heads", "head_dim", "attention_bias"):
         assert gi[k] == getattr(ref, k), k
     assert sum(x.numel() for x in t.parameters()) > 6.0e9  # it really is the 6B layout
+
+
+# ---- hostile files: configs, shard indexes, dtypes, NaN weights (each under a memory cap) --------
+
+from dreampainter_core.safetensors_io import FP8_READABLE  # noqa: E402
+from forge import read_all  # noqa: E402
+from memcap import run_capped  # noqa: E402
+
+_LOADERS = """
+import torch
+from diffusers import AutoencoderKL, CogView4Transformer2DModel  # imported before the cap: their code is not
+from transformers import GlmModel  # what is measured
+from dreampainter_core.loading import load_text_encoder, load_transformer, load_vae
+"""
+
+
+def _forge_single(src, dst, *, changes=None, tensors=None, **metadata):
+    """A copy of single file ``src`` with ``changes`` to its 'config' metadata JSON, other metadata
+    (``config=`` replaces that JSON) and tensors."""
+    data, meta = read_all(src)
+    if changes is not None:
+        meta["config"] = json.dumps({**json.loads(meta["config"]), **changes})
+    meta.update(metadata)
+    save_file(tensors(data) if tensors else data, str(dst), metadata=meta)
+    return dst
+
+
+def _capped_outcomes(calls: dict[str, str], cap_mb: int = 1024) -> dict:
+    """{case: {"error", "message"}} for each loader call (source text), in one capped child."""
+    body = "result = {}\n" + "".join(f"result[{case!r}] = outcome(lambda: {call})\n" for case, call in calls.items())
+    result = run_capped(body, imports=_LOADERS, cap_mb=cap_mb)
+    assert result.error is None, result.output
+    return result.value
+
+
+def test_config_layer_counts_must_match_the_weights_before_anything_is_built(files, tmp_path):
+    single = files["single"]
+    t, v, g = single / "transformer.safetensors", single / "vae.safetensors", single / "text_encoder.safetensors"
+    extra_block = {"transformer_blocks.999999999.norm1.linear.weight": torch.zeros(1)}
+    forged = {  # case: (loader, file, fragment of the message)
+        "transformer_layers": ("load_transformer", _forge_single(t, tmp_path / "t1.safetensors",
+                                                                 changes=dict(num_layers=1_000_000)),
+                               "sets num_layers = 1000000, but"),
+        "transformer_layers_text": ("load_transformer", _forge_single(t, tmp_path / "t2.safetensors",
+                                                                      changes=dict(num_layers="4")), "num_layers = '4'"),
+        "transformer_key_name": ("load_transformer", _forge_single(t, tmp_path / "t3.safetensors",
+                                                                   tensors=lambda d: {**d, **extra_block}),
+                                 "at most 256 layers"),
+        "vae_layers_per_block": ("load_vae", _forge_single(v, tmp_path / "v1.safetensors",
+                                                           changes=dict(layers_per_block=100_000)), "layers_per_block"),
+        "vae_levels": ("load_vae", _forge_single(v, tmp_path / "v2.safetensors",
+                                                 changes=dict(block_out_channels=[8] * 100_000)), "block_out_channels"),
+        "glm_layers": ("load_text_encoder", _forge_single(g, tmp_path / "g1.safetensors",
+                                                          changes=dict(num_hidden_layers=1_000_000)),
+                       "num_hidden_layers"),
+        "glm_head_dim": ("load_text_encoder", _forge_single(g, tmp_path / "g2.safetensors",
+                                                            changes=dict(head_dim=2**30)), "head_dim"),
+        "config_not_json": ("load_transformer", _forge_single(t, tmp_path / "c1.safetensors",
+                                                              config="{num_layers: 4"), "not valid JSON"),
+        "config_nested": ("load_transformer", _forge_single(t, tmp_path / "c2.safetensors",
+                                                            config="[" * 50_000 + "]" * 50_000), "not valid JSON"),
+        "config_huge": ("load_transformer", _forge_single(t, tmp_path / "c3.safetensors",
+                                                          config=json.dumps({"x": "a" * 2**21})), "at most"),
+        "config_list": ("load_transformer", _forge_single(t, tmp_path / "c4.safetensors", config="[4]"),
+                        "not a JSON object"),
+    }
+    got = _capped_outcomes({case: f"{loader}({str(path)!r})" for case, (loader, path, _) in forged.items()})
+    for case, (_, path, fragment) in forged.items():
+        assert got[case]["error"] == "ModelFilesError", (case, got[case])
+        assert str(path) in got[case]["message"] and fragment in got[case]["message"], (case, got[case]["message"])
+
+
+def test_shard_index_may_only_name_files_beside_it(files, tmp_path):
+    src = files["folder"] / "transformer"
+    outside = tmp_path / "outside.safetensors"  # a valid file the index points at
+    shutil.copy(src / "diffusion_pytorch_model.safetensors", outside)
+    keys = list(read_all(outside)[0])
+    forged = {}
+    for case, name in (("parent", "../outside.safetensors"), ("absolute", str(outside)),
+                       ("subfolder", "sub/outside.safetensors"), ("backslash", "..\\outside.safetensors"),
+                       ("not_a_name", 7)):
+        folder = tmp_path / case / "transformer"
+        folder.mkdir(parents=True)
+        shutil.copy(src / "config.json", folder / "config.json")
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+        forged[case] = index
+    (tmp_path / "parent" / "outside.safetensors").symlink_to(outside)  # "../" would find a valid file
+    got = _capped_outcomes({case: f"load_transformer({str(index.parent)!r})" for case, index in forged.items()})
+    for case, index in forged.items():
+        assert got[case]["error"] == "ModelFilesError", (case, got[case])
+        assert str(index) in got[case]["message"] and "plain file names" in got[case]["message"], got[case]
+
+
+def test_dtypes_the_pack_cannot_run_are_refused_and_fp8_e4m3_loads(files, tmp_path):
+    t, v = files["single"] / "transformer.safetensors", files["single"] / "vae.safetensors"
+    key = "transformer_blocks.0.attn1.to_q.weight"
+
+    def as_dtype(dtype, k=key):
+        return lambda d: {**d, k: d[k].to(dtype)}
+
+    refused = {"int32": ("load_transformer", t, torch.int32, key, "I32"),
+               "bool": ("load_transformer", t, torch.bool, key, "BOOL"),
+               "float64": ("load_transformer", t, torch.float64, key, "F64")}
+    if FP8_READABLE:  # safetensors >= 0.4.2 writes and reads float8
+        refused["e5m2"] = ("load_transformer", t, torch.float8_e5m2, key, "F8_E5M2")
+        refused["vae_fp8"] = ("load_vae", v, torch.float8_e4m3fn, "decoder.conv_in.weight", "F8_E4M3")
+    forged = {case: _forge_single(src, tmp_path / f"{case}.safetensors", tensors=as_dtype(dtype, k))
+              for case, (_, src, dtype, k, _) in refused.items()}
+    calls = {case: f"{refused[case][0]}({str(p)!r})" for case, p in forged.items()}
+    if FP8_READABLE:
+        fp8 = _forge_single(t, tmp_path / "fp8.safetensors", tensors=lambda d: {
+            k: x.to(torch.float8_e4m3fn) if x.ndim == 2 else x for k, x in d.items()})
+        calls["fp8"] = f"load_transformer({str(fp8)!r}, dtype='bf16')"
+    got = _capped_outcomes(calls)
+    for case, (*_, dtype) in refused.items():
+        assert got[case]["error"] == "ModelFilesError", (case, got[case])
+        assert dtype in got[case]["message"] and str(forged[case]) in got[case]["message"], got[case]
+    if FP8_READABLE:  # fp8 e4m3fn checkpoints, as made for ComfyUI, load; every e4m3 value is exact in bf16
+        assert got["fp8"]["error"] is None, got["fp8"]
+        model = load_transformer(fp8, dtype=torch.bfloat16)
+        assert torch.equal(model.state_dict()[key], read_all(fp8)[0][key].to(torch.bfloat16))
+
+
+def test_non_finite_weights_are_refused_when_checked(files, tmp_path):
+    key = "transformer_blocks.1.ff.net.2.weight"
+
+    def with_inf(d):
+        bad = d[key].clone()
+        bad[0, 0] = float("inf")
+        return {**d, key: bad}
+
+    path = _forge_single(files["single"] / "transformer.safetensors", tmp_path / "inf.safetensors", tensors=with_inf)
+    got = _capped_outcomes({"checked": f"load_transformer({str(path)!r}, check_finite=True)",
+                            "unchecked": f"load_transformer({str(path)!r})"})
+    assert got["checked"]["error"] == "ModelFilesError", got
+    assert "NaN or infinite" in got["checked"]["message"] and key in got["checked"]["message"]
+    assert str(path) in got["checked"]["message"]
+    assert got["unchecked"]["error"] is None  # off by default in the core API (the nodes turn it on)

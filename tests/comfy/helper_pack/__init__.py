@@ -1,5 +1,6 @@
 """Test-only ComfyUI nodes (installed into the test host's custom_nodes, never shipped):
-save exact tensors, and report which models ComfyUI's model management holds."""
+save exact tensors, report which models ComfyUI's model management holds, and whether a failed
+model load leaves its model alive."""
 
 import json
 import os
@@ -102,5 +103,68 @@ class DPTestAutoMaskWithoutRembg:
         return {}
 
 
+class DPTestFailedLoad:
+    """Runs DreamPainterModelLoader on ``weights`` (meant to fail after the base transformer has loaded)
+    and writes output/dp_failed_load/<name>.json: the error, and whether the base transformer is
+    still alive while the exception is held (as ComfyUI holds it to report it). The garbage collector
+    is off meanwhile: only the node itself may collect. Done twice: through the node's execute, and
+    through the function it wraps (no release), which shows the leak the release prevents."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": "failed_load"}),
+                             "transformer": ("STRING", {"default": ""}), "weights": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, name, transformer, weights):
+        import gc
+        import weakref
+
+        import nodes as comfy_nodes
+
+        node = comfy_nodes.NODE_CLASS_MAPPINGS["DreamPainterModelLoader"]
+        loaders = sys.modules[node.__module__]  # the pack's nodes.loaders
+        real = loaders.load_transformer
+        built = []
+
+        def tracked(*args, **kwargs):
+            model = real(*args, **kwargs)
+            built.append(weakref.ref(model))
+            built.append(weakref.ref(next(model.parameters())))  # a tensor of it, too
+            return model
+
+        def attempt(execute):
+            built.clear()
+            try:
+                execute(node, transformer=transformer, dreampainter_weights=weights, weight_dtype="fp32",
+                        memory_mode="gpu", swap_blocks=0)
+            except Exception as exc:  # noqa: BLE001 - held while looking, as ComfyUI holds it
+                held = exc
+                return {"error": type(held).__name__, "message": str(held), "tracked": len(built),
+                        "alive": sum(ref() is not None for ref in built)}
+            return {"error": None, "tracked": len(built)}
+
+        loaders.load_transformer = tracked
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            report = {"released": attempt(node.execute.__func__),
+                      "unreleased": attempt(node.execute.__func__.__wrapped__)}
+        finally:
+            loaders.load_transformer = real
+            if was_enabled:
+                gc.enable()
+            gc.collect()
+        folder = os.path.join(folder_paths.get_output_directory(), "dp_failed_load")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"DPTestSaveTensors": DPTestSaveTensors, "DPTestLoadedModels": DPTestLoadedModels,
-                       "DPTestAutoMaskWithoutRembg": DPTestAutoMaskWithoutRembg}
+                       "DPTestAutoMaskWithoutRembg": DPTestAutoMaskWithoutRembg, "DPTestFailedLoad": DPTestFailedLoad}
