@@ -37,6 +37,23 @@ def test_stage2_round_trip_is_bit_identical(tiny_model_dir, tiny_stage2_weights,
     assert any(a[k].abs().max() > 0 for k in a if "gates" in k)
 
 
+def test_how_the_reference_enters_round_trips(tiny_model_dir, tiny_stage2_weights, tmp_path):
+    """reference_timestep and reference_layout are part of the model: a file keeps them and the
+    loaded model runs with them."""
+    model = build_from_weights(load_transformer(tiny_model_dir / "transformer"), tiny_stage2_weights)
+    model.config.reference_timestep, model.config.reference_layout = "clean", "beside"
+    path = save_dreampainter_weights(model, tmp_path / "clean.safetensors", base_model="tiny-random-cogview4")
+    again = build_from_weights(load_transformer(tiny_model_dir / "transformer"), path)
+    assert (again.config.reference_timestep, again.config.reference_layout) == ("clean", "beside")
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, again.base.config.text_embed_dim, generator=g)
+    size, crop, t = torch.tensor([[64.0, 64.0]]), torch.zeros(1, 2), torch.tensor([500.0])
+    ref = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        assert torch.equal(again(x, e, t, size, size, crop, reference_latents=ref),
+                           model(x, e, t, size, size, crop, reference_latents=ref))
+
+
 def test_metadata_describes_the_layout(tiny_stage2_weights, tiny_stage1_weights):
     meta = read_dreampainter_metadata(tiny_stage2_weights)
     assert meta["format"] == "dreampainter" and int(meta["format_version"]) == FORMAT_VERSION
