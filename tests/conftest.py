@@ -15,6 +15,43 @@ def _deterministic_torch():
     yield
 
 
+def _vm_size_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _memory_cap(request):
+    """Tests marked ``memcap`` (the hostile-input modules) run with the address space capped at what
+    the process maps when the test starts plus the marker's GiB (default 2): a regression that
+    allocates what a hostile input asks for fails with MemoryError instead of eating the machine.
+    The soft limit is restored afterwards. Linux only (elsewhere the marker does nothing). Not for
+    tests that start servers: a child would inherit the cap."""
+    mark = request.node.get_closest_marker("memcap")
+    vm = _vm_size_bytes() if mark is not None else None
+    if vm is None:
+        yield
+        return
+    import resource
+
+    gib = float(mark.args[0]) if mark.args else 2.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + int(gib * 2**30)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A complete diffusers-layout tiny CogView4 folder (real classes, random weights)."""

@@ -44,6 +44,9 @@ from dreampainter_core.prompts import MAX_PROMPT_CHARS
 
 from test_pipeline import PROMPT, _product, stage2_pipe  # noqa: F401 (fixture)
 
+# Hostile inputs: a regression that allocates what one asks for fails instead of eating the machine.
+pytestmark = pytest.mark.memcap  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -442,3 +445,12 @@ def test_mask_tools_refuse_what_is_not_a_mask(mask, phrase):
                masks.connected_components):
         with pytest.raises(InputError, match=phrase):
             op(mask)
+
+
+@pytest.mark.memcap(1)
+def test_the_memory_cap_turns_a_runaway_allocation_into_a_failure():
+    """The cap the hostile-input tests run under (tests/conftest.py) is real: 3 GiB past it raises."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the cap needs Linux")
+    with pytest.raises((MemoryError, RuntimeError)):
+        torch.empty(3 * 2**30, dtype=torch.uint8).fill_(1)

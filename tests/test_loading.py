@@ -22,6 +22,9 @@ from dreampainter_core.loading import (
     resolve_dtype,
 )
 
+# Hostile inputs: a regression that allocates what one asks for fails instead of eating the machine.
+pytestmark = pytest.mark.memcap  # tests/conftest.py
+
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +399,7 @@ def test_bad_arguments():
         load_cogview4("anything", device="not-a-device")
 
 
+@pytest.mark.memcap(6)  # builds GLM-4-9B's real 2.5 GB input embedding on purpose
 def test_shape_inference_recovers_the_real_cogview4_configs():
     """Built on meta (no memory): inferring from the real models' shapes gives their configs back."""
     from accelerate import init_empty_weights

@@ -12,6 +12,7 @@ Kept out of tests/test_images.py & co.: the min-version CI leg runs those withou
 import os
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings  # requirements-dev.txt (not in the min-version leg)
 from hypothesis import strategies as st
@@ -21,6 +22,9 @@ from PIL import Image
 from dreampainter_core import DreamPainterError, masks
 from dreampainter_core.images import as_image_batch, as_mask_batch
 from dreampainter_core.product import PLACEMENTS, paste_back, place_product
+
+# Hostile inputs: a regression that allocates what one asks for fails instead of eating the machine.
+pytestmark = pytest.mark.memcap  # tests/conftest.py
 
 # CI draws the same 2000 cases every run (a red CI then always means a code change); a local run
 # draws new ones each time, to keep looking.

@@ -35,7 +35,7 @@ from train.trainer import NonFiniteError, Optimization, Trainer, TrainingModule,
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.memcap]  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------

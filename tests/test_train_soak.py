@@ -15,7 +15,7 @@ import pytest
 
 from bench import train_soak as soak
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py; the subprocesses get OMP_NUM_THREADS=1
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.memcap,  # tests/conftest.py; the subprocesses get OMP_NUM_THREADS=1
               pytest.mark.skipif(os.name == "nt", reason="kill -9 of a process group is POSIX")]
 
 

@@ -19,6 +19,9 @@ from dreampainter_core.weights import (
     save_dreampainter_weights,
 )
 
+# Hostile inputs: a regression that allocates what one asks for fails instead of eating the machine.
+pytestmark = pytest.mark.memcap  # tests/conftest.py
+
 
 def _tensors(path):
     with safe_open(str(path), framework="pt") as f:
