@@ -30,8 +30,9 @@ import torch
 REFERENCE_SCALES = ("target", "own")
 # Where reference tokens sit: "diagonal" (the paper's (h + i, w + j), what stage 2 trains
 # with) or "beside" (same rows, to the right: (i, w + j), the in-context layout the
-# training-free reference uses, as a diptych).
-REFERENCE_LAYOUTS = ("diagonal", "beside")
+# training-free reference uses, as a diptych) or "overlay" (the target's own positions, OminiControl's
+# choice for spatially aligned conditions: reference patch (i, j) sits where target patch (i, j) does).
+REFERENCE_LAYOUTS = ("diagonal", "beside", "overlay")
 
 
 def _inv_freq(head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +90,7 @@ def target_and_reference_positions(
     if reference_grid is None:
         return rows, cols
     scale_grid = target_grid if reference_scale == "target" else reference_grid
-    offset = axes_dim if layout == "diagonal" else (0, axes_dim[1])
+    offset = {"diagonal": axes_dim, "beside": (0, axes_dim[1]), "overlay": (0, 0)}[layout]
     ref_rows, ref_cols = grid_positions(*reference_grid, axes_dim=axes_dim, offset=offset, scale_grid=scale_grid)
     return torch.cat([rows, ref_rows]), torch.cat([cols, ref_cols])
 

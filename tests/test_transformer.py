@@ -112,6 +112,19 @@ def test_reference_positions_never_overlap_target(target, reference, reference_s
     assert len(ref_pairs) == reference[0] * reference[1]  # distinct positions for distinct tokens
 
 
+def test_reference_layouts_place_the_reference_beside_or_over_the_target():
+    target, reference = (4, 6), (4, 6)
+    n = target[0] * target[1]
+    diag = target_and_reference_positions(target, reference, layout="diagonal")
+    beside = target_and_reference_positions(target, reference, layout="beside")
+    overlay = target_and_reference_positions(target, reference, layout="overlay")
+    # beside: the same rows, columns past the canvas; overlay: exactly the target's positions
+    assert torch.equal(beside[0][n:], diag[0][:n]) and beside[1][n:].min() >= 256
+    assert torch.equal(overlay[0][n:], overlay[0][:n]) and torch.equal(overlay[1][n:], overlay[1][:n])
+    with pytest.raises(ValueError, match="layout"):
+        target_and_reference_positions(target, reference, layout="above")
+
+
 def test_reference_keeps_target_scale():
     # A 512 px reference beside a 1024 px target spans half the target's range (paper: (h+i, w+j)).
     rows, _ = target_and_reference_positions((64, 64), (32, 32), reference_scale="target")

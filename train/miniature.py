@@ -136,6 +136,9 @@ class VaeRecipe(TrainedRecipe):
     l2_weight: float
     kl_weight: float
     source_probs: list[float]  # target scene, background reference, product on white
+    # Decode a sample of the posterior while training (a VAE), or its mean (an autoencoder, sharper;
+    # the KL term then only keeps the latents' scale in check).
+    sample_posterior: bool = True
     eval_images: int
     stats_images: int
 
@@ -621,7 +624,7 @@ class Miniature:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with _autocast(self.precision):
                 post = vae.encode(x).latent_dist
-                z = post.sample(generator=gen)
+                z = post.sample(generator=gen) if sec.sample_posterior else post.mode()
                 y = vae.decode(z).sample.float()
             l1 = (y - x).abs().mean()
             l2 = ((y - x) ** 2).mean()
