@@ -30,6 +30,7 @@ from .options import (MAX_BATCH, ControlOptions, OutputOptions, ReferenceOptions
 from .product import paste_back as paste_back_product
 from .product import place_product
 from .prompts import prompt_problem
+from .tokens import LearnedToken, input_embeddings, tokenizer_with
 from .transformer import DreamPainterTransformer
 
 logger = logging.getLogger("dreampainter")
@@ -153,25 +154,49 @@ def _as_prompt_list(prompt, batch: int, name: str) -> list[str]:
     raise InputError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: torch.dtype, device,
-                  max_sequence_length: int = 1024) -> torch.Tensor:
-    """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16.
-
-    The text encoder runs where it is; the embeddings come back as `dtype` on `device`.
-    """
-    prompts = list(prompts)
-    for i, text in enumerate(prompts):
-        check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {i}")
+def prompt_ids(tokenizer, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
+    """Token ids as CogView4 makes them: special tokens added, left-padded to the longest prompt and
+    then to a multiple of 16."""
     inputs = tokenizer(
-        prompts, padding="longest", max_length=max_sequence_length, truncation=True,
+        list(prompts), padding="longest", max_length=max_sequence_length, truncation=True,
         add_special_tokens=True, return_tensors="pt",
     )
     ids = inputs.input_ids
     pad = (16 - ids.shape[1] % 16) % 16
     if pad:
         ids = torch.cat([torch.full((ids.shape[0], pad), tokenizer.pad_token_id, dtype=ids.dtype), ids], dim=1)
-    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    return ids
+
+
+def text_hidden_states(tokenizer, text_encoder, prompts: Sequence[str], *, max_sequence_length: int = 1024,
+                       tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
+    """GLM's hidden_states[-2] of the prompts, where the text encoder is, in its dtype; differentiable
+    in the learned tokens' embeddings (dreampainter_core.tokens), which replace their words' rows.
+    Without learned tokens: CogView4's own encoding, ids in."""
+    if not tokens:
+        ids = prompt_ids(tokenizer, prompts, max_sequence_length)
+        return text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    for token in tokens:
+        token.check_fits(text_encoder)
+    extended, token_ids = tokenizer_with(tokenizer, [t.token for t in tokens])
+    ids = prompt_ids(extended, prompts, max_sequence_length).to(text_encoder.device)
+    embeds = input_embeddings(text_encoder, ids, {token_ids[t.token]: t.embedding for t in tokens},
+                              tokenizer.pad_token_id)
+    return text_encoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-2]
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: torch.dtype, device,
+                  max_sequence_length: int = 1024, tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
+    """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16.
+
+    The text encoder runs where it is; the embeddings come back as `dtype` on `device`. ``tokens``:
+    learned words (dreampainter_core.tokens) the prompts may use.
+    """
+    prompts = list(prompts)
+    for i, text in enumerate(prompts):
+        check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {i}")
+    out = text_hidden_states(tokenizer, text_encoder, prompts, max_sequence_length=max_sequence_length, tokens=tokens)
     return out.to(dtype=dtype, device=device)
 
 
@@ -235,12 +260,13 @@ class DreamPainterPipeline:
         return self.transformer.device
 
     # ---- text --------------------------------------------------------------------------
-    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024,
+                      tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
         """encode_prompt (the module function) with this pipeline's parts: in the transformer's dtype, on its device."""
         if self.text_encoder is None or self.tokenizer is None:
             raise CapabilityError("this pipeline was built without a text encoder; pass prompt embeddings instead")
         return encode_prompt(self.tokenizer, self.text_encoder, prompts, dtype=self.transformer.dtype,
-                             device=self.device, max_sequence_length=max_sequence_length)
+                             device=self.device, max_sequence_length=max_sequence_length, tokens=tokens)
 
     # ---- images <-> latents ---------------------------------------------------------------
     @torch.no_grad()

@@ -18,9 +18,11 @@ Files are written atomically (temporary file in the same folder, then rename).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -42,14 +44,33 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return Path(path)
 
 
-def _base_geometry(model: DreamPainterTransformer) -> dict[str, int]:
-    cfg = model.base.config
+def base_geometry(base) -> dict[str, int]:
+    """What a weight file records of the CogView4 base it was made for (diffusers' transformer)."""
+    cfg = base.config
     return {
         "base_num_layers": int(cfg.num_layers),
-        "base_inner_dim": int(model.inner_dim),
+        "base_inner_dim": int(cfg.num_attention_heads * cfg.attention_head_dim),
         "base_in_channels": int(cfg.in_channels),
         "base_patch_size": int(cfg.patch_size),
     }
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """16 hex digits of sha256 over the tensors' shapes and values rounded to bf16: the same weights
+    give the same fingerprint whether they were loaded in bf16 or fp32 (both round alike), other
+    weights of the same shape a different one."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_fingerprint(base) -> str:
+    """The base transformer's fingerprint: its patch embedding and output head, which no DreamPainter
+    file, LoRA or fp8 storage (blocks only) changes, and which differ between any two trainings."""
+    return weights_fingerprint([base.patch_embed.proj.weight, base.proj_out.weight])
 
 
 def dreampainter_tensors(model: DreamPainterTransformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -80,39 +101,62 @@ def save_dreampainter_weights(
         "lora_rank": str(model.config.lora_rank if model.has_lora else 0),
         "lora_targets": json.dumps(model.config.lora_targets if model.has_lora else []),
     }
-    metadata.update({k: str(v) for k, v in _base_geometry(model).items()})
+    metadata.update({k: str(v) for k, v in base_geometry(model.base).items()})
     if extra_metadata:
         metadata.update({k: str(v) for k, v in extra_metadata.items()})
     return atomic_save_safetensors(dreampainter_tensors(model, dtype), path, metadata)
 
 
-def read_dreampainter_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Header metadata of a DreamPainter file; raises a clear error for anything else."""
+def read_format_metadata(path: str | os.PathLike, format_name: str, max_version: int, kind: str, made_by: str,
+                         other_file_hint: str = "") -> dict[str, str]:
+    """Header metadata of one of the pack's safetensors formats (``format`` = format_name, a version up
+    to max_version); a clear error naming ``kind`` and ``made_by`` (where such files come from) for a
+    missing file, a pickle, a corrupt header, another format or a newer version."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFilesError(
-            f"DreamPainter weight file not found: {path}. Expected a .safetensors file made by "
-            "`python -m train.stage1/stage2` (put it in ComfyUI/models/dreampainter/)."
-        )
+        raise ModelFilesError(f"{kind} file not found: {path}. Expected a .safetensors file {made_by}.")
     if path.suffix != ".safetensors":
-        raise WeightFormatError(f"{path}: DreamPainter weights must be a .safetensors file (pickle formats are refused).")
+        raise WeightFormatError(f"{path}: {kind} files must be .safetensors files (pickle formats are refused).")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for truncated headers
         raise ModelFilesError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    if metadata.get("format") != FORMAT_NAME:
+    if metadata.get("format") != format_name:
         raise WeightFormatError(
-            f"{path} is not a DreamPainter weight file (its metadata has no format=dreampainter). "
-            "It may be a base CogView4 transformer or another LoRA: load base models with the model "
-            "loader and DreamPainter files (control branch + LoRA) as the DreamPainter weights."
-        )
+            f"{path} is not a {kind} file (its metadata has no format={format_name}). {other_file_hint}".rstrip())
     version = int(metadata.get("format_version", "0"))
-    if version > FORMAT_VERSION:
+    if version > max_version:
         raise WeightFormatError(
-            f"{path} uses DreamPainter format version {version}; this version of the pack reads up to "
-            f"{FORMAT_VERSION}. Update ComfyUI-DreamPainter."
+            f"{path} uses {kind} format version {version}; this version of the pack reads up to "
+            f"{max_version}. Update ComfyUI-DreamPainter."
         )
+    return metadata
+
+
+def read_safetensors(path: str | os.PathLike, format_name: str, max_version: int, kind: str,
+                     made_by: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on the CPU, metadata) of a small file of one of the pack's formats (read_format_metadata)."""
+    metadata = read_format_metadata(path, format_name, max_version, kind, made_by)
+    return read_tensors(path), metadata
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU (ModelFilesError for a truncated file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ModelFilesError(f"{path}: could not read tensors (truncated or corrupt file?): {exc}") from exc
+
+
+def read_dreampainter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Header metadata of a DreamPainter file; raises a clear error for anything else."""
+    metadata = read_format_metadata(
+        path, FORMAT_NAME, FORMAT_VERSION, "DreamPainter weight",
+        "made by `python -m train.stage1/stage2` (put it in ComfyUI/models/dreampainter/)",
+        "It may be a base CogView4 transformer or another LoRA: load base models with the model loader and "
+        "DreamPainter files (control branch + LoRA) as the DreamPainter weights.")
     if "dreampainter_config" not in metadata:
         raise WeightFormatError(f"{path}: metadata lacks dreampainter_config (file made by an unknown tool?)")
     return metadata
@@ -122,15 +166,13 @@ def config_from_metadata(metadata: dict[str, str]) -> DreamPainterConfig:
     return DreamPainterConfig.from_json(metadata["dreampainter_config"])
 
 
-def _check_geometry(path: Path, metadata: dict[str, str], base) -> None:
-    cfg = base.config
-    actual = {
-        "base_num_layers": int(cfg.num_layers),
-        "base_inner_dim": int(cfg.num_attention_heads * cfg.attention_head_dim),
-        "base_in_channels": int(cfg.in_channels),
-        "base_patch_size": int(cfg.patch_size),
-    }
+def check_base(path: Path, metadata: dict[str, str], base) -> None:
+    """WeightFormatError unless the file's recorded base (geometry, and its fingerprint when the file
+    has one) is the loaded base transformer's."""
+    actual = base_geometry(base)
     wrong = {k: (metadata.get(k), v) for k, v in actual.items() if metadata.get(k) is not None and int(metadata[k]) != v}
+    if not wrong and metadata.get("base_fingerprint") not in (None, base_fingerprint(base)):
+        wrong = {"base_fingerprint": (metadata["base_fingerprint"], base_fingerprint(base))}
     if wrong:
         detail = ", ".join(f"{k}: file {f}, loaded base {b}" for k, (f, b) in wrong.items())
         raise WeightFormatError(
@@ -143,7 +185,7 @@ def build_from_weights(base, path: str | os.PathLike, strict: bool = True) -> Dr
     """Build a DreamPainterTransformer around ``base`` and load a DreamPainter weight file into it."""
     path = Path(path)
     metadata = read_dreampainter_metadata(path)
-    _check_geometry(path, metadata, base)
+    check_base(path, metadata, base)
     config = config_from_metadata(metadata)
     if metadata.get("stage") == "1":
         config.lora_rank = 0
@@ -161,7 +203,7 @@ def load_dreampainter_weights(model: DreamPainterTransformer, path: str | os.Pat
 
     path = Path(path)
     metadata = _metadata or read_dreampainter_metadata(path)
-    _check_geometry(path, metadata, model.base)
+    check_base(path, metadata, model.base)
     file_config = config_from_metadata(metadata)
     if file_config.control_blocks != model.config.control_blocks or list(file_config.injection_layers) != list(
         model.config.injection_layers
@@ -170,11 +212,7 @@ def load_dreampainter_weights(model: DreamPainterTransformer, path: str | os.Pat
             f"{path} has {file_config.control_blocks} control blocks injected at {file_config.injection_layers}; "
             f"the model was built with {model.config.control_blocks} at {model.config.injection_layers}."
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ModelFilesError(f"{path}: could not read tensors (truncated or corrupt file?): {exc}") from exc
+    tensors = read_tensors(path)
 
     expected = {f"control.{k}": v for k, v in model.control_state_dict().items()}
     if metadata.get("stage") == "2":
