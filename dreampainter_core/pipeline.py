@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -454,7 +455,7 @@ class DreamPainterPipeline:
             reference_latents = clean_reference  # for guide_reference below
         without_reference = dict(extra, reference_latents=None)
         merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)
-        with model.lora_for_inference(reference.lora_scale, merge=merge):
+        with model.lora_for_inference(reference.lora_scale, merge=merge, product_scale=reference.product_scale):
             for i, t in enumerate(timesteps):
                 cfg_now = i < cfg_steps
                 reference_guidance = (guidance_scale if cfg_now else 1.0) if reference.guidance is None else reference.guidance
@@ -500,7 +501,8 @@ class DreamPainterPipeline:
         return (
             f"sampling produced NaN or infinite latents at step {step + 1} of {total}; stopped there instead of "
             f"returning a blank image. Likely causes: a scale too large for this model (guidance_scale="
-            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, control_scale="
+            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, "
+            f"{f'product_scale={reference.product_scale:g}, ' if self.transformer.has_product_adapter else ''}control_scale="
             f"{control.control_scale:g}, shift={'auto' if sampling.shift is None else format(sampling.shift, 'g')}: "
             f"lower them); {precision}; or corrupt weights (NaN/inf in a transformer or DreamPainter file: "
             "re-download or re-export it)."
@@ -556,7 +558,12 @@ class DreamPainterPipeline:
         if batch > MAX_BATCH:
             raise InputError(f"a batch of {batch} images is more than the {MAX_BATCH} one run takes: split the products "
                              f"into batches of at most {MAX_BATCH}")
-        mode = control.resolved_mode(self.transformer.control is not None)
+        mode = control.resolved_mode(self.transformer.has_branch_for("background"))
+        if mode == "dreampainter" and self.transformer.has_branch_for("insertion"):
+            raise CapabilityError(
+                "mode='dreampainter' asks for the control branch, but this model's branch was trained for inserting "
+                "products into photos (pipe.insert), not for backgrounds. Use mode='training_free' or 'auto', or "
+                "load a stage-1/stage-2 DreamPainter file.")
         if reference.image is not None:
             if mode == "dreampainter" and not self.transformer.supports_reference:
                 raise CapabilityError(
@@ -634,7 +641,7 @@ class DreamPainterPipeline:
             return_source=True, return_matte=r.output.decontaminate,
         )
         training_free = r.mode == "training_free"
-        use_control = not training_free and self.transformer.control is not None
+        use_control = not training_free and self.transformer.has_branch_for("background")
         control = self.prepare_control(foreground, canvas_mask) if use_control else None
         known = self.known_region(foreground, canvas_mask, r.control) if training_free else None
         ref_latents = in_context = None
@@ -691,35 +698,112 @@ class DreamPainterPipeline:
         ``output.feather`` px of the context blend into the generated region.
 
         Works with any model the pack loads (the control branch is not used). Used to remove
-        a product from a photo (``train.data references``) and to insert one (DreamPaint).
+        a product from a photo (``train.data references``); ``insert`` is the same with a product.
         """
+        context, hole = self._check_inpaint_inputs(image, mask)
+        out = self._fill_hole(prompt, context, hole, negative_prompt=negative_prompt, sampling=sampling,
+                              reference=ReferenceOptions(lora_scale=lora_scale), control=control, output=output,
+                              callback=callback, merge_lora=merge_lora)
+        out.mode = "inpaint"
+        return out if return_dict else out.images
+
+    @torch.no_grad()
+    def insert(
+        self,
+        prompt,
+        context,
+        mask,
+        product_lora=None,
+        *,
+        negative_prompt="",
+        sampling: SamplingOptions | None = None,
+        reference: ReferenceOptions | None = None,
+        control: ControlOptions | None = None,
+        output: OutputOptions | None = None,
+        callback: Callable[[StepInfo], object] | None = None,
+        merge_lora: bool | None = None,
+        return_dict: bool = False,
+    ):
+        """DreamPaint: put a learned catalog product into the user's photo. ``mask`` = 1 marks the
+        region to generate (where the product goes); every pixel of ``context`` outside it is kept,
+        exactly after paste-back, with a ``output.feather`` px seam blending into the new region.
+
+        ``product_lora``: a ProductLoRA or its file (train.dreampaint), applied for this call at
+        ``reference.product_scale`` (0 = the class noun only, exactly as without it); its learned
+        identifier embedding, if any, is used for the prompt, which should name the product
+        ("a sks cup on the desk": a warning names an identifier missing from the prompt).
+        ``reference.lora_scale`` scales the stage-2 LoRA, if the model has one. The context is held
+        by the training-free known-region sampler (``control.harmonize``: the share of the last steps
+        that run free), or, with an insertion control branch loaded (train.stage1 with
+        data.mask_policy = "insertion"; control.mode "auto" or "dreampainter"), by that branch.
+        Without a product this is ``inpaint``, bit for bit. Returns [B, H, W, 3] (or the
+        DreamPainterOutput, whose mode says which sampler held the context).
+        """
+        from .product_lora import load_product_lora, product_applied, warn_missing_identifier
+
+        reference = reference or ReferenceOptions()
+        control = control or ControlOptions()
+        if reference.image is not None:
+            raise InputError("insert takes no reference image: the product comes from its product LoRA (learned from "
+                             "the catalog images by train.dreampaint)")
+        mode = control.resolved_mode(self.transformer.has_branch_for("insertion"))
+        if mode == "dreampainter" and not self.transformer.has_branch_for("insertion"):
+            raise CapabilityError(
+                "mode='dreampainter' asks for an insertion control branch, but this model has "
+                + ("a branch for backgrounds only" if self.transformer.control is not None else "no DreamPainter branch")
+                + ". Use mode='training_free' or 'auto' (the known-region sampler), or load a branch trained with "
+                "train.stage1 data.mask_policy=insertion.")
+        context, hole = self._check_inpaint_inputs(context, mask)
+        product = load_product_lora(product_lora) if isinstance(product_lora, (str, os.PathLike)) else product_lora
+        if product is not None:
+            product.check_base(self.transformer)
+            if product.token is not None and self.text_encoder is not None:
+                product.token.check_fits(self.text_encoder, "the product's learned identifier")
+            warn_missing_identifier(_as_prompt_list(prompt, context.shape[0], "prompt"), product)
+        with product_applied(self.transformer, product):
+            out = self._fill_hole(prompt, context, hole, negative_prompt=negative_prompt, sampling=sampling,
+                                  reference=reference, control=control, output=output, callback=callback,
+                                  merge_lora=merge_lora, tokens=() if product is None else product.tokens,
+                                  use_branch=mode == "dreampainter")
+        out.mode = mode
+        return out if return_dict else out.images
+
+    def _fill_hole(self, prompt, context: torch.Tensor, hole: torch.Tensor, *, negative_prompt, sampling, reference,
+                   control, output, callback, merge_lora, tokens=(), use_branch: bool = False) -> DreamPainterOutput:
+        """inpaint's and insert's sampler: checked [B, H, W, 3] context and [B, H, W] 0/1 hole in, the
+        context kept (held on its noised trajectory, or by an insertion branch), the hole generated."""
         sampling = sampling or SamplingOptions()
         control = control or ControlOptions()
         output = output or OutputOptions()
-        lora_scale = ReferenceOptions(lora_scale=lora_scale).lora_scale
-        context, hole = self._check_inpaint_inputs(image, mask)
         batch, height, width = context.shape[0], context.shape[1], context.shape[2]
         keep = 1.0 - hole
-        known = self.known_region(context, keep, control)
-        prompt_embeds = self._batch_embeds(self.encode_prompt(_as_prompt_list(prompt, batch, "prompt")), batch, "prompt")
+        prompts = _as_prompt_list(prompt, batch, "prompt")
+        if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
+            raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+        known = control_latents = None
+        if use_branch:  # the branch sees the kept pixels on white and where they are, as it was trained
+            control_latents = self.prepare_control(context * keep.unsqueeze(-1) + hole.unsqueeze(-1), keep)
+        else:
+            known = self.known_region(context, keep, control)
+        prompt_embeds = self._batch_embeds(self.encode_prompt(prompts, tokens=tokens), batch, "prompt")
         negative_embeds = None
         if sampling.uses_cfg:
             negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
-            negative_embeds = self._batch_embeds(self.encode_prompt(negatives), batch, "negative_prompt")
-        generator = torch.Generator("cpu").manual_seed(sampling.seed)
+            negative_embeds = self._batch_embeds(self.encode_prompt(negatives, tokens=tokens), batch, "negative_prompt")
         shape = (batch, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        init_latents = known.latents if sampling.denoise < 1.0 else None
+        noise, _ = draw_noise(sampling, shape)
+        init_latents = None
+        if sampling.denoise < 1.0:
+            init_latents = known.latents if known is not None else self.encode_image(context)
         latents = self.sample(
             noise, prompt_embeds, negative_embeds, height=height, width=width, sampling=sampling,
-            reference=ReferenceOptions(lora_scale=lora_scale), control=control, init_latents=init_latents,
+            reference=reference, control=control, control_latents=control_latents, init_latents=init_latents,
             callback=callback, merge_lora=merge_lora, known=known,
         )
         images = self.decode(latents).cpu()
         if output.paste_back:
             images = paste_back_product(images, context, keep, feather=output.feather_radius, source=context)
-        out = DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole, mode="inpaint")
-        return out if return_dict else out.images
+        return DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole)
 
     def _check_inpaint_inputs(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
         context = as_image_batch(image, "image")

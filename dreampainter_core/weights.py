@@ -100,6 +100,7 @@ def save_dreampainter_weights(
         "injection_layers": json.dumps(model.config.injection_layers),
         "lora_rank": str(model.config.lora_rank if model.has_lora else 0),
         "lora_targets": json.dumps(model.config.lora_targets if model.has_lora else []),
+        "task": model.config.task,
     }
     metadata.update({k: str(v) for k, v in base_geometry(model.base).items()})
     if extra_metadata:
