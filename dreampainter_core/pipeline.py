@@ -701,9 +701,9 @@ class DreamPainterPipeline:
         a product from a photo (``train.data references``); ``insert`` is the same with a product.
         """
         context, hole = self._check_inpaint_inputs(image, mask)
-        out = self._fill_hole(prompt, context, hole, negative_prompt=negative_prompt, sampling=sampling,
-                              reference=ReferenceOptions(lora_scale=lora_scale), control=control, output=output,
-                              callback=callback, merge_lora=merge_lora)
+        embeds = self._hole_prompts(prompt, negative_prompt, context.shape[0], sampling)
+        out = self.fill_hole(context, hole, *embeds, sampling=sampling, reference=ReferenceOptions(lora_scale=lora_scale),
+                             control=control, output=output, callback=callback, merge_lora=merge_lora)
         out.mode = "inpaint"
         return out if return_dict else out.images
 
@@ -760,24 +760,39 @@ class DreamPainterPipeline:
             if product.token is not None and self.text_encoder is not None:
                 product.token.check_fits(self.text_encoder, "the product's learned identifier")
             warn_missing_identifier(_as_prompt_list(prompt, context.shape[0], "prompt"), product)
+        embeds = self._hole_prompts(prompt, negative_prompt, context.shape[0], sampling,
+                                    () if product is None else product.tokens)
         with product_applied(self.transformer, product):
-            out = self._fill_hole(prompt, context, hole, negative_prompt=negative_prompt, sampling=sampling,
-                                  reference=reference, control=control, output=output, callback=callback,
-                                  merge_lora=merge_lora, tokens=() if product is None else product.tokens,
-                                  use_branch=mode == "dreampainter")
+            out = self.fill_hole(context, hole, *embeds, sampling=sampling, reference=reference, control=control,
+                                 output=output, callback=callback, merge_lora=merge_lora,
+                                 use_branch=mode == "dreampainter")
         out.mode = mode
         return out if return_dict else out.images
 
-    def _fill_hole(self, prompt, context: torch.Tensor, hole: torch.Tensor, *, negative_prompt, sampling, reference,
-                   control, output, callback, merge_lora, tokens=(), use_branch: bool = False) -> DreamPainterOutput:
-        """inpaint's and insert's sampler: checked [B, H, W, 3] context and [B, H, W] 0/1 hole in, the
-        context kept (held on its noised trajectory, or by an insertion branch), the hole generated."""
+    def _hole_prompts(self, prompt, negative_prompt, batch: int, sampling: SamplingOptions | None,
+                      tokens=()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """inpaint's and insert's prompt embeddings (the negative one only with CFG)."""
+        prompt_embeds = self.encode_prompt(_as_prompt_list(prompt, batch, "prompt"), tokens=tokens)
+        negative_embeds = None
+        if (sampling or SamplingOptions()).uses_cfg:
+            negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
+            negative_embeds = self.encode_prompt(negatives, tokens=tokens)
+        return prompt_embeds, negative_embeds
+
+    @torch.no_grad()
+    def fill_hole(self, context: torch.Tensor, hole: torch.Tensor, prompt_embeds: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, *, sampling: SamplingOptions | None = None,
+                  reference: ReferenceOptions | None = None, control: ControlOptions | None = None,
+                  output: OutputOptions | None = None, callback=None, merge_lora: bool | None = None,
+                  use_branch: bool = False) -> DreamPainterOutput:
+        """inpaint's and insert's sampler with prompt embeddings ([1 or B, T, D]): a checked [B, H, W, 3]
+        context and [B, H, W] 0/1 hole (_check_inpaint_inputs) in; the context kept (held on its noised
+        trajectory, or with ``use_branch`` by an insertion control branch), the hole generated."""
         sampling = sampling or SamplingOptions()
         control = control or ControlOptions()
         output = output or OutputOptions()
         batch, height, width = context.shape[0], context.shape[1], context.shape[2]
         keep = 1.0 - hole
-        prompts = _as_prompt_list(prompt, batch, "prompt")
         if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
             raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
         known = control_latents = None
@@ -785,20 +800,20 @@ class DreamPainterPipeline:
             control_latents = self.prepare_control(context * keep.unsqueeze(-1) + hole.unsqueeze(-1), keep)
         else:
             known = self.known_region(context, keep, control)
-        prompt_embeds = self._batch_embeds(self.encode_prompt(prompts, tokens=tokens), batch, "prompt")
-        negative_embeds = None
+        prompt_embeds = self._batch_embeds(prompt_embeds, batch, "prompt")
         if sampling.uses_cfg:
-            negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
-            negative_embeds = self._batch_embeds(self.encode_prompt(negatives, tokens=tokens), batch, "negative_prompt")
+            if negative_embeds is None:
+                raise InputError("guidance_scale > 1 needs negative prompt embeddings (an empty negative prompt is fine)")
+            negative_embeds = self._batch_embeds(negative_embeds, batch, "negative_prompt")
         shape = (batch, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise, _ = draw_noise(sampling, shape)
         init_latents = None
         if sampling.denoise < 1.0:
             init_latents = known.latents if known is not None else self.encode_image(context)
         latents = self.sample(
-            noise, prompt_embeds, negative_embeds, height=height, width=width, sampling=sampling,
-            reference=reference, control=control, control_latents=control_latents, init_latents=init_latents,
-            callback=callback, merge_lora=merge_lora, known=known,
+            noise, prompt_embeds, negative_embeds if sampling.uses_cfg else None, height=height, width=width,
+            sampling=sampling, reference=reference, control=control, control_latents=control_latents,
+            init_latents=init_latents, callback=callback, merge_lora=merge_lora, known=known,
         )
         images = self.decode(latents).cpu()
         if output.paste_back:

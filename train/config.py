@@ -93,6 +93,10 @@ class DataConfig:
     second_prompt_prob: float = 0.5  # use prompt_2 (second language) when a sample has one
     empty_prompt_prob: float = 0.0  # replace the prompt by "" (text dropout; paper silent, off)
     num_workers: int = 2  # DataLoader workers per process (0 = load in the main process)
+    # stage 1: what the control branch learns to keep. "product" (the paper: keep the product, paint
+    # the background) or "insertion" (DreamPaint's inpainting module: keep the scene, paint a product
+    # into a hole drawn over it; train.insertion_masks). Stored in the exported file as its task.
+    mask_policy: str = "product"
 
 
 @dataclass
@@ -212,6 +216,7 @@ CHOICES = {
     ("model", "reference_timestep"): REFERENCE_TIMESTEPS,
     ("model", "reference_layout"): REFERENCE_LAYOUTS,
     ("data", "on_bad"): ("skip", "stop"),
+    ("data", "mask_policy"): ("product", "insertion"),
     ("train", "mixed_precision"): ("bf16", "no"),
     ("train", "timestep_sampling"): ("logit_normal", "uniform"),
     ("optim", "optimizer"): ("adamw", "adamw8bit"),
@@ -546,6 +551,11 @@ def validate(cfg: Config) -> Config:
         problems.append("stage 1 is text-only control: data.reference_prob must be 0")
     if cfg.model.control_blocks < 1:
         problems.append("model.control_blocks must be >= 1")
+    if d.mask_policy == "insertion" and cfg.stage != 1:
+        problems.append("data.mask_policy=insertion trains an insertion control branch: that is stage 1")
+    if d.mask_policy == "insertion" and cfg.cache.enabled:
+        problems.append("data.mask_policy=insertion draws a new hole every epoch, which cache.enabled would encode "
+                        "once: set cache.enabled=false")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg

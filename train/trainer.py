@@ -387,7 +387,7 @@ class Trainer:
         self.dataset = ManifestDataset(
             d.manifest, self.buckets, on_bad=d.on_bad, reference_prob=d.reference_prob if self.stage == 2 else 0.0,
             reference_sizes=d.reference_sizes, reference_shift=d.reference_shift, seed=t.seed,
-            second_prompt_prob=d.second_prompt_prob,
+            second_prompt_prob=d.second_prompt_prob, mask_policy=d.mask_policy,
         )
         self.sampler = GlobalBatchSampler(self.dataset, t.batch_size, self.env.world, self.env.rank, t.seed, t.fixed_batch)
         self.loader = DataLoader(
@@ -497,6 +497,7 @@ class Trainer:
                 injection_layers=list(m.injection_layers) or None,
                 init_from=list(m.init_from) or None,
                 lora_rank=0,
+                task="insertion" if self.cfg.data.mask_policy == "insertion" else "background",
             )
             model = DreamPainterTransformer(self.base, config)
             model.freeze_base()
@@ -628,6 +629,7 @@ class Trainer:
         self.validation = ValidationSet(
             self._val_manifest, self.buckets, v.num, with_reference=self.stage == 2,
             embed_fn=lambda p: self._text_embeds([p])[0], negative_prompt=v.negative_prompt,
+            mask_policy=self.cfg.data.mask_policy,
         )
 
     def _release_encoders(self) -> None:
