@@ -348,7 +348,7 @@ class DreamPainterTransformer(nn.Module):
         for param in self.product_parameters().values():
             param.data = param.data.to(dtype)
             param.requires_grad_(False)
-        self.set_active_adapters(self._resting_adapters())
+        self.set_active_adapters(self.resting_adapters())
 
     def remove_product_adapter(self) -> None:
         for layer in self.lora_layers():
@@ -356,7 +356,7 @@ class DreamPainterTransformer(nn.Module):
                 layer.delete_adapter(PRODUCT_ADAPTER)
         getattr(self.base, "peft_config", {}).pop(PRODUCT_ADAPTER, None)
         if self.lora_layers():
-            self.set_active_adapters(self._resting_adapters())
+            self.set_active_adapters(self.resting_adapters())
 
     def product_parameters(self) -> dict[str, nn.Parameter]:
         marker = f".{PRODUCT_ADAPTER}."
@@ -378,7 +378,8 @@ class DreamPainterTransformer(nn.Module):
         if unexpected:
             raise ValueError(f"product LoRA tensors do not fit this model's layers, e.g. {unexpected[:3]}")
 
-    def _resting_adapters(self) -> list[str]:
+    def resting_adapters(self) -> list[str]:
+        """The adapters active between generations: the stage-2 one, if any."""
         return [LORA_ADAPTER] if self.has_lora else []
 
     def set_active_adapters(self, names: list[str]) -> None:
@@ -445,7 +446,7 @@ class DreamPainterTransformer(nn.Module):
                         weight.copy_(saved)
         finally:
             if with_product:
-                self.set_active_adapters(self._resting_adapters())
+                self.set_active_adapters(self.resting_adapters())
 
     # ---- forward ----------------------------------------------------------------------
     def _run_block(self, block, hidden, text, temb, rope, attention_kwargs, reference_temb=None):

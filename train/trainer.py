@@ -76,7 +76,8 @@ from .logs import TrainLogger
 
 log = logging.getLogger("train")
 
-__all__ = ["Trainer", "TrainResult", "GlobalBatchSampler", "Optimization", "lr_lambda", "write_checkpoint", "run", "main"]
+__all__ = ["Trainer", "TrainResult", "GlobalBatchSampler", "Optimization", "lr_lambda", "write_checkpoint", "train_steps",
+           "run", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -216,16 +217,25 @@ class Optimization:
     ``step(backward)`` is one optimizer step: zero the gradients, run ``backward`` (the forward and
     backward passes of the step's micro-batches; its result is returned), clip the gradients to
     ``optim.max_grad_norm`` (0 = off), step the optimizer and the schedule, update the EMA. The
-    stage trainer (Trainer) and the miniature recipe's VAE and base phases (train/miniature.py)
-    train through this.
+    stage trainer (Trainer), the miniature recipe's VAE and base phases (train/miniature.py) and
+    DreamPaint products (train/dreampaint.py) train through this.
 
     `module` names the parameters in checkpoints (its named_parameters); `params` are the trained ones.
+    `lr_scales`: {parameter name: factor} for parameters that learn at another rate than ``optim.lr``
+    (e.g. a learned token embedding); they get their own optimizer group, the schedule scales all alike.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], optim: OptimConfig, total_steps: int,
-                 ema: EmaConfig | None = None):
+                 ema: EmaConfig | None = None, lr_scales: dict[str, float] | None = None):
         self.module, self.params, self.max_grad_norm = module, params, optim.max_grad_norm
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in params.items():
+            groups.setdefault(float((lr_scales or {}).get(name, 1.0)), []).append(param)
+        if len(groups) > 1 or 1.0 not in groups:
+            params_arg = [{"params": ps, "lr": optim.lr * scale} for scale, ps in groups.items()]
+        else:
+            params_arg = list(params.values())
         if optim.optimizer == "adamw8bit":
             try:
                 import bitsandbytes as bnb
@@ -234,9 +244,9 @@ class Optimization:
                     "optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
                     "it needs a CUDA GPU). Use optim.optimizer=adamw instead."
                 ) from e
-            self.optimizer = bnb.optim.AdamW8bit(list(params.values()), **kwargs)
+            self.optimizer = bnb.optim.AdamW8bit(params_arg, **kwargs)
         else:
-            self.optimizer = torch.optim.AdamW(list(params.values()), **kwargs)
+            self.optimizer = torch.optim.AdamW(params_arg, **kwargs)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.ema = EMA(params, ema.decay, ema.warmup) if ema is not None and ema.enabled else None
 
@@ -319,6 +329,48 @@ def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered:
     except BaseException:
         w.abort()
         raise
+
+
+def train_steps(out: Path, opt: Optimization, steps: int, step: Callable[[int], dict], *, log_every: int,
+                row: Callable[[dict, float | None], tuple[dict, str]], checkpoint_every: int,
+                echo: Callable[[str], None], name: str, stats: dict | None = None) -> tuple[list, float]:
+    """Train for `steps` optimizer steps through ``opt.step`` (Optimization: its optimizer, LR schedule,
+    gradient clipping and EMA), resuming exactly from the newest checkpoint in `out`: the loop of
+    models trained on tensors already in memory (the miniature's VAE and base, a DreamPaint product).
+
+    ``step(i)`` runs step i's forward and backward passes (its randomness keyed by seed and i, so a
+    resumed run draws what an uninterrupted one would) and returns the numbers to average over each log
+    interval; ``row(means, grad_norm)`` makes the log row of them and its message. Checkpoints in the
+    trainer's format (write_checkpoint, the newest kept) go to `out` every ``checkpoint_every`` steps
+    and at the end, with the log rows, the running averages and `stats` (counters that `step` keeps,
+    restored on resume). Returns (log rows, training seconds)."""
+    start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
+    last = latest_checkpoint(out)
+    if last is not None:
+        ck = read_checkpoint(last)
+        opt.restore(ck)
+        st = ck["state"]
+        start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
+        if stats is not None:
+            stats.update(st["stats"])
+        echo(f"[{name}] resumed from {last} at step {start}")
+    t0 = time.perf_counter() - seconds
+    for i in range(start, steps):
+        values, grad_norm = opt.step(lambda: step(i))
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc_n += 1
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            el = time.perf_counter() - t0
+            body, message = row({k: v / acc_n for k, v in acc.items()}, grad_norm)
+            rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
+            echo(f"[{name}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
+            acc, acc_n = {}, 0
+        if (checkpoint_every > 0 and (i + 1) % checkpoint_every == 0) or i + 1 == steps:
+            loop = {"phase": name, "log_rows": rows, "acc": acc, "acc_n": acc_n,
+                    "seconds": time.perf_counter() - t0, "stats": stats or {}}
+            write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
+    return rows, time.perf_counter() - t0
 
 
 class Trainer:
