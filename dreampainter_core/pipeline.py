@@ -132,6 +132,11 @@ def draw_noise(sampling: SamplingOptions, shape, reference_shape=None) -> tuple[
     return torch.cat(noises), (torch.cat(references) if references else None)
 
 
+def _check_image_seeds(sampling: SamplingOptions, batch: int) -> None:
+    if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
+        raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+
+
 def check_prompt(text, name: str) -> str:
     """``text`` if it can be a prompt (prompts.prompt_problem: a string, paired surrogates, at most
     MAX_PROMPT_CHARS characters), else InputError naming ``name``. Cheap: before any tokenizer."""
@@ -592,8 +597,7 @@ class DreamPainterPipeline:
             if init_b.shape[0] not in (1, batch):
                 raise InputError(f"init_image: got {init_b.shape[0]} images for a batch of {batch}")
             init_b = init_b.expand(batch, -1, -1, -1)
-        if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
-            raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+        _check_image_seeds(sampling, batch)
         return GenerationRequest(
             product=product_b, mask=mask_b, width=int(width), height=int(height), sampling=sampling,
             reference=reference, control=control, output=output, mode=mode, init_image=init_b, callback=callback,
@@ -739,7 +743,23 @@ class DreamPainterPipeline:
         Without a product this is ``inpaint``, bit for bit. Returns [B, H, W, 3] (or the
         DreamPainterOutput, whose mode says which sampler held the context).
         """
-        from .product_lora import load_product_lora, product_applied, warn_missing_identifier
+        from .product_lora import warn_missing_identifier
+
+        request = self.prepare_insert(context, mask, product_lora, sampling=sampling, reference=reference,
+                                      control=control, output=output, callback=callback, merge_lora=merge_lora)
+        if request.product is not None:
+            warn_missing_identifier(_as_prompt_list(prompt, request.context.shape[0], "prompt"), request.product)
+        embeds = self._hole_prompts(prompt, negative_prompt, request.context.shape[0], request.sampling, request.tokens)
+        out = self.generate_insert(request, *embeds)
+        return out if return_dict else out.images
+
+    def prepare_insert(self, context, mask, product_lora=None, *, sampling: SamplingOptions | None = None,
+                       reference: ReferenceOptions | None = None, control: ControlOptions | None = None,
+                       output: OutputOptions | None = None, callback=None,
+                       merge_lora: bool | None = None) -> "InsertRequest":
+        """insert's checks (cheap: no model runs): the context and mask, the product file and its base,
+        and which sampler holds the context. Raises InputError / CapabilityError / WeightFormatError."""
+        from .product_lora import load_product_lora
 
         reference = reference or ReferenceOptions()
         control = control or ControlOptions()
@@ -753,21 +773,28 @@ class DreamPainterPipeline:
                 + ("a branch for backgrounds only" if self.transformer.control is not None else "no DreamPainter branch")
                 + ". Use mode='training_free' or 'auto' (the known-region sampler), or load a branch trained with "
                 "train.stage1 data.mask_policy=insertion.")
-        context, hole = self._check_inpaint_inputs(context, mask)
+        context, hole = self._check_inpaint_inputs(context, mask, "context")
         product = load_product_lora(product_lora) if isinstance(product_lora, (str, os.PathLike)) else product_lora
         if product is not None:
             product.check_base(self.transformer)
-            if product.token is not None and self.text_encoder is not None:
-                product.token.check_fits(self.text_encoder, "the product's learned identifier")
-            warn_missing_identifier(_as_prompt_list(prompt, context.shape[0], "prompt"), product)
-        embeds = self._hole_prompts(prompt, negative_prompt, context.shape[0], sampling,
-                                    () if product is None else product.tokens)
-        with product_applied(self.transformer, product):
-            out = self.fill_hole(context, hole, *embeds, sampling=sampling, reference=reference, control=control,
-                                 output=output, callback=callback, merge_lora=merge_lora,
-                                 use_branch=mode == "dreampainter")
-        out.mode = mode
-        return out if return_dict else out.images
+        sampling = sampling or SamplingOptions()
+        _check_image_seeds(sampling, context.shape[0])
+        return InsertRequest(context, hole, product, mode, sampling, reference, control, output or OutputOptions(),
+                             callback, merge_lora)
+
+    @torch.no_grad()
+    def generate_insert(self, request: "InsertRequest", prompt_embeds: torch.Tensor,
+                        negative_embeds: torch.Tensor | None) -> DreamPainterOutput:
+        """Run a prepared insertion with prompt embeddings (made with ``request.tokens``)."""
+        from .product_lora import product_applied
+
+        r = request
+        with product_applied(self.transformer, r.product):
+            out = self.fill_hole(r.context, r.hole, prompt_embeds, negative_embeds, sampling=r.sampling,
+                                 reference=r.reference, control=r.control, output=r.output, callback=r.callback,
+                                 merge_lora=r.merge_lora, use_branch=r.mode == "dreampainter")
+        out.mode = r.mode
+        return out
 
     def _hole_prompts(self, prompt, negative_prompt, batch: int, sampling: SamplingOptions | None,
                       tokens=()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -793,8 +820,7 @@ class DreamPainterPipeline:
         output = output or OutputOptions()
         batch, height, width = context.shape[0], context.shape[1], context.shape[2]
         keep = 1.0 - hole
-        if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
-            raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+        _check_image_seeds(sampling, batch)
         known = control_latents = None
         if use_branch:  # the branch sees the kept pixels on white and where they are, as it was trained
             control_latents = self.prepare_control(context * keep.unsqueeze(-1) + hole.unsqueeze(-1), keep)
@@ -820,15 +846,16 @@ class DreamPainterPipeline:
             images = paste_back_product(images, context, keep, feather=output.feather_radius, source=context)
         return DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole)
 
-    def _check_inpaint_inputs(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        context = as_image_batch(image, "image")
+    def _check_inpaint_inputs(self, image, mask, image_name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        context = as_image_batch(image, image_name)
         hole = as_mask_batch(mask, "mask").to(context.device)
         if tuple(context.shape[1:3]) != tuple(hole.shape[1:3]):
-            raise InputError(f"mask size {hole.shape[2]}x{hole.shape[1]} (WxH) does not match the image's "
-                             f"{context.shape[2]}x{context.shape[1]}; resize the mask to the image")
+            raise InputError(f"mask size {hole.shape[2]}x{hole.shape[1]} (WxH) does not match the {image_name}'s "
+                             f"{context.shape[2]}x{context.shape[1]}; resize the mask to the {image_name}")
         batch = max(context.shape[0], hole.shape[0])
         if context.shape[0] not in (1, batch) or hole.shape[0] not in (1, batch):
-            raise InputError(f"{context.shape[0]} images and {hole.shape[0]} masks: give one mask per image, or one for all")
+            raise InputError(f"{context.shape[0]} {image_name} images and {hole.shape[0]} masks: give one mask per "
+                             "image, or one for all")
         context, hole = context.expand(batch, -1, -1, -1), (hole > 0.5).float().expand(batch, -1, -1)
         for i, count in enumerate(hole.flatten(1).sum(dim=1).tolist()):
             if count == 0:
@@ -915,6 +942,27 @@ class GenerationRequest:
     init_image: torch.Tensor | None = None
     callback: Callable[[StepInfo], object] | None = None
     merge_lora: bool | None = None
+
+
+@dataclass
+class InsertRequest:
+    """Checked inputs of one insertion (see DreamPainterPipeline.prepare_insert)."""
+
+    context: torch.Tensor  # [B, H, W, 3]
+    hole: torch.Tensor  # [B, H, W] 0/1: the region to generate
+    product: object  # a product_lora.ProductLoRA, or None
+    mode: str  # "training_free" (known-region sampler) or "dreampainter" (an insertion branch)
+    sampling: SamplingOptions
+    reference: ReferenceOptions
+    control: ControlOptions
+    output: OutputOptions
+    callback: Callable[[StepInfo], object] | None = None
+    merge_lora: bool | None = None
+
+    @property
+    def tokens(self) -> tuple:
+        """The learned words the prompts use (the product's identifier, when learned)."""
+        return () if self.product is None else self.product.tokens
 
 
 @dataclass

@@ -128,7 +128,7 @@ def test_bad_inputs_are_refused_before_sampling(base_pipe, product_file, tmp_pat
         base_pipe.insert(INSERT_PROMPT, context, torch.zeros(SIZE, SIZE), product_file)
     with pytest.raises(InputError, match="no context to keep"):
         base_pipe.insert(INSERT_PROMPT, context, torch.ones(SIZE, SIZE), product_file)
-    with pytest.raises(InputError, match="does not match the image"):
+    with pytest.raises(InputError, match="does not match the context"):
         base_pipe.insert(INSERT_PROMPT, context, torch.ones(SIZE, SIZE + 16), product_file)
     with pytest.raises(InputError, match="no reference image"):
         base_pipe.insert(INSERT_PROMPT, context, hole, product_file, reference=ReferenceOptions(image=context))
