@@ -119,7 +119,8 @@ class TrainConfig:
     high_noise_from: float = 0.8
     fixed_batch: bool = False  # overfit: reuse the first global batch every step (debugging, tests)
     # Loss weight inside the product: per latent pixel 1 + (w - 1) * Z_m (the mask on the latent grid,
-    # soft at edges), normalised to mean 1 per sample; 1 = plain MSE (ours; the paper gives none)
+    # soft at edges; with data.mask_policy=insertion the hole, 1 - Z_m), normalised to mean 1 per sample;
+    # 1 = plain MSE (ours; the paper gives none)
     mask_loss_weight: float = 1.0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
 

@@ -886,7 +886,10 @@ class Trainer:
         if t.mask_loss_weight != 1.0:
             # [B, 1, h, w]: 1 outside the product, mask_loss_weight inside (Z_m, the last control
             # channel, is the mask's area coverage on the latent grid), mean 1 per sample.
-            weight = 1.0 + (t.mask_loss_weight - 1.0) * control[:, -1:].float()
+            region = control[:, -1:].float()
+            if cfg.data.mask_policy == "insertion":  # the product is in the hole; Z_m is the kept scene
+                region = 1.0 - region
+            weight = 1.0 + (t.mask_loss_weight - 1.0) * region
             weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
         groups = []
         for (_, ref_shape), idx in keys.items():

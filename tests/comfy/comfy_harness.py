@@ -66,6 +66,7 @@ STAGE1 = "tiny-stage1.safetensors"
 STAGE2 = "tiny-stage2.safetensors"
 TINY_PRODUCT = "tiny-product.safetensors"  # a DreamPaint product of the tiny model (random LoRA, learned token)
 MINIATURE_PRODUCT = "miniature-product.safetensors"  # one of the embedded miniature (random LoRA)
+MINI_PREFIX = "mini_"  # the workflows' 512 px example photos at a quarter of their size, for the miniature
 SIZE = 64
 PROMPT = "a red bottle on a white marble table, green leaves, soft light"
 
@@ -254,6 +255,10 @@ def build_base_dir(base: Path) -> Path:
     Image.fromarray(bottle_mask).save(inputs / "bottle_mask.png")
     for example in sorted((REPO / "workflows" / "input").glob("*.png")):  # what workflows/*.json load
         shutil.copy(example, inputs / example.name)
+        with Image.open(example) as im:
+            if im.width >= 512:  # a photo at CogView4's size: a quarter of it for the 128 px miniature
+                small = im.resize((im.width // 4, im.height // 4), Image.NEAREST if im.mode == "L" else Image.LANCZOS)
+                small.save(inputs / f"{MINI_PREFIX}{example.name}")
     settings = base / "user" / "default"
     settings.mkdir(parents=True)
     (settings / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS), encoding="utf-8")
