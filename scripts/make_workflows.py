@@ -323,8 +323,8 @@ MODELS = f"""Models (see the README, "Where the weights go")
 IMAGES = """Images: copy the example images from this pack's workflows/input/ folder into ComfyUI/input/, or load your own. Masks: white = product (kept), black = background (painted)."""
 
 
-def models_and_prompt(wf: Workflow, weights: str, prompt: str):
-    """Column 1 (x 0..350): the three loaders and the text encode, in one group."""
+def loaders(wf: Workflow, weights: str):
+    """Column 1 (x 0..350, y 0..500): the model, text encoder and VAE loaders."""
     model = wf.add("DreamPainterModelLoader", (0, 0), {"transformer": BASE, "dreampainter_weights": weights,
                                                       "weight_dtype": "bf16", "memory_mode": "gpu",
                                                       "swap_blocks": 20}, width=350, height=180)
@@ -332,6 +332,12 @@ def models_and_prompt(wf: Workflow, weights: str, prompt: str):
                                                             "weight_dtype": "bf16", "device": "default"},
                 width=350, height=150)
     vae = wf.add("DreamPainterVAELoader", (0, 410), {"vae": BASE, "weight_dtype": "bf16"}, width=350, height=90)
+    return model, te, vae
+
+
+def models_and_prompt(wf: Workflow, weights: str, prompt: str):
+    """Column 1 (x 0..350): the three loaders and the text encode, in one group."""
+    model, te, vae = loaders(wf, weights)
     enc = wf.add("DreamPainterTextEncode", (0, 540), {"prompt": prompt,
                                                       "negative_prompt": "blurry, low quality, distorted product, "
                                                                          "text, watermark"},
@@ -539,13 +545,7 @@ def training_free(info) -> Workflow:
 
 def insert_product(info) -> Workflow:
     wf = Workflow(info, "insert_product")
-    model = wf.add("DreamPainterModelLoader", (0, 0), {"transformer": BASE, "dreampainter_weights": "none",
-                                                      "weight_dtype": "bf16", "memory_mode": "gpu",
-                                                      "swap_blocks": 20}, width=350, height=180)
-    te = wf.add("DreamPainterTextEncoderLoader", (0, 220), {"text_encoder": BASE, "tokenizer": "auto",
-                                                            "weight_dtype": "bf16", "device": "default"},
-                width=350, height=150)
-    vae = wf.add("DreamPainterVAELoader", (0, 410), {"vae": BASE, "weight_dtype": "bf16"}, width=350, height=90)
+    model, te, vae = loaders(wf, "none")
     product = wf.add("DreamPainterProductLoRALoader", (0, 540), {"product_lora": PRODUCT}, width=350, height=90)
     wf.group("Models and the product", [model, te, vae, product])
     photo = wf.add("LoadImage", (400, 0), {"image": "dreampainter_room.png"}, width=300, height=330)

@@ -67,6 +67,23 @@ def test_the_catalog_is_checked_before_any_model(tmp_path):
         DreamPaintSettings(class_noun=" ").check()
 
 
+def test_auto_mask_cuts_out_the_images_without_a_mask(tmp_path, monkeypatch):
+    import dreampainter_core.auto_mask as auto_mask
+
+    class Fake:  # rembg's masker: the non-white pixels
+        def alpha(self, image):
+            return ((np.asarray(image).min(axis=-1) < 240) * 255).astype(np.uint8)
+
+    monkeypatch.setattr(auto_mask, "rembg_masker", lambda *a, **k: Fake())
+    folder = _catalog_dir(tmp_path / "cat", n=2)
+    (folder / "masks" / "view1.png").unlink()
+    said = []
+    catalog = load_catalog(folder, SIDE, auto_mask=True, mask_dir=tmp_path / "run" / "masks", echo=said.append)
+    assert (tmp_path / "run" / "masks" / "view1.png").is_file() and "view1.png" in said[0]
+    reference = load_catalog(_catalog_dir(tmp_path / "ref", n=2), SIDE, echo=lambda m: None)
+    assert np.array_equal(catalog[1].mask, reference[1].mask)  # the product's pixels, as the drawn mask
+
+
 def test_the_loss_counts_only_the_masked_latents():
     prediction, target = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
     weight = torch.zeros(2, 1, 4, 4)

@@ -50,7 +50,7 @@ import torch.nn as nn
 from PIL import Image
 
 from dreampainter_core.errors import DreamPainterError, InputError
-from dreampainter_core.fileio import atomic_write_text
+from dreampainter_core.fileio import atomic_path, atomic_write_text
 from dreampainter_core.product_lora import (DEFAULT_PRODUCT_TARGETS, ProductLoRA, base_identity, product_prompt,
                                             save_product_lora)
 from dreampainter_core.tokens import check_token_string, init_token
@@ -173,7 +173,8 @@ def load_catalog(images_dir, side: int, auto_mask: bool = False, mask_dir=None, 
         masks = find_masks(path.stem, index, path)
         if not masks:
             written = mask_dir / f"{path.stem}.png"
-            Image.fromarray(_auto_mask(masker, path).astype(np.uint8) * 255).save(written)
+            with atomic_path(written) as tmp:
+                Image.fromarray(_auto_mask(masker, path).astype(np.uint8) * 255).save(tmp, format="PNG")
             echo(f"auto mask (rembg {AUTO_MASK_MODEL}) for {path.name}: {written}")
             masks = [written]
         sample = Sample(image=str(path), masks=tuple(str(m) for m in masks), prompt="catalog image")
