@@ -7,7 +7,7 @@ and, for a number, its documented range below: MAX_*), the place where it acts, 
 schema (whose min/max use the same constants).
 
     SamplingOptions   steps, guidance, seed, shift, denoise, guidance_end  -> pipeline.sample
-    ReferenceOptions  image, size, lora_scale, attention modulation, reference guidance
+    ReferenceOptions  image, size, lora_scale, product_scale, attention modulation, reference guidance
                                               -> pipeline.sample / transformer / attention processor
     ControlOptions    mode, control_scale, mask_guidance, harmonize, region_dilate/feather
                                               -> transformer.control_residuals / pipeline.sample
@@ -49,7 +49,7 @@ __all__ = [
 MAX_STEPS = 10_000  # also the longest schedule: steps / denoise (ComfyUI's way of denoising) <= MAX_STEPS
 MAX_GUIDANCE = 30.0  # guidance_scale (cfg) and reference_guidance; CogView4 uses 3.5-5
 MAX_SHIFT = 20.0  # shift (mu of CogView4's linear time shift): > 0; 3.25 at 1024x1024, ~4.5 at 2048x1024
-MAX_SCALE = 2.0  # lora_scale, attention_scale, control_scale: 1 = as trained, 0 = off
+MAX_SCALE = 2.0  # lora_scale, product_scale, attention_scale, control_scale: 1 = as trained, 0 = off
 MAX_SEED = 2**64 - 1  # ComfyUI's seed range 0..2^64-1, what torch.Generator.manual_seed takes
 MAX_BATCH = 64  # images in one sampler batch (products x batch_size)
 
@@ -151,11 +151,15 @@ TRAINING_FREE_REFERENCE = ("init", "in_context")
 
 @dataclass(frozen=True)
 class ReferenceOptions:
-    """The reference image and how strongly it is followed (stage-2 models)."""
+    """The reference image and how strongly it is followed (stage-2 models), and the product LoRA's
+    strength (DreamPaint: the catalog images, the paper's reference, learned into a LoRA)."""
 
     image: torch.Tensor | None = None  # [B, H, W, 3] (or anything as_image_batch reads)
     size: tuple[int, int] | None = None  # (width, height) the model sees; None = the pipeline's default
     lora_scale: float = 1.0
+    # The product LoRA of pipe.insert (dreampainter_core.product_lora): f = W x + product_scale * LoRA(x);
+    # 0 = the class noun only, exactly as without the product. Acts only while a product LoRA is loaded.
+    product_scale: float = 1.0
     attention_scale: float = 1.0
     renormalize_attention: bool = False
     guidance: float | None = None  # g_r; None = the text guidance (see pipeline.sample)
@@ -180,6 +184,8 @@ class ReferenceOptions:
             _set(self, "size", size)
         _set(self, "lora_scale", _finite("lora_scale", self.lora_scale, 0.0, " (1 = as trained, 0 = the stage-1 model)",
                                          MAX_SCALE))
+        _set(self, "product_scale", _finite("product_scale", self.product_scale, 0.0,
+                                            " (1 = the product LoRA as trained, 0 = without it)", MAX_SCALE))
         _set(self, "renormalize_attention", bool(self.renormalize_attention))
         _set(self, "attention_scale", check_modulation_scale(self.attention_scale, maximum=MAX_SCALE))
         _set(self, "modulation", AttentionModulation(self.attention_scale, self.renormalize_attention))
@@ -276,7 +282,8 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "reference_guidance": ("reference", "guidance"),
     "reference_strength": ("reference", "strength"),
     "training_free_reference": ("reference", "training_free_method"),
-    **{name: ("reference", name) for name in ("lora_scale", "attention_scale", "renormalize_attention")},
+    **{name: ("reference", name) for name in ("lora_scale", "product_scale", "attention_scale",
+                                              "renormalize_attention")},
     **{name: ("control", name) for name in ("mode", "control_scale", "mask_guidance", "harmonize", "region_dilate",
                                             "region_feather")},
     **{name: ("output", name) for name in ("paste_back", "feather", "placement", "box_ratio",

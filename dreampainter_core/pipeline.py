@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ from .options import (MAX_BATCH, ControlOptions, OutputOptions, ReferenceOptions
 from .product import paste_back as paste_back_product
 from .product import place_product
 from .prompts import prompt_problem
+from .tokens import LearnedToken, input_embeddings, tokenizer_with
 from .transformer import DreamPainterTransformer
 
 logger = logging.getLogger("dreampainter")
@@ -130,6 +132,11 @@ def draw_noise(sampling: SamplingOptions, shape, reference_shape=None) -> tuple[
     return torch.cat(noises), (torch.cat(references) if references else None)
 
 
+def _check_image_seeds(sampling: SamplingOptions, batch: int) -> None:
+    if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
+        raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+
+
 def check_prompt(text, name: str) -> str:
     """``text`` if it can be a prompt (prompts.prompt_problem: a string, paired surrogates, at most
     MAX_PROMPT_CHARS characters), else InputError naming ``name``. Cheap: before any tokenizer."""
@@ -153,25 +160,49 @@ def _as_prompt_list(prompt, batch: int, name: str) -> list[str]:
     raise InputError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: torch.dtype, device,
-                  max_sequence_length: int = 1024) -> torch.Tensor:
-    """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16.
-
-    The text encoder runs where it is; the embeddings come back as `dtype` on `device`.
-    """
-    prompts = list(prompts)
-    for i, text in enumerate(prompts):
-        check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {i}")
+def prompt_ids(tokenizer, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
+    """Token ids as CogView4 makes them: special tokens added, left-padded to the longest prompt and
+    then to a multiple of 16."""
     inputs = tokenizer(
-        prompts, padding="longest", max_length=max_sequence_length, truncation=True,
+        list(prompts), padding="longest", max_length=max_sequence_length, truncation=True,
         add_special_tokens=True, return_tensors="pt",
     )
     ids = inputs.input_ids
     pad = (16 - ids.shape[1] % 16) % 16
     if pad:
         ids = torch.cat([torch.full((ids.shape[0], pad), tokenizer.pad_token_id, dtype=ids.dtype), ids], dim=1)
-    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    return ids
+
+
+def text_hidden_states(tokenizer, text_encoder, prompts: Sequence[str], *, max_sequence_length: int = 1024,
+                       tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
+    """GLM's hidden_states[-2] of the prompts, where the text encoder is, in its dtype; differentiable
+    in the learned tokens' embeddings (dreampainter_core.tokens), which replace their words' rows.
+    Without learned tokens: CogView4's own encoding, ids in."""
+    if not tokens:
+        ids = prompt_ids(tokenizer, prompts, max_sequence_length)
+        return text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+    for token in tokens:
+        token.check_fits(text_encoder)
+    extended, token_ids = tokenizer_with(tokenizer, [t.token for t in tokens])
+    ids = prompt_ids(extended, prompts, max_sequence_length).to(text_encoder.device)
+    embeds = input_embeddings(text_encoder, ids, {token_ids[t.token]: t.embedding for t in tokens},
+                              tokenizer.pad_token_id)
+    return text_encoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-2]
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompts: Sequence[str], *, dtype: torch.dtype, device,
+                  max_sequence_length: int = 1024, tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
+    """GLM embeddings as CogView4 does it: hidden_states[-2], ids left-padded to a multiple of 16.
+
+    The text encoder runs where it is; the embeddings come back as `dtype` on `device`. ``tokens``:
+    learned words (dreampainter_core.tokens) the prompts may use.
+    """
+    prompts = list(prompts)
+    for i, text in enumerate(prompts):
+        check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {i}")
+    out = text_hidden_states(tokenizer, text_encoder, prompts, max_sequence_length=max_sequence_length, tokens=tokens)
     return out.to(dtype=dtype, device=device)
 
 
@@ -235,12 +266,13 @@ class DreamPainterPipeline:
         return self.transformer.device
 
     # ---- text --------------------------------------------------------------------------
-    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024) -> torch.Tensor:
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 1024,
+                      tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
         """encode_prompt (the module function) with this pipeline's parts: in the transformer's dtype, on its device."""
         if self.text_encoder is None or self.tokenizer is None:
             raise CapabilityError("this pipeline was built without a text encoder; pass prompt embeddings instead")
         return encode_prompt(self.tokenizer, self.text_encoder, prompts, dtype=self.transformer.dtype,
-                             device=self.device, max_sequence_length=max_sequence_length)
+                             device=self.device, max_sequence_length=max_sequence_length, tokens=tokens)
 
     # ---- images <-> latents ---------------------------------------------------------------
     @torch.no_grad()
@@ -428,7 +460,7 @@ class DreamPainterPipeline:
             reference_latents = clean_reference  # for guide_reference below
         without_reference = dict(extra, reference_latents=None)
         merge = model.merge_lora_at_inference if merge_lora is None else bool(merge_lora)
-        with model.lora_for_inference(reference.lora_scale, merge=merge):
+        with model.lora_for_inference(reference.lora_scale, merge=merge, product_scale=reference.product_scale):
             for i, t in enumerate(timesteps):
                 cfg_now = i < cfg_steps
                 reference_guidance = (guidance_scale if cfg_now else 1.0) if reference.guidance is None else reference.guidance
@@ -474,7 +506,8 @@ class DreamPainterPipeline:
         return (
             f"sampling produced NaN or infinite latents at step {step + 1} of {total}; stopped there instead of "
             f"returning a blank image. Likely causes: a scale too large for this model (guidance_scale="
-            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, control_scale="
+            f"{sampling.guidance_scale:g}, lora_scale={reference.lora_scale:g}, "
+            f"{f'product_scale={reference.product_scale:g}, ' if self.transformer.has_product_adapter else ''}control_scale="
             f"{control.control_scale:g}, shift={'auto' if sampling.shift is None else format(sampling.shift, 'g')}: "
             f"lower them); {precision}; or corrupt weights (NaN/inf in a transformer or DreamPainter file: "
             "re-download or re-export it)."
@@ -530,7 +563,12 @@ class DreamPainterPipeline:
         if batch > MAX_BATCH:
             raise InputError(f"a batch of {batch} images is more than the {MAX_BATCH} one run takes: split the products "
                              f"into batches of at most {MAX_BATCH}")
-        mode = control.resolved_mode(self.transformer.control is not None)
+        mode = control.resolved_mode(self.transformer.has_branch_for("background"))
+        if mode == "dreampainter" and self.transformer.has_branch_for("insertion"):
+            raise CapabilityError(
+                "mode='dreampainter' asks for the control branch, but this model's branch was trained for inserting "
+                "products into photos (pipe.insert), not for backgrounds. Use mode='training_free' or 'auto', or "
+                "load a stage-1/stage-2 DreamPainter file.")
         if reference.image is not None:
             if mode == "dreampainter" and not self.transformer.supports_reference:
                 raise CapabilityError(
@@ -559,8 +597,7 @@ class DreamPainterPipeline:
             if init_b.shape[0] not in (1, batch):
                 raise InputError(f"init_image: got {init_b.shape[0]} images for a batch of {batch}")
             init_b = init_b.expand(batch, -1, -1, -1)
-        if sampling.image_seeds is not None and len(sampling.image_seeds) != batch:
-            raise InputError(f"image_seeds: got {len(sampling.image_seeds)} seeds for a batch of {batch}; give one per image")
+        _check_image_seeds(sampling, batch)
         return GenerationRequest(
             product=product_b, mask=mask_b, width=int(width), height=int(height), sampling=sampling,
             reference=reference, control=control, output=output, mode=mode, init_image=init_b, callback=callback,
@@ -608,7 +645,7 @@ class DreamPainterPipeline:
             return_source=True, return_matte=r.output.decontaminate,
         )
         training_free = r.mode == "training_free"
-        use_control = not training_free and self.transformer.control is not None
+        use_control = not training_free and self.transformer.has_branch_for("background")
         control = self.prepare_control(foreground, canvas_mask) if use_control else None
         known = self.known_region(foreground, canvas_mask, r.control) if training_free else None
         ref_latents = in_context = None
@@ -665,45 +702,160 @@ class DreamPainterPipeline:
         ``output.feather`` px of the context blend into the generated region.
 
         Works with any model the pack loads (the control branch is not used). Used to remove
-        a product from a photo (``train.data references``) and to insert one (DreamPaint).
+        a product from a photo (``train.data references``); ``insert`` is the same with a product.
         """
+        context, hole = self._check_inpaint_inputs(image, mask)
+        embeds = self._hole_prompts(prompt, negative_prompt, context.shape[0], sampling)
+        out = self.fill_hole(context, hole, *embeds, sampling=sampling, reference=ReferenceOptions(lora_scale=lora_scale),
+                             control=control, output=output, callback=callback, merge_lora=merge_lora)
+        out.mode = "inpaint"
+        return out if return_dict else out.images
+
+    @torch.no_grad()
+    def insert(
+        self,
+        prompt,
+        context,
+        mask,
+        product_lora=None,
+        *,
+        negative_prompt="",
+        sampling: SamplingOptions | None = None,
+        reference: ReferenceOptions | None = None,
+        control: ControlOptions | None = None,
+        output: OutputOptions | None = None,
+        callback: Callable[[StepInfo], object] | None = None,
+        merge_lora: bool | None = None,
+        return_dict: bool = False,
+    ):
+        """DreamPaint: put a learned catalog product into the user's photo. ``mask`` = 1 marks the
+        region to generate (where the product goes); every pixel of ``context`` outside it is kept,
+        exactly after paste-back, with a ``output.feather`` px seam blending into the new region.
+
+        ``product_lora``: a ProductLoRA or its file (train.dreampaint), applied for this call at
+        ``reference.product_scale`` (0 = the class noun only, exactly as without it); its learned
+        identifier embedding, if any, is used for the prompt, which should name the product
+        ("a sks cup on the desk": a warning names an identifier missing from the prompt).
+        ``reference.lora_scale`` scales the stage-2 LoRA, if the model has one. The context is held
+        by the training-free known-region sampler (``control.harmonize``: the share of the last steps
+        that run free), or, with an insertion control branch loaded (train.stage1 with
+        data.mask_policy = "insertion"; control.mode "auto" or "dreampainter"), by that branch.
+        Without a product this is ``inpaint``, bit for bit. Returns [B, H, W, 3] (or the
+        DreamPainterOutput, whose mode says which sampler held the context).
+        """
+        from .product_lora import warn_missing_identifier
+
+        request = self.prepare_insert(context, mask, product_lora, sampling=sampling, reference=reference,
+                                      control=control, output=output, callback=callback, merge_lora=merge_lora)
+        if request.product is not None:
+            warn_missing_identifier(_as_prompt_list(prompt, request.context.shape[0], "prompt"), request.product)
+        embeds = self._hole_prompts(prompt, negative_prompt, request.context.shape[0], request.sampling, request.tokens)
+        out = self.generate_insert(request, *embeds)
+        return out if return_dict else out.images
+
+    def prepare_insert(self, context, mask, product_lora=None, *, sampling: SamplingOptions | None = None,
+                       reference: ReferenceOptions | None = None, control: ControlOptions | None = None,
+                       output: OutputOptions | None = None, callback=None,
+                       merge_lora: bool | None = None) -> "InsertRequest":
+        """insert's checks (cheap: no model runs): the context and mask, the product file and its base,
+        and which sampler holds the context. Raises InputError / CapabilityError / WeightFormatError."""
+        from .product_lora import load_product_lora
+
+        reference = reference or ReferenceOptions()
+        control = control or ControlOptions()
+        if reference.image is not None:
+            raise InputError("insert takes no reference image: the product comes from its product LoRA (learned from "
+                             "the catalog images by train.dreampaint)")
+        mode = control.resolved_mode(self.transformer.has_branch_for("insertion"))
+        if mode == "dreampainter" and not self.transformer.has_branch_for("insertion"):
+            raise CapabilityError(
+                "mode='dreampainter' asks for an insertion control branch, but this model has "
+                + ("a branch for backgrounds only" if self.transformer.control is not None else "no DreamPainter branch")
+                + ". Use mode='training_free' or 'auto' (the known-region sampler), or load a branch trained with "
+                "train.stage1 data.mask_policy=insertion.")
+        context, hole = self._check_inpaint_inputs(context, mask, "context")
+        product = load_product_lora(product_lora) if isinstance(product_lora, (str, os.PathLike)) else product_lora
+        if product is not None:
+            product.check_base(self.transformer)
+        sampling = sampling or SamplingOptions()
+        _check_image_seeds(sampling, context.shape[0])
+        return InsertRequest(context, hole, product, mode, sampling, reference, control, output or OutputOptions(),
+                             callback, merge_lora)
+
+    @torch.no_grad()
+    def generate_insert(self, request: "InsertRequest", prompt_embeds: torch.Tensor,
+                        negative_embeds: torch.Tensor | None) -> DreamPainterOutput:
+        """Run a prepared insertion with prompt embeddings (made with ``request.tokens``)."""
+        from .product_lora import product_applied
+
+        r = request
+        with product_applied(self.transformer, r.product):
+            out = self.fill_hole(r.context, r.hole, prompt_embeds, negative_embeds, sampling=r.sampling,
+                                 reference=r.reference, control=r.control, output=r.output, callback=r.callback,
+                                 merge_lora=r.merge_lora, use_branch=r.mode == "dreampainter")
+        out.mode = r.mode
+        return out
+
+    def _hole_prompts(self, prompt, negative_prompt, batch: int, sampling: SamplingOptions | None,
+                      tokens=()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """inpaint's and insert's prompt embeddings (the negative one only with CFG)."""
+        prompt_embeds = self.encode_prompt(_as_prompt_list(prompt, batch, "prompt"), tokens=tokens)
+        negative_embeds = None
+        if (sampling or SamplingOptions()).uses_cfg:
+            negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
+            negative_embeds = self.encode_prompt(negatives, tokens=tokens)
+        return prompt_embeds, negative_embeds
+
+    @torch.no_grad()
+    def fill_hole(self, context: torch.Tensor, hole: torch.Tensor, prompt_embeds: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, *, sampling: SamplingOptions | None = None,
+                  reference: ReferenceOptions | None = None, control: ControlOptions | None = None,
+                  output: OutputOptions | None = None, callback=None, merge_lora: bool | None = None,
+                  use_branch: bool = False) -> DreamPainterOutput:
+        """inpaint's and insert's sampler with prompt embeddings ([1 or B, T, D]): a checked [B, H, W, 3]
+        context and [B, H, W] 0/1 hole (_check_inpaint_inputs) in; the context kept (held on its noised
+        trajectory, or with ``use_branch`` by an insertion control branch), the hole generated."""
         sampling = sampling or SamplingOptions()
         control = control or ControlOptions()
         output = output or OutputOptions()
-        lora_scale = ReferenceOptions(lora_scale=lora_scale).lora_scale
-        context, hole = self._check_inpaint_inputs(image, mask)
         batch, height, width = context.shape[0], context.shape[1], context.shape[2]
         keep = 1.0 - hole
-        known = self.known_region(context, keep, control)
-        prompt_embeds = self._batch_embeds(self.encode_prompt(_as_prompt_list(prompt, batch, "prompt")), batch, "prompt")
-        negative_embeds = None
+        _check_image_seeds(sampling, batch)
+        known = control_latents = None
+        if use_branch:  # the branch sees the kept pixels on white and where they are, as it was trained
+            control_latents = self.prepare_control(context * keep.unsqueeze(-1) + hole.unsqueeze(-1), keep)
+        else:
+            known = self.known_region(context, keep, control)
+        prompt_embeds = self._batch_embeds(prompt_embeds, batch, "prompt")
         if sampling.uses_cfg:
-            negatives = _as_prompt_list(negative_prompt if negative_prompt is not None else "", batch, "negative_prompt")
-            negative_embeds = self._batch_embeds(self.encode_prompt(negatives), batch, "negative_prompt")
-        generator = torch.Generator("cpu").manual_seed(sampling.seed)
+            if negative_embeds is None:
+                raise InputError("guidance_scale > 1 needs negative prompt embeddings (an empty negative prompt is fine)")
+            negative_embeds = self._batch_embeds(negative_embeds, batch, "negative_prompt")
         shape = (batch, self.transformer.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        init_latents = known.latents if sampling.denoise < 1.0 else None
+        noise, _ = draw_noise(sampling, shape)
+        init_latents = None
+        if sampling.denoise < 1.0:
+            init_latents = known.latents if known is not None else self.encode_image(context)
         latents = self.sample(
-            noise, prompt_embeds, negative_embeds, height=height, width=width, sampling=sampling,
-            reference=ReferenceOptions(lora_scale=lora_scale), control=control, init_latents=init_latents,
-            callback=callback, merge_lora=merge_lora, known=known,
+            noise, prompt_embeds, negative_embeds if sampling.uses_cfg else None, height=height, width=width,
+            sampling=sampling, reference=reference, control=control, control_latents=control_latents,
+            init_latents=init_latents, callback=callback, merge_lora=merge_lora, known=known,
         )
         images = self.decode(latents).cpu()
         if output.paste_back:
             images = paste_back_product(images, context, keep, feather=output.feather_radius, source=context)
-        out = DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole, mode="inpaint")
-        return out if return_dict else out.images
+        return DreamPainterOutput(images=images, latents=latents, foreground=context, mask=hole)
 
-    def _check_inpaint_inputs(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        context = as_image_batch(image, "image")
+    def _check_inpaint_inputs(self, image, mask, image_name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        context = as_image_batch(image, image_name)
         hole = as_mask_batch(mask, "mask").to(context.device)
         if tuple(context.shape[1:3]) != tuple(hole.shape[1:3]):
-            raise InputError(f"mask size {hole.shape[2]}x{hole.shape[1]} (WxH) does not match the image's "
-                             f"{context.shape[2]}x{context.shape[1]}; resize the mask to the image")
+            raise InputError(f"mask size {hole.shape[2]}x{hole.shape[1]} (WxH) does not match the {image_name}'s "
+                             f"{context.shape[2]}x{context.shape[1]}; resize the mask to the {image_name}")
         batch = max(context.shape[0], hole.shape[0])
         if context.shape[0] not in (1, batch) or hole.shape[0] not in (1, batch):
-            raise InputError(f"{context.shape[0]} images and {hole.shape[0]} masks: give one mask per image, or one for all")
+            raise InputError(f"{context.shape[0]} {image_name} images and {hole.shape[0]} masks: give one mask per "
+                             "image, or one for all")
         context, hole = context.expand(batch, -1, -1, -1), (hole > 0.5).float().expand(batch, -1, -1)
         for i, count in enumerate(hole.flatten(1).sum(dim=1).tolist()):
             if count == 0:
@@ -790,6 +942,27 @@ class GenerationRequest:
     init_image: torch.Tensor | None = None
     callback: Callable[[StepInfo], object] | None = None
     merge_lora: bool | None = None
+
+
+@dataclass
+class InsertRequest:
+    """Checked inputs of one insertion (see DreamPainterPipeline.prepare_insert)."""
+
+    context: torch.Tensor  # [B, H, W, 3]
+    hole: torch.Tensor  # [B, H, W] 0/1: the region to generate
+    product: object  # a product_lora.ProductLoRA, or None
+    mode: str  # "training_free" (known-region sampler) or "dreampainter" (an insertion branch)
+    sampling: SamplingOptions
+    reference: ReferenceOptions
+    control: ControlOptions
+    output: OutputOptions
+    callback: Callable[[StepInfo], object] | None = None
+    merge_lora: bool | None = None
+
+    @property
+    def tokens(self) -> tuple:
+        """The learned words the prompts use (the product's identifier, when learned)."""
+        return () if self.product is None else self.product.tokens
 
 
 @dataclass

@@ -51,8 +51,14 @@ from .attention import AttentionModulation
 from .rope import REFERENCE_LAYOUTS, REFERENCE_SCALES, dreampainter_rope
 
 LORA_ADAPTER = "dreampainter"
+PRODUCT_ADAPTER = "product"  # a DreamPaint product's LoRA (dreampainter_core.product_lora)
 # All linear layers of the base DiT blocks (the paper: "all linear layers of the original branch").
 REFERENCE_TIMESTEPS = ("same-as-target", "clean")
+# What a control branch was trained for. "background": keep the product, paint the scene (stage 1).
+# "insertion": keep the user's photo (the context), paint a product into a hole (DreamPaint's inpainting
+# module, train.stage1 with data.mask_policy = "insertion"). Both take [Z_f, Z_m] = the kept pixels on
+# white and the kept region; the pipeline uses a branch only for its own task.
+CONTROL_TASKS = ("background", "insertion")
 DEFAULT_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
 
 
@@ -74,6 +80,7 @@ class DreamPainterConfig:
     reference_scale: str = "target"  # see rope.py
     reference_timestep: str = "same-as-target"  # or "clean": t = 0 modulation (OminiControl)
     reference_layout: str = "diagonal"  # RoPE placement of the reference: "diagonal" or "beside"
+    task: str = "background"  # CONTROL_TASKS; files from before it existed are background branches
 
     def resolved(self, num_base_layers: int) -> "DreamPainterConfig":
         cfg = copy.deepcopy(self)
@@ -101,6 +108,8 @@ class DreamPainterConfig:
             raise ValueError(f"reference_timestep must be one of {REFERENCE_TIMESTEPS}, got {cfg.reference_timestep!r}")
         if cfg.reference_layout not in REFERENCE_LAYOUTS:
             raise ValueError(f"reference_layout must be one of {REFERENCE_LAYOUTS}, got {cfg.reference_layout!r}")
+        if cfg.task not in CONTROL_TASKS:
+            raise ValueError(f"task must be one of {CONTROL_TASKS}, got {cfg.task!r}")
         return cfg
 
     def to_json(self) -> str:
@@ -277,9 +286,17 @@ class DreamPainterTransformer(nn.Module):
     def supports_reference(self) -> bool:
         return self.has_lora
 
+    def has_branch_for(self, task: str) -> bool:
+        """Whether this model has a control branch trained for ``task`` (CONTROL_TASKS)."""
+        return self.control is not None and self.config.task == task
+
     # ---- LoRA -------------------------------------------------------------------------
-    def lora_target_regex(self) -> str:
-        names = "|".join(t.replace(".", r"\.") for t in self.config.lora_targets)
+    # Two peft adapters can sit on the base blocks' linears: LORA_ADAPTER (stage 2, loaded with the
+    # DreamPainter file) and PRODUCT_ADAPTER (a DreamPaint product, dreampainter_core.product_lora, only
+    # while an insertion runs or a product trains). Between generations only the stage-2 adapter is
+    # active, so a model that once held a product generates exactly as one that never did.
+    def lora_target_regex(self, targets=None) -> str:
+        names = "|".join(t.replace(".", r"\.") for t in (self.config.lora_targets if targets is None else targets))
         return rf"^transformer_blocks\.\d+\.({names})$"
 
     def add_lora(self) -> None:
@@ -310,21 +327,95 @@ class DreamPainterTransformer(nn.Module):
         for layer in self.lora_layers():
             layer.set_scale(LORA_ADAPTER, float(scale))
 
-    @contextmanager
-    def lora_for_inference(self, scale: float, merge: bool = True):
-        """LoRA at ``scale`` for a whole generation, without its per-layer cost.
+    # ---- the product adapter ----------------------------------------------------------
+    @property
+    def has_product_adapter(self) -> bool:
+        return any(PRODUCT_ADAPTER in layer.lora_A for layer in self.lora_layers())
 
-        scale 0 switches the adapters off (exactly the stage-1 model, and free); otherwise
-        the scaled LoRA is merged into the base weights for the duration and unmerged
-        afterwards, so training and later calls see the unmerged model. ``merge=False``
+    def add_product_adapter(self, rank: int, alpha: float, targets, dtype: torch.dtype | None = None) -> None:
+        """Inject an (initially zero) product LoRA beside the stage-2 one, replacing a previous product
+        adapter; its weights in ``dtype`` (default: the model's compute dtype, also when the block
+        weights are stored in float8) and frozen; inactive until set_active_adapters or
+        lora_for_inference(product_scale=...) turns it on."""
+        import warnings
+
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.remove_product_adapter()
+        lora_config = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=self.lora_target_regex(targets),
+                                 lora_dropout=0.0, init_lora_weights=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*peft_config.*")  # a second adapter is the point
+            inject_adapter_in_model(lora_config, self.base, adapter_name=PRODUCT_ADAPTER)
+        dtype = dtype or self.dtype
+        for param in self.product_parameters().values():
+            param.data = param.data.to(dtype)
+            param.requires_grad_(False)
+        self.set_active_adapters(self.resting_adapters())
+
+    def remove_product_adapter(self) -> None:
+        for layer in self.lora_layers():
+            if PRODUCT_ADAPTER in layer.lora_A:
+                layer.delete_adapter(PRODUCT_ADAPTER)
+        getattr(self.base, "peft_config", {}).pop(PRODUCT_ADAPTER, None)
+        if self.lora_layers():
+            self.set_active_adapters(self.resting_adapters())
+
+    def product_parameters(self) -> dict[str, nn.Parameter]:
+        marker = f".{PRODUCT_ADAPTER}."
+        return {name: p for name, p in self.named_parameters() if "lora_" in name and marker in name}
+
+    def product_state_dict(self) -> dict[str, torch.Tensor]:
+        """The product adapter's weights under peft's key names (adapter name left out)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.base, adapter_name=PRODUCT_ADAPTER)
+
+    def load_product_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        dtype = next(iter(self.product_parameters().values())).dtype
+        tensors = {k: v.to(device=self.device, dtype=dtype) for k, v in tensors.items()}
+        result = set_peft_model_state_dict(self.base, tensors, adapter_name=PRODUCT_ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"product LoRA tensors do not fit this model's layers, e.g. {unexpected[:3]}")
+
+    def resting_adapters(self) -> list[str]:
+        """The adapters active between generations: the stage-2 one, if any."""
+        return [LORA_ADAPTER] if self.has_lora else []
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        """Which adapters every LoRA layer applies; their parameters keep their requires_grad (peft's
+        set_adapter would make every active adapter trainable)."""
+        flags = {p: p.requires_grad for name, p in self.named_parameters() if "lora_" in name}
+        for layer in self.lora_layers():
+            layer.set_adapter(list(names))
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+
+    @contextmanager
+    def lora_for_inference(self, scale: float, merge: bool = True, product_scale: float = 0.0):
+        """LoRA at ``scale`` (and the product adapter, when one is loaded, at ``product_scale``) for a
+        whole generation, without its per-layer cost.
+
+        An adapter at scale 0 is switched off (exactly the model without it, and free; both at 0: the
+        stage-1 model); otherwise the scaled adapters are merged into the base weights for the duration
+        and unmerged afterwards, so training and later calls see the unmerged model. ``merge=False``
         keeps the separate LoRA path (e.g. for fp8-stored weights, where merging is lossy).
         """
         layers = self.lora_layers()
         if not layers:
             yield
             return
+        with_product = self.has_product_adapter
+        active = [name for name, s in ((LORA_ADAPTER, scale), (PRODUCT_ADAPTER, product_scale))
+                  if s != 0.0 and (self.has_lora if name == LORA_ADAPTER else with_product)]
         self.set_lora_scale(scale)
-        if scale == 0.0:
+        if with_product:
+            for layer in layers:
+                layer.set_scale(PRODUCT_ADAPTER, float(product_scale))
+        if not active:
             for layer in layers:
                 layer.enable_adapters(False)
             try:
@@ -333,25 +424,32 @@ class DreamPainterTransformer(nn.Module):
                 for layer in layers:
                     layer.enable_adapters(True)
             return
-        if not merge:
-            yield
-            return
-        # peft's unmerge subtracts the delta again, which is not exact (and in bf16 would
-        # erode the base a little on every call); so back the weights up (on the CPU, as
-        # ComfyUI's ModelPatcher does) and copy them back afterwards: bit-exact.
-        backups = []
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                backups.append((weight, weight.detach().to("cpu", copy=True)))
-                layer.merge(adapter_names=[LORA_ADAPTER])
+        if with_product:  # without one, the stage-2 adapter alone is active already
+            self.set_active_adapters(active)
         try:
-            yield
-        finally:
+            if not merge:
+                yield
+                return
+            # peft's unmerge subtracts the delta again, which is not exact (and in bf16 would
+            # erode the base a little on every call); so back the weights up (on the CPU, as
+            # ComfyUI's ModelPatcher does) and copy them back afterwards: bit-exact.
+            merging = [layer for layer in layers if any(name in layer.lora_A for name in active)]
+            backups = []
             with torch.no_grad():
-                for layer, (weight, saved) in zip(layers, backups):
-                    layer.unmerge()
-                    weight.copy_(saved)
+                for layer in merging:
+                    weight = layer.get_base_layer().weight
+                    backups.append((weight, weight.detach().to("cpu", copy=True)))
+                    layer.merge(adapter_names=[name for name in active if name in layer.lora_A])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for layer, (weight, saved) in zip(merging, backups):
+                        layer.unmerge()
+                        weight.copy_(saved)
+        finally:
+            if with_product:
+                self.set_active_adapters(self.resting_adapters())
 
     # ---- forward ----------------------------------------------------------------------
     def _run_block(self, block, hidden, text, temb, rope, attention_kwargs, reference_temb=None):

@@ -35,12 +35,14 @@ missing or unreadable file).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -53,13 +55,14 @@ from .loading import MAX_TRANSFORMER_LAYERS
 from .rope import REFERENCE_LAYOUTS, REFERENCE_SCALES
 from .safetensors_io import (
     LOADABLE_DTYPES,
+    SafetensorsHeader,
     TensorInfo,
     dtype_problem,
     first_non_finite,
     non_finite_message,
     read_safetensors_header,
 )
-from .transformer import REFERENCE_TIMESTEPS, DreamPainterConfig, DreamPainterTransformer
+from .transformer import CONTROL_TASKS, REFERENCE_TIMESTEPS, DreamPainterConfig, DreamPainterTransformer
 
 FORMAT_NAME = "dreampainter"
 FORMAT_VERSION = 1
@@ -84,14 +87,33 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return Path(path)
 
 
-def _base_geometry(model: DreamPainterTransformer) -> dict[str, int]:
-    cfg = model.base.config
+def base_geometry(base) -> dict[str, int]:
+    """What a weight file records of the CogView4 base it was made for (diffusers' transformer)."""
+    cfg = base.config
     return {
         "base_num_layers": int(cfg.num_layers),
-        "base_inner_dim": int(model.inner_dim),
+        "base_inner_dim": int(cfg.num_attention_heads * cfg.attention_head_dim),
         "base_in_channels": int(cfg.in_channels),
         "base_patch_size": int(cfg.patch_size),
     }
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """16 hex digits of sha256 over the tensors' shapes and values rounded to bf16: the same weights
+    give the same fingerprint whether they were loaded in bf16 or fp32 (both round alike), other
+    weights of the same shape a different one."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_fingerprint(base) -> str:
+    """The base transformer's fingerprint: its patch embedding and output head, which no DreamPainter
+    file, LoRA or fp8 storage (blocks only) changes, and which differ between any two trainings."""
+    return weights_fingerprint([base.patch_embed.proj.weight, base.proj_out.weight])
 
 
 def dreampainter_tensors(model: DreamPainterTransformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -121,8 +143,9 @@ def save_dreampainter_weights(
         "injection_layers": json.dumps(model.config.injection_layers),
         "lora_rank": str(model.config.lora_rank if model.has_lora else 0),
         "lora_targets": json.dumps(model.config.lora_targets if model.has_lora else []),
+        "task": model.config.task,
     }
-    metadata.update({k: str(v) for k, v in _base_geometry(model).items()})
+    metadata.update({k: str(v) for k, v in base_geometry(model.base).items()})
     if extra_metadata:
         metadata.update({k: str(v) for k, v in extra_metadata.items()})
     return atomic_save_safetensors(dreampainter_tensors(model, dtype), path, metadata)
@@ -209,7 +232,7 @@ def _parse_config(path: Path, text: str, stage: int, max_layers: int, max_width:
         raise _bad(path, f + "lora_targets", f"is {json.dumps(targets)[:80]}; expected a list of 1..{MAX_LORA_TARGETS} "
                                              "module names inside a block, like \"attn1.to_q\"")
     choices = {"reference_scale": REFERENCE_SCALES, "reference_timestep": REFERENCE_TIMESTEPS,
-               "reference_layout": REFERENCE_LAYOUTS}
+               "reference_layout": REFERENCE_LAYOUTS, "task": CONTROL_TASKS}
     for name, allowed in choices.items():
         value = raw.get(name, getattr(defaults, name))
         if value not in allowed:
@@ -224,11 +247,14 @@ def _parse_config(path: Path, text: str, stage: int, max_layers: int, max_width:
         reference_scale=raw.get("reference_scale", defaults.reference_scale),
         reference_timestep=raw.get("reference_timestep", defaults.reference_timestep),
         reference_layout=raw.get("reference_layout", defaults.reference_layout),
+        task=raw.get("task", defaults.task),
     )
 
 
 def _check_duplicates(path: Path, metadata: dict[str, str], config: DreamPainterConfig, stage: int) -> None:
     """The keys written next to the config for other tools must say the same as the config."""
+    if "task" in metadata and metadata["task"] != config.task:
+        raise _bad(path, "task", f"is {metadata['task'][:40]!r} but dreampainter_config says {config.task!r}")
     copies = {"control_blocks": config.control_blocks, "lora_rank": config.lora_rank}
     if config.injection_layers is not None:
         copies["injection_layers"] = config.injection_layers
@@ -239,32 +265,67 @@ def _check_duplicates(path: Path, metadata: dict[str, str], config: DreamPainter
             raise _bad(path, field, f"is {metadata[field][:60]!r} but dreampainter_config says {json.dumps(value)[:60]}")
 
 
-def read_dreampainter_file(path: str | os.PathLike) -> DreamPainterFile:
-    """Header and metadata of a DreamPainter file, checked against the schema; reads no tensor data."""
+def read_format_header(path: str | os.PathLike, format_name: str, max_version: int, kind: str, made_by: str,
+                       other_file_hint: str = "") -> SafetensorsHeader:
+    """Header (metadata, tensor names, dtypes, shapes; no tensor data) of a file of one of the pack's
+    safetensors formats (``format`` = format_name, a version up to max_version), read within
+    safetensors_io's bounds; a clear error naming ``kind`` and ``made_by`` (where such files come from)
+    for a missing file, a pickle, a corrupt header, another format, a newer version or a dtype the
+    pack cannot run."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFilesError(
-            f"DreamPainter weight file not found: {path}. Expected a .safetensors file made by "
-            "`python -m train.stage1/stage2` (put it in ComfyUI/models/dreampainter/)."
-        )
+        raise ModelFilesError(f"{kind} file not found: {path}. Expected a .safetensors file {made_by}.")
     if path.suffix != ".safetensors":
-        raise WeightFormatError(f"{path}: DreamPainter weights must be a .safetensors file (pickle formats are refused).")
-    header = read_safetensors_header(path, WHAT)
+        raise WeightFormatError(f"{path}: {kind} files must be .safetensors files (pickle formats are refused).")
+    header = read_safetensors_header(path, f"{kind} file")
     metadata = header.metadata
-    if metadata.get("format") != FORMAT_NAME:
+    if metadata.get("format") != format_name:
         raise WeightFormatError(
-            f"{path} is not a DreamPainter weight file (its metadata has no format=dreampainter). "
-            "It may be a base CogView4 transformer or another LoRA: load base models with the model "
-            "loader and DreamPainter files (control branch + LoRA) as the DreamPainter weights."
-        )
+            f"{path} is not a {kind} file (its metadata has no format={format_name}). {other_file_hint}".rstrip())
     version = _int_text(path, metadata, "format_version", 1, 10**6)
     if version is None:
         raise _bad(path, "format_version", "is missing")
-    if version > FORMAT_VERSION:
+    if version > max_version:
         raise WeightFormatError(
-            f"{path} uses DreamPainter format version {version}; this version of the pack reads up to "
-            f"{FORMAT_VERSION}. Update ComfyUI-DreamPainter."
-        )
+            f"{path} uses {kind} format version {version}; this version of the pack reads up to "
+            f"{max_version}. Update ComfyUI-DreamPainter.")
+    problem = dtype_problem(header.tensors, LOADABLE_DTYPES)
+    if problem:
+        raise WeightFormatError(f"{path}: {problem}. (The pack's own files are never stored in fp8.)")
+    return header
+
+
+def read_tensors(path: str | os.PathLike, names: Iterable[str] | None = None, check_finite: bool = False,
+                 what: str = WHAT) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (``names``, default all), on the CPU; ModelFilesError for a
+    truncated file, and with ``check_finite`` WeightFormatError for NaN/inf values."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ModelFilesError(f"{path}: could not read tensors (truncated or corrupt file?): {exc}") from exc
+    if check_finite and (bad := first_non_finite(tensors.items())) is not None:
+        raise WeightFormatError(non_finite_message(what, path, bad))
+    return tensors
+
+
+def read_safetensors(path: str | os.PathLike, format_name: str, max_version: int, kind: str,
+                     made_by: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on the CPU, metadata) of a small file of one of the pack's formats (read_format_header),
+    its tensors checked for NaN/inf."""
+    header = read_format_header(path, format_name, max_version, kind, made_by)
+    return read_tensors(path, check_finite=True, what=f"{kind} file"), header.metadata
+
+
+def read_dreampainter_file(path: str | os.PathLike) -> DreamPainterFile:
+    """Header and metadata of a DreamPainter file, checked against the schema; reads no tensor data."""
+    path = Path(path)
+    header = read_format_header(
+        path, FORMAT_NAME, FORMAT_VERSION, "DreamPainter weight",
+        "made by `python -m train.stage1/stage2` (put it in ComfyUI/models/dreampainter/)",
+        "It may be a base CogView4 transformer or another LoRA: load base models with the model loader and "
+        "DreamPainter files (control branch + LoRA) as the DreamPainter weights.")
+    metadata = header.metadata
     stage = _int_text(path, metadata, "stage", 1, 2)
     if stage is None:
         raise _bad(path, "stage", "is missing")
@@ -275,9 +336,6 @@ def read_dreampainter_file(path: str | os.PathLike) -> DreamPainterFile:
     config = _parse_config(path, metadata["dreampainter_config"], stage, max_layers,
                            geometry.get("base_inner_dim", MAX_BASE_WIDTH))
     _check_duplicates(path, metadata, config, stage)
-    problem = dtype_problem(header.tensors, LOADABLE_DTYPES)
-    if problem:
-        raise WeightFormatError(f"{path}: {problem}. (LoRA and gates are small and never stored in fp8.)")
     return DreamPainterFile(path, metadata, stage, config, geometry, header.tensors)
 
 
@@ -286,24 +344,31 @@ def read_dreampainter_metadata(path: str | os.PathLike) -> dict[str, str]:
     return read_dreampainter_file(path).metadata
 
 
+def check_base(path: Path, metadata: dict[str, str], base) -> None:
+    """WeightFormatError unless the base a file records (its geometry, and its fingerprint when the
+    file has one) is the loaded base transformer's."""
+    actual = base_geometry(base)
+    wrong = {}
+    for k, v in actual.items():
+        text = metadata.get(k)
+        if text is not None and (not _DECIMAL.fullmatch(text) or int(text) != v):
+            wrong[k] = (text[:20], v)
+    if not wrong and metadata.get("base_fingerprint") not in (None, base_fingerprint(base)):
+        wrong = {"base_fingerprint": (metadata["base_fingerprint"][:20], base_fingerprint(base))}
+    if wrong:
+        detail = ", ".join(f"{k}: file {f}, loaded base {b}" for k, (f, b) in wrong.items())
+        raise WeightFormatError(
+            f"{path} was made for another base model ({metadata.get('base_model', 'unknown')[:100]}) than "
+            f"the one loaded ({detail}). Load it together with the base transformer it was trained on."
+        )
+
+
 def _fit_to_base(info: DreamPainterFile, base) -> DreamPainterConfig:
     """The file's config resolved on ``base``; refuses a file made for another base, or a config
     that does not fit this one (nothing is built yet)."""
     cfg = base.config
     inner = int(cfg.num_attention_heads * cfg.attention_head_dim)
-    actual = {
-        "base_num_layers": int(cfg.num_layers),
-        "base_inner_dim": inner,
-        "base_in_channels": int(cfg.in_channels),
-        "base_patch_size": int(cfg.patch_size),
-    }
-    wrong = {k: (info.geometry[k], v) for k, v in actual.items() if k in info.geometry and info.geometry[k] != v}
-    if wrong:
-        detail = ", ".join(f"{k}: file {f}, loaded base {b}" for k, (f, b) in wrong.items())
-        raise WeightFormatError(
-            f"{info.path} was made for another base model ({info.metadata.get('base_model', 'unknown')[:100]}) than "
-            f"the one loaded ({detail}). Load it together with the base transformer it was trained on."
-        )
+    check_base(info.path, info.metadata, base)
     if info.config.control_blocks > cfg.num_layers:  # each control block is a copy of a base block
         raise _bad(info.path, "dreampainter_config.control_blocks", f"is {info.config.control_blocks}; expected "
                                                                     f"1..{cfg.num_layers} (the loaded base's block count)")
@@ -374,17 +439,6 @@ def _check_tensors(info: DreamPainterFile, expected: dict[str, tuple], strict: b
     return list(expected)
 
 
-def _read_tensors(info: DreamPainterFile, names: list[str], check_finite: bool) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(info.path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in names}
-    except Exception as exc:
-        raise ModelFilesError(f"{info.path}: could not read tensors (truncated or corrupt file?): {exc}") from exc
-    if check_finite and (bad := first_non_finite(tensors.items())) is not None:
-        raise WeightFormatError(non_finite_message(WHAT, info.path, bad))
-    return tensors
-
-
 def _assign(model: DreamPainterTransformer, info: DreamPainterFile, tensors: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
@@ -408,7 +462,7 @@ def build_from_weights(base, path: str | os.PathLike, strict: bool = True,
     info = read_dreampainter_file(path)
     config = _fit_to_base(info, base)
     names = _check_tensors(info, expected_tensor_shapes(base, config, with_lora=info.stage == 2), strict)
-    tensors = _read_tensors(info, names, check_finite)
+    tensors = read_tensors(info.path, names, check_finite)
     try:
         model = DreamPainterTransformer(base, config)
     except ValueError as exc:
@@ -434,4 +488,4 @@ def load_dreampainter_weights(model: DreamPainterTransformer, path: str | os.Pat
     expected = {f"control.{k}": tuple(v.shape) for k, v in model.control_state_dict().items()}
     if info.stage == 2:
         expected.update({f"lora.{k}": tuple(v.shape) for k, v in model.lora_state_dict().items()})
-    _assign(model, info, _read_tensors(info, _check_tensors(info, expected, strict), check_finite))
+    _assign(model, info, read_tensors(info.path, _check_tensors(info, expected, strict), check_finite))

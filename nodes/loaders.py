@@ -283,18 +283,26 @@ class DreamPainterTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
-        check_prompt(prompt, "prompt")  # linked texts (e.g. the Prompt Builder's) are only known now
-        check_prompt(negative_prompt or "", "negative_prompt")
-        memory.load(text_encoder.patcher)
-        try:
-            # float32 on ComfyUI's intermediate device: the sampler casts them to the transformer's dtype
-            tok, te, out = text_encoder.tokenizer, text_encoder.text_encoder, mm.intermediate_device()
-            positive = encode_prompt(tok, te, [prompt], dtype=torch.float32, device=out)
-            mm.throw_exception_if_processing_interrupted()
-            negative = encode_prompt(tok, te, [negative_prompt or ""], dtype=torch.float32, device=out)
-        finally:
-            memory.unload(text_encoder.patcher)  # GLM-4-9B is ~19 GB: never keep it next to the DiT
+        positive, negative = encode_prompts(text_encoder, prompt, negative_prompt)
         return io.NodeOutput(DreamPainterConditioning(positive, negative, prompt, negative_prompt or ""))
+
+
+def encode_prompts(text_encoder: DreamPainterTextEncoder, prompt: str, negative_prompt: str | None,
+                   tokens=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative prompt) GLM embeddings, float32 on ComfyUI's intermediate device (the samplers
+    cast them to the transformer's dtype), with the text encoder on its device only meanwhile.
+    ``tokens``: learned words the prompts may use (a DreamPaint product's identifier)."""
+    check_prompt(prompt, "prompt")  # linked texts (e.g. the Prompt Builder's) are only known now
+    check_prompt(negative_prompt or "", "negative_prompt")
+    memory.load(text_encoder.patcher)
+    try:
+        tok, te, out = text_encoder.tokenizer, text_encoder.text_encoder, mm.intermediate_device()
+        positive = encode_prompt(tok, te, [prompt], dtype=torch.float32, device=out, tokens=tokens)
+        mm.throw_exception_if_processing_interrupted()
+        negative = encode_prompt(tok, te, [negative_prompt or ""], dtype=torch.float32, device=out, tokens=tokens)
+    finally:
+        memory.unload(text_encoder.patcher)  # GLM-4-9B is ~19 GB: never keep it next to the DiT
+    return positive, negative
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,8 +50,14 @@ DREAMPAINTER_HINT = (
     "Choose 'none' to run the base CogView4 model without DreamPainter."
 )
 
+PRODUCTS_HINT = (
+    "DreamPaint product files (.safetensors with format=dreampainter-product metadata) are made by this pack's "
+    "python -m train.dreampaint --images DIR --class-noun NOUN --out FILE; put them into "
+    "ComfyUI/models/dreampainter_products/."
+)
+
 # folder name -> (default sub-folder of models/, extensions)
-_OWN_FOLDERS = {"dreampainter": ({".safetensors"})}
+_OWN_FOLDERS = {"dreampainter": ({".safetensors"}), "dreampainter_products": ({".safetensors"})}
 
 
 def _embedded_folders() -> dict[str, str]:
@@ -190,6 +196,16 @@ def resolve_dreampainter(entry: str) -> str | None:
         raise ModelFilesError(
             f"DreamPainter weights: file '{str(entry)[:200]}' not found; searched {_searched('dreampainter')}. {DREAMPAINTER_HINT}"
         )
+    return path
+
+
+def resolve_product(entry: str) -> str:
+    """Path of a product file named in the product loader's dropdown."""
+    register_model_folders()
+    path = folder_paths.get_full_path("dreampainter_products", entry) if entry not in (None, "", NONE) else None
+    if path is None:
+        raise ModelFilesError(f"DreamPaint product: file '{entry}' not found; searched "
+                              f"{_searched('dreampainter_products')}. {PRODUCTS_HINT}")
     return path
 
 

@@ -11,6 +11,7 @@ from .image_nodes import (
     DreamPainterProductPrep,
     DreamPainterReferenceEncode,
 )
+from .insert_nodes import DreamPainterInsert, DreamPainterProductLoRALoader
 from .loaders import DreamPainterModelLoader, DreamPainterTextEncode, DreamPainterTextEncoderLoader, DreamPainterVAELoader
 from .paths import register_model_folders
 from .prompt_nodes import DreamPainterPromptBuilder
@@ -28,6 +29,8 @@ NODES: list[type[io.ComfyNode]] = [
     DreamPainterAutoMask,
     DreamPainterSampler,
     DreamPainterComposite,
+    DreamPainterProductLoRALoader,
+    DreamPainterInsert,
 ]
 
 

@@ -106,6 +106,12 @@ def run_sampler(model, conditioning, vae, product, mask, batch_size, options: di
     progress = SamplerProgress(options["sampling"].steps)
     request = pipe.prepare(product, mask, batch_size=None if batch_size <= 1 else batch_size, callback=progress,
                            **options)
+    return run_loaded(model, vae, pipe, progress,
+                      lambda: pipe.generate(request, conditioning.prompt_embeds, conditioning.negative_embeds))
+
+
+def run_loaded(model, vae, pipe, progress: SamplerProgress, generate):
+    """``generate()`` with the transformer and VAE loaded through ComfyUI and step previews set up."""
     memory.load(model.patcher, vae.patcher)
     try:
         if previews_enabled():
@@ -116,7 +122,7 @@ def run_sampler(model, conditioning, vae, product, mask, batch_size, options: di
                     logger.warning("DreamPainter: no step previews (fitting the latent->RGB map failed: %s)", exc)
                     vae.preview_map = False
             progress.preview_map = vae.preview_map or None
-        return pipe.generate(request, conditioning.prompt_embeds, conditioning.negative_embeds)
+        return generate()
     finally:
         if model.swap is not None:
             model.swap.drop_all()  # after a cancel a swapped block may still sit on the GPU

@@ -14,6 +14,7 @@ DreamPainterTextEncoderType = io.Custom("DREAMPAINTER_TEXT_ENCODER")
 DreamPainterConditioningType = io.Custom("DREAMPAINTER_CONDITIONING")
 DreamPainterVAEType = io.Custom("DREAMPAINTER_VAE")
 DreamPainterReferenceType = io.Custom("DREAMPAINTER_REFERENCE")
+DreamPainterProductType = io.Custom("DREAMPAINTER_PRODUCT")  # a dreampainter_core.product_lora.ProductLoRA
 
 CATEGORY = "DreamPainter"
 # The Add Node menu, by role ("DreamPainter/<role>"). The role names are the core's own category
@@ -22,7 +23,7 @@ CATEGORY_LOADERS = f"{CATEGORY}/loaders"  # model, text encoder, VAE
 CATEGORY_CONDITIONING = f"{CATEGORY}/conditioning"  # prompt, reference image
 CATEGORY_IMAGE = f"{CATEGORY}/image"  # product placement, paste back
 CATEGORY_MASK = f"{CATEGORY}/mask"  # auto mask, mask refine
-CATEGORY_SAMPLING = f"{CATEGORY}/sampling"  # the sampler
+CATEGORY_SAMPLING = f"{CATEGORY}/sampling"  # the samplers (background, insertion)
 
 
 @dataclass(eq=False)

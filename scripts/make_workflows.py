@@ -34,6 +34,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 BASE = "[diffusers] CogView4-6B"
 STAGE1 = "dreampainter_stage1.safetensors"
 STAGE2 = "dreampainter_stage2.safetensors"
+PRODUCT = "cup.safetensors"  # a product file the user made with train.dreampaint (models/dreampainter_products/)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,29 @@ def _reference(size: int):
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+def _room(size: int = 512):
+    """A desk by a window (the photo a shopper would take), and the mask of where a cup should go:
+    flat colours, so the PNG stays a few KB. 512 px: the smallest side CogView4 takes."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (0.86, 0.8, 0.7)  # plaster wall
+    window = (xx > 0.58) & (xx < 0.92) & (yy > 0.08) & (yy < 0.5)
+    img[window] = (0.78, 0.88, 0.96)
+    img[window & ((abs(xx - 0.75) < 0.008) | (abs(yy - 0.29) < 0.008))] = (0.95, 0.95, 0.93)  # mullions
+    desk = yy > 0.62
+    img[desk] = (0.55, 0.36, 0.2)
+    img[desk & (np.floor(yy * 40) % 3 == 0)] = (0.5, 0.32, 0.18)  # wood grain
+    img[(yy > 0.6) & (yy <= 0.62)] = (0.42, 0.27, 0.15)  # the desk's edge
+    pot = (abs(xx - 0.18) < 0.07) & (yy > 0.5) & (yy < 0.64)
+    img[pot] = (0.75, 0.42, 0.3)
+    for cx, cy, rx, ry in ((0.15, 0.42, 0.05, 0.1), (0.21, 0.38, 0.045, 0.11), (0.18, 0.33, 0.04, 0.09)):
+        img[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = (0.22, 0.5, 0.25)
+    book = (xx > 0.3) & (xx < 0.44) & (yy > 0.58) & (yy < 0.64)
+    img[book] = (0.25, 0.35, 0.6)
+    mask = ((xx - 0.62) / 0.1) ** 2 + ((yy - 0.58) / 0.13) ** 2 <= 1  # a cup's place on the desk
+    return (img * 255).astype(np.uint8), (mask * 255).astype(np.uint8)
+
+
 def write_images(size: int = 256) -> list[Path]:
     from PIL import Image
 
@@ -102,6 +126,11 @@ def write_images(size: int = 256) -> list[Path]:
         Image.fromarray(mask).save(out[-1], optimize=True)
     out.append(INPUT / "dreampainter_reference.png")
     Image.fromarray(_reference(size)).save(out[-1], optimize=True)
+    room, room_mask = _room()
+    out.append(INPUT / "dreampainter_room.png")
+    Image.fromarray(room).quantize(32).save(out[-1], optimize=True)
+    out.append(INPUT / "dreampainter_room_mask.png")
+    Image.fromarray(room_mask).save(out[-1], optimize=True)
     return out
 
 
@@ -294,8 +323,8 @@ MODELS = f"""Models (see the README, "Where the weights go")
 IMAGES = """Images: copy the example images from this pack's workflows/input/ folder into ComfyUI/input/, or load your own. Masks: white = product (kept), black = background (painted)."""
 
 
-def models_and_prompt(wf: Workflow, weights: str, prompt: str):
-    """Column 1 (x 0..350): the three loaders and the text encode, in one group."""
+def loaders(wf: Workflow, weights: str):
+    """Column 1 (x 0..350, y 0..500): the model, text encoder and VAE loaders."""
     model = wf.add("DreamPainterModelLoader", (0, 0), {"transformer": BASE, "dreampainter_weights": weights,
                                                       "weight_dtype": "bf16", "memory_mode": "gpu",
                                                       "swap_blocks": 20}, width=350, height=180)
@@ -303,6 +332,12 @@ def models_and_prompt(wf: Workflow, weights: str, prompt: str):
                                                             "weight_dtype": "bf16", "device": "default"},
                 width=350, height=150)
     vae = wf.add("DreamPainterVAELoader", (0, 410), {"vae": BASE, "weight_dtype": "bf16"}, width=350, height=90)
+    return model, te, vae
+
+
+def models_and_prompt(wf: Workflow, weights: str, prompt: str):
+    """Column 1 (x 0..350): the three loaders and the text encode, in one group."""
+    model, te, vae = loaders(wf, weights)
     enc = wf.add("DreamPainterTextEncode", (0, 540), {"prompt": prompt,
                                                       "negative_prompt": "blurry, low quality, distorted product, "
                                                                          "text, watermark"},
@@ -508,12 +543,61 @@ def training_free(info) -> Workflow:
     return wf
 
 
+def insert_product(info) -> Workflow:
+    wf = Workflow(info, "insert_product")
+    model, te, vae = loaders(wf, "none")
+    product = wf.add("DreamPainterProductLoRALoader", (0, 540), {"product_lora": PRODUCT}, width=350, height=90)
+    wf.group("Models and the product", [model, te, vae, product])
+    photo = wf.add("LoadImage", (400, 0), {"image": "dreampainter_room.png"}, width=300, height=330)
+    mask = wf.add("LoadImageMask", (720, 0), {"image": "dreampainter_room_mask.png", "channel": "red"},
+                  width=300, height=330)
+    refine = wf.add("DreamPainterMaskRefine", (720, 380), {"close": 0, "open": 0, "dilate": 9, "fill_holes": True,
+                                                           "min_area": 0, "feather": 0}, width=300, height=480)
+    wf.link(mask, "MASK", refine, "mask")
+    wf.link(photo, "IMAGE", refine, "image")
+    wf.group("Your photo and where the product goes", [photo, mask, refine])
+    ins = wf.add("DreamPainterInsert", (1090, 0), {
+        "prompt": "a sks cup on a wooden desk by the window, soft morning light",
+        "negative_prompt": "blurry, low quality, distorted, text, watermark", "seed": 42, "steps": 50, "cfg": 3.5,
+        "shift": 0.0, "product_scale": 1.0, "lora_scale": 1.0, "harmonize": 0.2, "mode": "auto", "paste_back": True,
+        "feather": 2}, width=380, height=640)
+    wf.link(model, 0, ins, "model")
+    wf.link(te, 0, ins, "text_encoder")
+    wf.link(vae, 0, ins, "vae")
+    wf.link(photo, "IMAGE", ins, "context")
+    wf.link(refine, "mask", ins, "mask")
+    wf.link(product, "product_lora", ins, "product_lora")
+    wf.group("Insert", [ins])
+    save = wf.add("SaveImage", (1520, 0), {"filename_prefix": "DreamPainter/insert"}, width=520, height=560)
+    wf.link(ins, "image", save, "images")
+    wf.note((1520, 620), "\n\n".join([
+        "DreamPaint: put a catalog product into your own photo. Paint (or load) a mask where the product goes, "
+        "white = generated; every pixel outside it stays your photo's (paste_back: bit for bit). The product comes "
+        "from its product LoRA, learned from 3-10 catalog images, and the prompt names it with its identifier "
+        "before the class noun: 'a sks cup on ...' (the loader's prompt output gives these words).",
+        "Make the product file first (minutes on one GPU): python -m train.dreampaint --images my_cup/ "
+        "--class-noun cup --out ComfyUI/models/dreampainter_products/cup.safetensors (masks in my_cup/masks/, or "
+        "--auto-mask; --learn-token also learns the identifier's embedding).",
+        "Models: models/diffusers/CogView4-6B/ (THUDM/CogView4-6B, diffusers layout) in all three loaders; "
+        "DreamPainter weights none = the public base (mode training_free), or a file from models/dreampainter/ "
+        "with an insertion branch (python -m train.stage1 data.mask_policy=insertion; mode auto uses it). "
+        "Products in models/dreampainter_products/ belong to the base they were trained on.",
+        "Sliders: product_scale = the product LoRA's strength (0 = the class noun alone). harmonize = the share of "
+        "the last steps that run free so the product's edge and shadow blend in. Mask Refine grows the mask a "
+        "little (dilate): size it like the product: a much larger mask makes the model fill it and lose the "
+        "product's details (the paper's ablation).",
+        "Images: copy dreampainter_room.png and dreampainter_room_mask.png from this pack's workflows/input/ into "
+        "ComfyUI/input/, or use your own photo (each side 512..2048 px, divisible by 32)."]), width=520, height=620)
+    return wf
+
+
 WORKFLOWS = {
     "DreamPainter_1_T2I_background": t2i,
     "DreamPainter_2_TR2I_reference": tr2i,
     "DreamPainter_3_auto_mask_refine_paste_back": auto_mask,
     "DreamPainter_4_batch_of_products": batch,
     "DreamPainter_5_training_free_CogView4": training_free,
+    "DreamPainter_7_insert_product": insert_product,
 }
 
 
@@ -551,6 +635,45 @@ async def _thumbnails(host, chromium: str, paths: list[Path]) -> None:
                 print(out.relative_to(REPO), out.stat().st_size, "bytes")
 
 
+def drawn_thumbnail(path: Path) -> None:
+    """<name>.jpg drawn without a browser: the graph's groups, nodes (title bars named) and links, in the
+    frontend's dark theme. For machines without chromium; the real frontend's drawing replaces it when a
+    run has one."""
+    from PIL import Image, ImageDraw
+
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    boxes = [(*n["pos"], *n["size"]) for n in wf["nodes"]] + [tuple(g["bounding"]) for g in wf.get("groups", [])]
+    x0, y0 = min(b[0] for b in boxes) - 20, min(b[1] for b in boxes) - 50
+    x1, y1 = max(b[0] + b[2] for b in boxes) + 20, max(b[1] + b[3] for b in boxes) + 20
+    scale = min(1460 / (x1 - x0), 840 / (y1 - y0))
+    img = Image.new("RGB", (1460, 840), (32, 32, 32))
+    d = ImageDraw.Draw(img)
+
+    def xy(x, y):
+        return (x - x0) * scale, (y - y0) * scale
+
+    for g in wf.get("groups", []):
+        gx, gy, gw, gh = g["bounding"]
+        d.rectangle([*xy(gx, gy), *xy(gx + gw, gy + gh)], fill=(44, 60, 75), outline=(63, 120, 158), width=2)
+        d.text(xy(gx + 8, gy + 6), g["title"], fill=(200, 220, 235))
+    for link_id, src, _, dst, _, _ in wf["links"]:
+        a, b = nodes[src], nodes[dst]
+        d.line([xy(a["pos"][0] + a["size"][0], a["pos"][1] + 20), xy(b["pos"][0], b["pos"][1] + 20)],
+               fill=(150, 160, 120), width=2)
+    for n in wf["nodes"]:
+        nx, ny = n["pos"]
+        nw, nh = n["size"]
+        body = (68, 51, 34) if n["type"] == "Note" else (53, 53, 53)
+        d.rectangle([*xy(nx, ny - 30), *xy(nx + nw, ny + nh)], fill=body, outline=(20, 20, 20), width=2)
+        d.rectangle([*xy(nx, ny - 30), *xy(nx + nw, ny)], fill=(40, 40, 40))
+        d.text(xy(nx + 8, ny - 24), n.get("title") or n["type"], fill=(230, 230, 230))
+    img = img.resize((THUMB_WIDTH, round(img.height * THUMB_WIDTH / img.width)), Image.LANCZOS)
+    out = path.with_suffix(".jpg")
+    img.save(out, quality=80, optimize=True)
+    print(out.relative_to(REPO), out.stat().st_size, "bytes (drawn without a browser)")
+
+
 def main() -> None:
     import asyncio
 
@@ -573,7 +696,10 @@ def main() -> None:
     if chromium and host.real_frontend:
         asyncio.run(_thumbnails(host, chromium, paths))
     else:
-        print("no chromium or no frontend package: thumbnails (.jpg) not updated")
+        print("no chromium or no frontend package: the new workflows' thumbnails are drawn without a browser")
+        for path in paths:
+            if not path.with_suffix(".jpg").is_file():
+                drawn_thumbnail(path)
 
 
 if __name__ == "__main__":

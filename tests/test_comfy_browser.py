@@ -301,7 +301,7 @@ def test_pack_js_is_active(browser):
     assert "/extensions/ComfyUI-DreamPainter/dreampainter.js" in browser["extensions"]
     state = browser["state"]
     assert state["active"] is True and state["version"]
-    assert sorted(state["patched"]) == ["DreamPainterMaskRefine", "DreamPainterSampler"]
+    assert sorted(state["patched"]) == ["DreamPainterInsert", "DreamPainterMaskRefine", "DreamPainterSampler"]
 
 
 def test_start_up_has_no_errors_from_the_pack(browser):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfy"))
 import comfy_harness as h  # noqa: E402
@@ -20,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 NAMES = [p.stem for p in WORKFLOWS]
+# DreamPaint: a product into the user's photo (DreamPainter Insert); the others paint backgrounds (Sampler)
+INSERTING = [p for p in WORKFLOWS if '"DreamPainterInsert"' in p.read_text(encoding="utf-8")]
+BACKGROUNDS = [p for p in WORKFLOWS if p not in INSERTING]
+PRODUCT = "cup.safetensors"  # the product file the insertion workflow names (made by train.dreampaint)
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 # what the shipped workflows name (README "Where the weights go"); in the tests they run on the pack's
@@ -48,10 +53,8 @@ def _load(path: Path) -> dict:
 def test_the_four_workflows_are_there_with_thumbnails():
     assert len(WORKFLOWS) >= 4, NAMES
     kinds = " ".join(NAMES).lower()
-    for kind in ("t2i", "tr2i", "auto_mask", "batch"):
+    for kind in ("t2i", "tr2i", "auto_mask", "batch", "insert_product"):
         assert kind in kinds, (kind, NAMES)
-    from PIL import Image
-
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file() and thumb.stat().st_size < 60_000, thumb
@@ -82,7 +85,11 @@ def test_workflow_file_is_consistent_ui_format(path):
     text = notes[0]["widgets_values"][0]
     training_free = _weights(wf) == "none"  # the public base alone: no LoRA slider to explain
     words = ("training_free", "harmonize") if training_free else ("lora_scale", "0.4")
-    for word in words + ("attention_scale", "models/diffusers/CogView4-6B", "models/dreampainter"):
+    if path in INSERTING:  # a product into a photo: how to make the product file, and its slider
+        words += ("product_scale", "train.dreampaint", "models/dreampainter_products", "sks")
+    else:
+        words += ("attention_scale",)
+    for word in words + ("models/diffusers/CogView4-6B", "models/dreampainter"):
         assert word in text, word
 
 
@@ -101,7 +108,9 @@ def test_workflow_model_names_match_the_readme(path):
                                                    "DreamPainterVAELoader"))
     assert model["widgets_values"][0] == BASE and te["widgets_values"][0] == BASE and vae["widgets_values"][0] == BASE
     weights = model["widgets_values"][1]
-    (sampler,) = by_type["DreamPainterSampler"]
+    (sampler,) = by_type.get("DreamPainterSampler", []) + by_type.get("DreamPainterInsert", [])
+    for loader in by_type.get("DreamPainterProductLoRALoader", []):
+        assert loader["widgets_values"][0] == PRODUCT and PRODUCT in README
     (mode,) = {"auto", "training_free", "dreampainter"} & set(sampler["widgets_values"])  # the mode combo
     if weights == "none":  # the public base alone: only the training-free mode can keep the product
         assert mode in ("auto", "training_free"), mode
@@ -171,8 +180,15 @@ def _shrink(api: dict) -> None:
         elif ct == "DreamPainterVAELoader":
             assert inp["vae"] == BASE
             inp.update(vae=MINIATURE, weight_dtype="fp32")
-        elif ct == "DreamPainterSampler":
+        elif ct in ("DreamPainterSampler", "DreamPainterInsert"):
             inp["steps"] = 8
+        elif ct == "DreamPainterProductLoRALoader":
+            assert inp["product_lora"] == PRODUCT
+            inp["product_lora"] = h.MINIATURE_PRODUCT
+        elif ct in ("LoadImage", "LoadImageMask") and (WORKFLOW_DIR / "input" / inp["image"]).is_file():
+            with Image.open(WORKFLOW_DIR / "input" / inp["image"]) as im:
+                if im.width >= 512:  # a photo at CogView4's size: the harness's quarter-size copy
+                    inp["image"] = h.MINI_PREFIX + inp["image"]
         elif ct == "DreamPainterReferenceEncode":
             inp["resolution"] //= SHRINK
         for key in ("width", "height", "value"):
@@ -216,7 +232,7 @@ def test_embedded_miniature_model_is_listed_in_the_loaders(object_info):
     assert MINIATURE in options("DreamPainterVAELoader", "vae")
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+@pytest.mark.parametrize("path", BACKGROUNDS, ids=[p.stem for p in BACKGROUNDS])
 def test_workflow_runs_on_the_embedded_miniature_model(comfy, object_info, path):
     name = path.stem
     api = ui_to_api(_load(path), object_info)
@@ -270,6 +286,31 @@ def test_workflow_runs_on_the_embedded_miniature_model(comfy, object_info, path)
         assert 0 < stats["coverage"] < 1 and stats["width"] == 256
     compare = entry["outputs"][samplers[0]]["dreampainter_compare"]  # the web extension's compare slider
     assert len(compare) == batch and {"before", "after"} <= set(compare[0])
+
+
+@pytest.mark.parametrize("path", INSERTING, ids=[p.stem for p in INSERTING])
+def test_insertion_workflow_runs_on_the_embedded_miniature_model(comfy, object_info, path):
+    """The photo, its mask through Mask Refine, a (random) product of the miniature: the photo comes back
+    exactly outside the mask, the mask region is painted."""
+    name = path.stem
+    api = ui_to_api(_load(path), object_info)
+    _shrink(api)
+    (iid,) = [k for k, n in api.items() if n["class_type"] == "DreamPainterInsert"]
+    saves = [k for k, n in api.items() if n["class_type"] == "SaveImage"]
+    ins = api[iid]["inputs"]
+    assert "product_lora" in ins and ins["paste_back"]
+    _tap(api, f"{name}_out", [iid, 0], [iid, 2])
+    _tap(api, f"{name}_photo", ins["context"])
+    entry = comfy.run(api, timeout=300)
+    assert entry["status"]["status_str"] == "success", f"{h.execution_error(entry)}\n{comfy.log_tail()}"
+    out, photo = comfy.tensors(f"{name}_out"), comfy.tensors(f"{name}_photo")["image"]
+    assert out["image"].shape == photo.shape == (1, 128, 128, 3) and saves
+    kept = (out["mask"] < 0.5).unsqueeze(-1).expand_as(photo)
+    assert kept.any() and (~kept).any()
+    assert torch.equal(out["image"][kept], photo[kept]), "the photo changed outside the mask"
+    assert (out["image"][~kept] - photo[~kept]).abs().mean() > 0.02  # the product's place was painted
+    assert entry["outputs"][iid]["dreampainter_mode"] == ["training_free"]
+    assert len(entry["outputs"][iid]["dreampainter_compare"]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,3 +230,49 @@ def test_category_prior_draws_each_shapes_typical_look_at_its_rate_and_nothing_e
         pats = [sc["background"]["pattern"] for sc in scenes if sc["product"]["shape"] == shape]
         shares = [pats.count(p) / len(pats) for p in syn.PATTERNS]
         assert max(shares) - min(shares) < 0.15
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out products (DreamPaint): drawn apart from the training scenes, which stay as they were
+
+def test_the_training_scenes_are_bit_identical_to_before_the_held_out_products():
+    """sha256 of versions 2 and 3, 40 scenes each (parameters and every rendered map), taken before the
+    held-out products were added to the renderer."""
+    h = hashlib.sha256()
+    for version in (2, 3):
+        for i in range(40):
+            scene, r, _ = syn.make_scene(0, i, 128, version)
+            assert scene["product"]["shape"] in syn.PRODUCT_SHAPES and "pattern" not in scene["product"]
+            h.update(json.dumps(scene, sort_keys=True).encode())
+            for key in ("image", "reference", "mask", "shadow", "labels"):
+                h.update(r[key].tobytes())
+    assert h.hexdigest() == "274574048ad2c402b5894e6e1a2894203dc73fcd28a86557ab5a9ea3c11adde3"
+    assert not set(syn.HELD_OUT_PRODUCTS) & set(syn.PRODUCT_SHAPES)
+
+
+def _two_colour_product(image, mask, name):
+    """Every product pixel is a shade of one of the product's two colours, and both are there."""
+    px = image[mask].astype(np.float64) / 255.0
+    near = [syn.shade_distance(px, np.asarray(syn.PALETTE[c], np.float64) / 255.0) < 0.05
+            for c in syn.HELD_OUT_PRODUCTS[name]["colors"]]
+    assert (near[0] | near[1]).all() and near[0].mean() > 0.2 and near[1].mean() > 0.1
+
+
+@pytest.mark.parametrize("name", list(syn.HELD_OUT_PRODUCTS))
+def test_held_out_catalog_views_vary_and_insertion_scenes_know_the_silhouette(name, tmp_path):
+    folder = syn.write_catalog(name, tmp_path / name, seed=0, size=128)
+    views = [np.asarray(Image.open(folder / f"view{k}.png")) for k in range(4)]
+    masks = [np.asarray(Image.open(folder / "masks" / f"view{k}.png")) > 127 for k in range(4)]
+    assert len({tuple(v[0, 0]) for v in views}) == 4  # four backdrops
+    assert len({int(m.sum()) for m in masks}) == 4 and len({np.nonzero(m)[1].min() for m in masks}) > 1
+    for image, mask in zip(views, masks):
+        _two_colour_product(image, mask, name)
+    for index in range(3):
+        scene, r, _ = syn.held_out_scene(name, 0, index)
+        assert scene["held_out"] == name and r["mask"].any()
+        _two_colour_product(r["image"], r["mask"], name)
+        untouched = ~r["mask"] & (r["shadow"] == 0)
+        assert (r["image"][untouched] == r["reference"][untouched]).all()  # the context is the scene without it
+    noun = syn.HELD_OUT_PRODUCTS[name]["class_noun"]
+    assert syn.held_out_prompt(scene, "sks").startswith(f"a sks {noun} on ")
+    assert syn.held_out_prompt(scene).startswith(f"a {noun} on ")

@@ -94,6 +94,10 @@ class DataConfig:
     second_prompt_prob: float = 0.5  # use prompt_2 (second language) when a sample has one
     empty_prompt_prob: float = 0.0  # replace the prompt by "" (text dropout; paper silent, off)
     num_workers: int = 2  # DataLoader workers per process (0 = load in the main process)
+    # stage 1: what the control branch learns to keep. "product" (the paper: keep the product, paint
+    # the background) or "insertion" (DreamPaint's inpainting module: keep the scene, paint a product
+    # into a hole drawn over it; train.insertion_masks). Stored in the exported file as its task.
+    mask_policy: str = "product"
 
 
 @dataclass
@@ -116,7 +120,8 @@ class TrainConfig:
     high_noise_from: float = 0.8
     fixed_batch: bool = False  # overfit: reuse the first global batch every step (debugging, tests)
     # Loss weight inside the product: per latent pixel 1 + (w - 1) * Z_m (the mask on the latent grid,
-    # soft at edges), normalised to mean 1 per sample; 1 = plain MSE (ours; the paper gives none)
+    # soft at edges; with data.mask_policy=insertion the hole, 1 - Z_m), normalised to mean 1 per sample;
+    # 1 = plain MSE (ours; the paper gives none)
     mask_loss_weight: float = 1.0
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     # A step whose loss or gradient is NaN or infinite is never applied (no optimizer or EMA update).
@@ -218,6 +223,7 @@ CHOICES = {
     ("model", "reference_timestep"): REFERENCE_TIMESTEPS,
     ("model", "reference_layout"): REFERENCE_LAYOUTS,
     ("data", "on_bad"): ("skip", "stop"),
+    ("data", "mask_policy"): ("product", "insertion"),
     ("train", "mixed_precision"): ("bf16", "no"),
     ("train", "timestep_sampling"): ("logit_normal", "uniform"),
     ("train", "on_nonfinite"): ("stop", "skip"),
@@ -561,6 +567,11 @@ def validate(cfg: Config) -> Config:
         problems.append("stage 1 is text-only control: data.reference_prob must be 0")
     if cfg.model.control_blocks < 1:
         problems.append("model.control_blocks must be >= 1")
+    if d.mask_policy == "insertion" and cfg.stage != 1:
+        problems.append("data.mask_policy=insertion trains an insertion control branch: that is stage 1")
+    if d.mask_policy == "insertion" and cfg.cache.enabled:
+        problems.append("data.mask_policy=insertion draws a new hole every epoch, which cache.enabled would encode "
+                        "once: set cache.enabled=false")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg

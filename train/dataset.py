@@ -25,9 +25,15 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .buckets import assign_bucket, make_buckets, random_reference_crop, random_shift, resize_crop_to_bucket
+from .insertion_masks import draw_insertion_hole
 from .manifest import ManifestError, Sample, image_size, load_reference_only, load_sample, read_manifest
 
-__all__ = ["ManifestDataset", "BucketBatchSampler", "collate"]
+__all__ = ["ManifestDataset", "BucketBatchSampler", "collate", "MASK_POLICIES"]
+
+#: What the item's mask keeps. "product": the product (background generation, the paper's stage 1).
+#: "insertion": the scene around a hole drawn over the product (train.insertion_masks), so a control
+#: branch learns to paint a product into the user's photo (DreamPaint's inpainting module).
+MASK_POLICIES = ("product", "insertion")
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,10 @@ class ManifestDataset(Dataset):
     None, "reference_offset": (dx, dy) of its random shift or None, "line": manifest line,
     "id": str or None, "bucket": (W, H)}.
 
+    mask_policy "insertion" (MASK_POLICIES): "mask" is the kept region around a hole drawn over the
+    product (rectangle, ellipse or object-shaped in equal shares, from the item's generator, a new one
+    every epoch), "foreground" the image with the hole white, and "hole_shape" names the shape.
+
     Bad samples: on_bad="stop" raises ManifestError naming the line and the reason;
     on_bad="skip" logs a warning naming them, records them in `bad_lines` (counted by
     `skipped`) and serves the next good sample instead, cropped to the requested index's
@@ -65,9 +75,13 @@ class ManifestDataset(Dataset):
         reference_shift: float = 0.1,
         seed: int = 0,
         second_prompt_prob: float = 0.5,
+        mask_policy: str = "product",
     ):
         if on_bad not in ("skip", "stop"):
             raise ValueError(f"on_bad must be 'skip' or 'stop', got {on_bad!r}")
+        if mask_policy not in MASK_POLICIES:
+            raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {mask_policy!r}")
+        self.mask_policy = mask_policy
         for name, p in (("reference_prob", reference_prob), ("second_prompt_prob", second_prompt_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -154,12 +168,15 @@ class ManifestDataset(Dataset):
         raise ManifestError(None, ["every sample is bad (see the warnings above)"], self.manifest_path)
 
     def _item(self, line, sample, loaded, bucket, use_prompt_2, rng) -> dict[str, Any]:
-        image = m = foreground = None
+        image = m = foreground = hole_shape = None
         if loaded.image is not None:
             img, mask = resize_crop_to_bucket(loaded.image, loaded.mask, bucket)
             image = _to_tensor(img)
             m = (_to_tensor(mask) > 0.5).float()
-            foreground = image * m + (1.0 - m)  # background white, as the pipeline feeds I_f
+            if self.mask_policy == "insertion":
+                hole, hole_shape = draw_insertion_hole(m[0].numpy() > 0.5, rng)
+                m = torch.from_numpy(~hole).float()[None]  # kept: the scene around the hole
+            foreground = image * m + (1.0 - m)  # what is not kept is white, as the pipeline feeds I_f
         reference = None
         offset = None
         if loaded.reference is not None:
@@ -179,6 +196,7 @@ class ManifestDataset(Dataset):
             "line": line,
             "id": sample.id,
             "bucket": bucket,
+            "hole_shape": hole_shape,
         }
 
 

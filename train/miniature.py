@@ -808,49 +808,13 @@ class Miniature:
     # ---- the training loop of the VAE and base phases -------------------------------------
     def _train(self, phase: str, opt, steps: int, step: Callable[[int], dict], log_every: int,
                row: Callable[[dict, float | None], tuple[dict, str]], stats: dict | None = None) -> tuple[list, float]:
-        """Train `phase` for `steps` through the stage trainer's step (train.trainer.Optimization: its
-        optimizer, LR schedule, gradient clipping and EMA). ``step(i)`` runs step i's forward and
-        backward passes and returns the numbers to average over each log interval; ``row(means,
-        grad_norm)`` makes the train_log row of them and its log message. Checkpoints in the trainer's
-        format go to DIR/<phase> every ``checkpoint_every`` steps and at the end: an interrupted phase
-        continues from the last one exactly (every draw is keyed by seed and step; `stats`, counters
-        that `step` keeps, are restored). Returns (log rows, training seconds)."""
-        from .checkpoint import load_newest_intact, remove_stale_temp, rng_state
-        from .trainer import write_checkpoint
+        """Train `phase` for `steps` with the stage trainer's loop (train.trainer.train_steps), its
+        checkpoints in DIR/<phase> every ``checkpoint_every`` steps. Returns (log rows, training seconds)."""
+        from .trainer import train_steps
 
-        out = self._claim(phase, self.out / phase)
-        for stale in remove_stale_temp(out):
-            self.echo(f"[{phase}] removed {stale}, left by a run that was killed while writing it")
-        start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
-        ck = load_newest_intact(out, lambda msg: self.echo(f"[{phase}] {msg}"))
-        if ck is not None:
-            last = ck["path"]
-            opt.restore(ck)
-            st = ck["state"]
-            start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
-            if stats is not None:
-                stats.update(st["stats"])
-            self.echo(f"[{phase}] resumed from {last} at step {start}")
-        t0 = time.perf_counter() - seconds
-        every = getattr(self.recipe, phase).checkpoint_every
-        for i in range(start, steps):
-            values, grad_norm = opt.step(lambda: step(i))
-            if opt.skipped:
-                self.echo(f"[{phase}] {opt.skipped}")
-            for k, v in values.items():
-                acc[k] = acc.get(k, 0.0) + v
-            acc_n += 1
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                el = time.perf_counter() - t0
-                body, message = row({k: v / acc_n for k, v in acc.items()}, grad_norm)
-                rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
-                self.echo(f"[{phase}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
-                acc, acc_n = {}, 0
-            if (every > 0 and (i + 1) % every == 0 and opt.worth_a_checkpoint) or i + 1 == steps:
-                loop = {"phase": phase, "log_rows": rows, "acc": acc, "acc_n": acc_n,
-                        "seconds": time.perf_counter() - t0, "stats": stats or {}}
-                write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
-        return rows, time.perf_counter() - t0
+        return train_steps(self._claim(phase, self.out / phase), opt, steps, step, log_every=log_every, row=row,
+                           checkpoint_every=getattr(self.recipe, phase).checkpoint_every, echo=self.echo, name=phase,
+                           stats=stats)
 
     def _quick_eval(self, weights: Path | None, limit: int, steps: int, mode: str) -> dict:
         """train.evaluate's measurements on the first `limit` val scenes, with the shipped files."""

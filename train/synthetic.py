@@ -83,6 +83,11 @@ __all__ = [
     "render_scene",
     "scene_regions",
     "scene_prompt",
+    "HELD_OUT_PRODUCTS",
+    "catalog_scene",
+    "write_catalog",
+    "held_out_scene",
+    "held_out_prompt",
     "write_scenes",
     "write_synthetic_dataset",
     "tiny_config",
@@ -153,6 +158,21 @@ TYPICAL_LOOKS: dict[str, dict[str, Any]] = {
     "ball": {"walls": ("purple", "green"), "stand": ("round", "yellow")},
     "jar": {"walls": ("brown", "black"), "stand": ("table", "grey")},
 }
+
+# Held-out products (DreamPaint's miniature evidence, train.dreampaint_eval): shapes and patterns that
+# sample_scene never draws, so the base never saw them. Each is two palette colours in a pattern
+# (period: a share of the product's height) and is learned from catalog views (catalog_scene) and
+# inserted into new scenes (held_out_scene), where its true silhouette is known.
+HELD_OUT_PRODUCTS: dict[str, dict[str, Any]] = {
+    "star_vase": {"class_noun": "vase", "colors": ("blue", "yellow"), "pattern": "stripes", "period": 0.16,
+                  "aspect": (0.75, 0.9)},
+    "dotted_lamp": {"class_noun": "lamp", "colors": ("green", "white"), "pattern": "dots", "period": 0.22,
+                    "aspect": (0.6, 0.75)},
+    "diamond_jar": {"class_noun": "jar", "colors": ("red", "white"), "pattern": "checker", "period": 0.2,
+                    "aspect": (0.7, 0.85)},
+}
+HELD_OUT_SEED = 7_000_003  # the held-out scenes' and catalog views' seed namespace (apart from any run's)
+CATALOG_BACKDROPS = ("white", "grey", "pink", "yellow", "blue", "orange")  # plain studio walls, light tone
 
 # Wall tones: the wall is its named colour, or that colour moved TONE_STEP towards white
 # ("light") or black ("deep"). The prompt never names the tone ("a blue background" is any of
@@ -504,9 +524,54 @@ def _product_parts(scene: dict, width: int, height: int) -> tuple[np.ndarray, np
         lid = _draw(size, lambda d: d.rectangle([cx - 0.42 * pw, top, cx + 0.42 * pw, top + lid_h], fill=255))
         mask = body | lid
         k = np.where(lid & ~body, lo_k + 0.04, cylinder(cx, pw / 2))
+    elif shape == "star_vase":  # held out: a five-pointed star body between a neck and a foot
+        outer = min(pw / 2, 0.42 * ph)
+        cy = top + 0.18 * ph + outer
+        points = [(cx + (outer if i % 2 == 0 else 0.45 * outer) * np.cos(np.radians(-90 + 36 * i)),
+                   cy + (outer if i % 2 == 0 else 0.45 * outer) * np.sin(np.radians(-90 + 36 * i))) for i in range(10)]
+        body = _draw(size, lambda d: d.polygon(points, fill=255))
+        neck = _draw(size, lambda d: d.rectangle([cx - 0.15 * pw, top, cx + 0.15 * pw, top + 0.24 * ph], fill=255))
+        foot = _draw(size, lambda d: d.rectangle([cx - 0.18 * pw, cy + 0.7 * outer, cx + 0.18 * pw, by], fill=255))
+        mask = body | neck | foot
+        k = cylinder(cx, pw / 2)
+    elif shape == "dotted_lamp":  # held out: a conical shade on a thin stem and a round foot
+        shade = _draw(size, lambda d: d.polygon([(cx - 0.275 * pw, top), (cx + 0.275 * pw, top),
+                                                  (cx + pw / 2, top + 0.45 * ph), (cx - pw / 2, top + 0.45 * ph)],
+                                                 fill=255))
+        half_stem = max(1.0, 0.05 * pw)
+        stem = _draw(size, lambda d: d.rectangle([cx - half_stem, top + 0.45 * ph, cx + half_stem, by - 0.1 * ph],
+                                                 fill=255))
+        foot = _draw(size, lambda d: d.ellipse([cx - 0.35 * pw, by - 0.14 * ph, cx + 0.35 * pw, by], fill=255))
+        mask = shade | stem | foot
+        k = cylinder(cx, pw / 2)
+    elif shape == "diamond_jar":  # held out: a rhombus body standing on its tip, under a lid
+        lid = _draw(size, lambda d: d.rectangle([cx - 0.2 * pw, top, cx + 0.2 * pw, top + 0.16 * ph], fill=255))
+        mid = top + 0.12 * ph + 0.44 * ph
+        body = _draw(size, lambda d: d.polygon([(cx, top + 0.12 * ph), (cx + pw / 2, mid), (cx, by), (cx - pw / 2, mid)],
+                                                fill=255))
+        mask = lid | body
+        k = cylinder(cx, pw / 2)
     else:
-        raise ValueError(f"unknown product shape {shape!r}; known: {PRODUCT_SHAPES}")
+        raise ValueError(f"unknown product shape {shape!r}; known: {PRODUCT_SHAPES + tuple(HELD_OUT_PRODUCTS)}")
     return mask, np.where(mask, k, 1.0)
+
+
+def _product_pattern(scene: dict, width: int, height: int) -> np.ndarray:
+    """Where a patterned (held-out) product shows its second colour: bool [H, W], in the product's own
+    frame (top left of its box), so the pattern moves and scales with the product."""
+    p = scene["product"]
+    pat = p["pattern"]
+    period = float(pat["period"])
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    u, v = xx - (p["center_x"] - p["width"] / 2), yy - (p["base_y"] - p["height"])
+    if pat["kind"] == "stripes":  # horizontal bands
+        return np.floor(v / (period / 2)) % 2 == 1
+    if pat["kind"] == "dots":
+        du, dv = u % period - period / 2, v % period - period / 2
+        return du * du + dv * dv <= (0.3 * period) ** 2
+    if pat["kind"] == "checker":
+        return (np.floor(u / period) + np.floor(v / period)) % 2 == 1
+    raise ValueError(f"unknown product pattern {pat['kind']!r}")
 
 
 def _shadow_alpha(scene: dict, width: int, height: int, surface: np.ndarray) -> np.ndarray:
@@ -575,6 +640,9 @@ def render_scene(scene: dict) -> dict[str, np.ndarray]:
     shaded = reference.astype(np.float64) * (1.0 - SHADOW_STRENGTH * alpha)[..., None]
     image = np.where(alpha[..., None] > 0, np.clip(np.round(shaded), 0, 255), reference.astype(np.float64))
     prod = np.array(scene["product"]["rgb"], np.float64)[None, None, :] * k[..., None]
+    if "pattern" in scene["product"]:  # held-out products only: their second colour
+        second = np.array(scene["product"]["pattern"]["rgb"], np.float64)[None, None, :] * k[..., None]
+        prod = np.where(_product_pattern(scene, width, height)[..., None], second, prod)
     image = np.where(mask[..., None], np.clip(np.round(prod), 0, 255), image).astype(np.uint8)
     labels[mask] = 3
     return {"image": image, "reference": reference, "mask": mask, "shadow": alpha, "labels": labels}
@@ -688,21 +756,126 @@ def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128,
     raise RuntimeError(f"no measurable scene for seed {seed}, index {index} at size {size}")
 
 
-def scene_prompt(scene: dict) -> tuple[str, str]:
-    """(English, Chinese) prompt: product, stand, environment, background[, style]."""
+def scene_prompt(scene: dict, product: tuple[str, str] | None = None) -> tuple[str, str]:
+    """(English, Chinese) prompt: product, stand, environment, background[, style]. ``product``: the
+    product's words instead of its colour and shape (held-out products: "a sks vase")."""
     p, t, b = scene["product"], scene["table"], scene["background"]
     stand_en, stand_zh = STAND_WORDS[t["shape"]]
     shadow_en, shadow_zh = SHADOW_WORDS[scene["shadow"]["length"]]
     bg_en, bg_zh = PATTERN_WORDS[b["pattern"]]
-    en = f"{_a(p['color'])} {p['color']} {p['shape']} on {_a(t['color'])} {t['color']} {stand_en}, {shadow_en}, "
+    product_en = product[0] if product else f"{_a(p['color'])} {p['color']} {p['shape']}"
+    en = f"{product_en} on {_a(t['color'])} {t['color']} {stand_en}, {shadow_en}, "
     en += bg_en.format(c=b["color"])
-    zh = f"一个{PALETTE_ZH[p['color']]}的{PRODUCT_ZH[p['shape']]}放在{PALETTE_ZH[t['color']]}的{stand_zh}上，{shadow_zh}，"
+    product_zh = product[1] if product else f"一个{PALETTE_ZH[p['color']]}的{PRODUCT_ZH[p['shape']]}"
+    zh = f"{product_zh}放在{PALETTE_ZH[t['color']]}的{stand_zh}上，{shadow_zh}，"
     zh += bg_zh.format(c=PALETTE_ZH[b["color"]])
     if scene.get("style"):
         style_zh = dict(STYLES)[scene["style"]]
         en += f", {scene['style']}"
         zh += f"，{style_zh}"
     return en, zh
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out products: catalog views and insertion scenes
+
+
+def _held_out_product(name: str, rng: np.random.Generator, height: float, center_x: float, base_y: float,
+                      max_width: float) -> dict[str, Any]:
+    spec = HELD_OUT_PRODUCTS[name]
+    first, second = spec["colors"]
+    width = min(height * rng.uniform(*spec["aspect"]), max_width)
+    return {"shape": name, "color": first, "rgb": list(PALETTE[first]), "center_x": _r(center_x),
+            "base_y": _r(base_y), "width": _r(width), "height": _r(height),
+            "pattern": {"kind": spec["pattern"], "color": second, "rgb": list(PALETTE[second]),
+                        "period": _r(spec["period"] * height, 2)}}
+
+
+def _separable(name: str, colours: np.ndarray) -> bool:
+    """Whether every scene colour is far from both of the product's shading lines (its pixels can be
+    segmented by colour, as metrics.ColorShapeSegmenter does)."""
+    return all(shade_distance(colours, np.asarray(PALETTE[c], np.float64) / 255.0).min() > _SEPARATION
+               for c in HELD_OUT_PRODUCTS[name]["colors"])
+
+
+def catalog_scene(name: str, seed: int, view: int, size: int = 128) -> dict[str, Any]:
+    """Catalog view `view` of held-out product `name`: the product large in the frame (45-75% of its
+    height) at a drawn place, before a plain studio backdrop in a light tone of a palette colour (the
+    backdrop, scale and position vary from view to view), no stand."""
+    if name not in HELD_OUT_PRODUCTS:
+        raise ValueError(f"unknown held-out product {name!r}; known: {', '.join(HELD_OUT_PRODUCTS)}")
+    key = list(HELD_OUT_PRODUCTS).index(name)
+    rng = np.random.default_rng([HELD_OUT_SEED, int(seed), 1, key, int(view)])
+    backdrops = [c for c in CATALOG_BACKDROPS if c not in HELD_OUT_PRODUCTS[name]["colors"]]
+    first = int(np.random.default_rng([HELD_OUT_SEED, int(seed), 1, key]).integers(len(backdrops)))
+    backdrop = backdrops[(first + int(view)) % len(backdrops)]  # another backdrop for every view
+    tone = "light" if "light" in WALL_TONES[backdrop] else "plain"
+    wall = tone_rgb(PALETTE[backdrop], tone)
+    s = float(size)
+    height = rng.uniform(0.45, 0.75) * s
+    base_y = rng.uniform(height + 0.06 * s, 0.96 * s)
+    product = _held_out_product(name, rng, height, 0.0, base_y, 0.8 * s)
+    half = product["width"] / 2 + 0.04 * s
+    product["center_x"] = _r(rng.uniform(half, s - half))
+    return {"version": SCENE_VERSION, "size": [size, size],
+            "background": {"color": backdrop, "tone": tone, "rgb": list(wall), "pattern": "plain", "pattern_params": {},
+                           "tint_rgb": list(pattern_tint(wall))},
+            "table": {"color": backdrop, "rgb": list(wall), "shape": "table", "top": size, "front": size},
+            "product": product, "shadow": {"length": "short", "light": LIGHTS[int(rng.integers(len(LIGHTS)))]},
+            "style": None, "catalog_view": int(view)}
+
+
+def write_catalog(name: str, out, seed: int = 0, size: int = 128, views: int = 4) -> Path:
+    """`views` catalog images of a held-out product into `out` (view<k>.png, masks in masks/), the
+    folder train.dreampaint --images reads. Returns `out`."""
+    out = Path(out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for view in range(views):
+        r = render_scene(catalog_scene(name, seed, view, size))
+        atomic_write_bytes(out / f"view{view}.png", _png_bytes(r["image"], "RGB"))
+        atomic_write_bytes(out / "masks" / f"view{view}.png", _png_bytes(r["mask"].astype(np.uint8) * 255, "L"))
+    return out
+
+
+def held_out_scene(name: str, seed: int, index: int, size: int = 128) -> tuple[dict, dict, dict]:
+    """(scene, render_scene output, scene_regions) of insertion scene `index` for held-out product
+    `name`: a scene of the training kind (sample_scene in its own seed namespace: walls, stands,
+    patterns, light) whose product is replaced by the held-out one at the same place and height, on
+    a wall and stand whose colours keep the product segmentable. "reference" is the context to insert
+    into (the scene without product and shadow), "image" the truth, "mask" the true silhouette."""
+    if name not in HELD_OUT_PRODUCTS:
+        raise ValueError(f"unknown held-out product {name!r}; known: {', '.join(HELD_OUT_PRODUCTS)}")
+    colours = HELD_OUT_PRODUCTS[name]["colors"]
+    for attempt in range(200):
+        scene = sample_scene(HELD_OUT_SEED + int(seed), index, size, attempt)
+        bg, table = scene["background"], scene["table"]
+        if bg["color"] in colours or table["color"] in colours:
+            continue
+        if not _separable(name, _scene_colours(bg["rgb"], bg["pattern"], table["color"])):
+            continue
+        old = scene["product"]
+        rng = np.random.default_rng([HELD_OUT_SEED, int(seed), 2, list(HELD_OUT_PRODUCTS).index(name), int(index),
+                                     attempt])
+        product = _held_out_product(name, rng, old["height"], old["center_x"], old["base_y"], 0.5 * size)
+        half = product["width"] / 2 + 2
+        product["center_x"] = _r(min(max(product["center_x"], half), size - half))
+        scene = {**scene, "product": product, "held_out": name}
+        r = render_scene(scene)
+        reg = scene_regions(scene, rendered=r)
+        n = r["mask"].size
+        if reg["wall"].sum() >= MIN_WALL_FRACTION * n and reg["table"].sum() >= max(16, MIN_TABLE_FRACTION * n):
+            if attempt:
+                scene["attempt"] = attempt
+            return scene, r, reg
+    raise RuntimeError(f"no measurable scene for held-out product {name}, seed {seed}, index {index}")
+
+
+def held_out_prompt(scene: dict, identifier: str | None = None) -> str:
+    """The English prompt of a held-out insertion scene: "a <identifier> <class noun> on ..." (the
+    learned product) or, without an identifier, "a <class noun> on ..." (the class noun only)."""
+    noun = HELD_OUT_PRODUCTS[scene["held_out"]]["class_noun"]
+    words = f"a {identifier} {noun}" if identifier else f"{_a(noun)} {noun}"
+    return scene_prompt(scene, (words, ""))[0]
 
 
 # ---------------------------------------------------------------------------------------

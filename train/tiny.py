@@ -373,6 +373,32 @@ def write_random_dreampainter_weights(base_dir, out_path, seed: int = 0, stage: 
     return save_dreampainter_weights(model, out_path, base_model="tiny-random-cogview4")
 
 
+def write_random_product_lora(base_dir, out_path, seed: int = 0, identifier: str = "sks", class_noun: str = "cup",
+                              learn_token: bool = False, rank: int = 4, base_model: str = "tiny-random-cogview4") -> Path:
+    """A DreamPaint product file (dreampainter_core.product_lora) for `base_dir` with random, NON-zero
+    LoRA (and, with learn_token, an identifier embedding drawn at random): for tests and demos."""
+    from dreampainter_core.loading import load_text_encoder, load_tokenizer
+    from dreampainter_core.product_lora import DEFAULT_PRODUCT_TARGETS, ProductLoRA, base_identity, save_product_lora
+    from dreampainter_core.tokens import init_token
+
+    base = load_transformer(Path(base_dir) / "transformer", dtype=torch.float32, device="cpu")
+    model = DreamPainterTransformer(base, with_control=False)
+    model.add_product_adapter(rank, rank, DEFAULT_PRODUCT_TARGETS, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.product_parameters().items():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    token = None
+    if learn_token:
+        token = init_token(load_tokenizer(Path(base_dir) / "tokenizer"), load_text_encoder(Path(base_dir) / "text_encoder"),
+                           identifier, seed=seed, base_model=base_model)
+    product = ProductLoRA(identifier, class_noun, model.product_state_dict(), rank, float(rank),
+                          list(DEFAULT_PRODUCT_TARGETS), base_identity(model, base_model), token,
+                          info={"trained_steps": "0", "made_by": "train.tiny.write_random_product_lora"})
+    return save_product_lora(product, out_path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers layout)")

@@ -84,7 +84,7 @@ from .logs import TrainLogger
 log = logging.getLogger("train")
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteError", "GlobalBatchSampler", "Optimization", "lr_lambda",
-           "write_checkpoint", "run", "main"]
+           "write_checkpoint", "train_steps", "run", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -260,8 +260,8 @@ class Optimization:
     ``step(backward)`` is one optimizer step: zero the gradients, run ``backward`` (the forward and
     backward passes of the step's micro-batches; its result, the loss, is returned), clip the
     gradients to ``optim.max_grad_norm`` (0 = off), step the optimizer and the schedule, update the
-    EMA. The stage trainer (Trainer) and the miniature recipe's VAE and base phases
-    (train/miniature.py) train through this.
+    EMA. The stage trainer (Trainer), the miniature recipe's VAE and base phases (train/miniature.py)
+    and DreamPaint products (train/dreampaint.py) train through this.
 
     A step whose loss (any number in what `backward` returned, on any rank: `any_rank` is the
     trainer's all-reduce) or gradient norm is NaN or infinite is not applied: no optimizer step, no
@@ -270,18 +270,27 @@ class Optimization:
     NonFiniteError instead. The counts go into checkpoints, so a resumed run counts on exactly.
 
     `module` names the parameters in checkpoints (its named_parameters); `params` are the trained ones.
+    `lr_scales`: {parameter name: factor} for parameters that learn at another rate than ``optim.lr``
+    (e.g. a learned token embedding); they get their own optimizer group, the schedule scales all alike.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], optim: OptimConfig, total_steps: int,
                  ema: EmaConfig | None = None, on_nonfinite: str = TrainConfig.on_nonfinite,
                  max_nonfinite_steps: int = TrainConfig.max_nonfinite_steps,
-                 any_rank: Callable[[bool], bool] = lambda flag: flag):
+                 any_rank: Callable[[bool], bool] = lambda flag: flag, lr_scales: dict[str, float] | None = None):
         self.module, self.params, self.max_grad_norm = module, params, optim.max_grad_norm
         self.on_nonfinite, self.max_nonfinite_steps, self.any_rank = on_nonfinite, max_nonfinite_steps, any_rank
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.skipped: str | None = None  # why the last step was not applied (None: it was)
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in params.items():
+            groups.setdefault(float((lr_scales or {}).get(name, 1.0)), []).append(param)
+        if len(groups) > 1 or 1.0 not in groups:
+            params_arg = [{"params": ps, "lr": optim.lr * scale} for scale, ps in groups.items()]
+        else:
+            params_arg = list(params.values())
         if optim.optimizer == "adamw8bit":
             try:
                 import bitsandbytes as bnb
@@ -290,9 +299,9 @@ class Optimization:
                     "optim.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
                     "it needs a CUDA GPU). Use optim.optimizer=adamw instead."
                 ) from e
-            self.optimizer = bnb.optim.AdamW8bit(list(params.values()), **kwargs)
+            self.optimizer = bnb.optim.AdamW8bit(params_arg, **kwargs)
         else:
-            self.optimizer = torch.optim.AdamW(list(params.values()), **kwargs)
+            self.optimizer = torch.optim.AdamW(params_arg, **kwargs)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.ema = EMA(params, ema.decay, ema.warmup) if ema is not None and ema.enabled else None
 
@@ -411,6 +420,53 @@ def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered:
         raise
 
 
+def train_steps(out: Path, opt: Optimization, steps: int, step: Callable[[int], dict], *, log_every: int,
+                row: Callable[[dict, float | None], tuple[dict, str]], checkpoint_every: int,
+                echo: Callable[[str], None], name: str, stats: dict | None = None) -> tuple[list, float]:
+    """Train for `steps` optimizer steps through ``opt.step`` (Optimization: its optimizer, LR schedule,
+    gradient clipping and EMA), resuming exactly from the newest checkpoint in `out`: the loop of
+    models trained on tensors already in memory (the miniature's VAE and base, a DreamPaint product).
+
+    ``step(i)`` runs step i's forward and backward passes (its randomness keyed by seed and i, so a
+    resumed run draws what an uninterrupted one would) and returns the numbers to average over each log
+    interval; ``row(means, grad_norm)`` makes the log row of them and its message. Checkpoints in the
+    trainer's format (write_checkpoint, the newest kept) go to `out` every ``checkpoint_every`` steps
+    and at the end, with the log rows, the running averages and `stats` (counters that `step` keeps,
+    restored on resume). Returns (log rows, training seconds)."""
+    from .checkpoint import load_newest_intact, remove_stale_temp
+
+    for stale in remove_stale_temp(out):
+        echo(f"[{name}] removed {stale}, left by a run that was killed while writing it")
+    start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
+    ck = load_newest_intact(out, lambda msg: echo(f"[{name}] {msg}"))
+    if ck is not None:
+        opt.restore(ck)
+        st = ck["state"]
+        start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
+        if stats is not None:
+            stats.update(st["stats"])
+        echo(f"[{name}] resumed from {ck['path']} at step {start}")
+    t0 = time.perf_counter() - seconds
+    for i in range(start, steps):
+        values, grad_norm = opt.step(lambda: step(i))
+        if opt.skipped:
+            echo(f"[{name}] {opt.skipped}")
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc_n += 1
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            el = time.perf_counter() - t0
+            body, message = row({k: v / acc_n for k, v in acc.items()}, grad_norm)
+            rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
+            echo(f"[{name}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
+            acc, acc_n = {}, 0
+        if (checkpoint_every > 0 and (i + 1) % checkpoint_every == 0 and opt.worth_a_checkpoint) or i + 1 == steps:
+            loop = {"phase": name, "log_rows": rows, "acc": acc, "acc_n": acc_n,
+                    "seconds": time.perf_counter() - t0, "stats": stats or {}}
+            write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
+    return rows, time.perf_counter() - t0
+
+
 class Trainer:
     def __init__(self, cfg: Config, echo: Callable[[str], None] | None = None):
         self.cfg = cfg
@@ -479,7 +535,7 @@ class Trainer:
         self.dataset = ManifestDataset(
             d.manifest, self.buckets, on_bad=d.on_bad, reference_prob=d.reference_prob if self.stage == 2 else 0.0,
             reference_sizes=d.reference_sizes, reference_shift=d.reference_shift, seed=t.seed,
-            second_prompt_prob=d.second_prompt_prob,
+            second_prompt_prob=d.second_prompt_prob, mask_policy=d.mask_policy,
         )
         self.sampler = GlobalBatchSampler(self.dataset, t.batch_size, self.env.world, self.env.rank, t.seed, t.fixed_batch)
         self.loader = DataLoader(
@@ -589,6 +645,7 @@ class Trainer:
                 injection_layers=list(m.injection_layers) or None,
                 init_from=list(m.init_from) or None,
                 lora_rank=0,
+                task="insertion" if self.cfg.data.mask_policy == "insertion" else "background",
             )
             model = DreamPainterTransformer(self.base, config)
             model.freeze_base()
@@ -720,6 +777,7 @@ class Trainer:
         self.validation = ValidationSet(
             self._val_manifest, self.buckets, v.num, with_reference=self.stage == 2,
             embed_fn=lambda p: self._text_embeds([p])[0], negative_prompt=v.negative_prompt,
+            mask_policy=self.cfg.data.mask_policy,
         )
 
     def _release_encoders(self) -> None:
@@ -948,7 +1006,10 @@ class Trainer:
         if t.mask_loss_weight != 1.0:
             # [B, 1, h, w]: 1 outside the product, mask_loss_weight inside (Z_m, the last control
             # channel, is the mask's area coverage on the latent grid), mean 1 per sample.
-            weight = 1.0 + (t.mask_loss_weight - 1.0) * control[:, -1:].float()
+            region = control[:, -1:].float()
+            if cfg.data.mask_policy == "insertion":  # the product is in the hole; Z_m is the kept scene
+                region = 1.0 - region
+            weight = 1.0 + (t.mask_loss_weight - 1.0) * region
             weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
         groups = []
         for (_, ref_shape), idx in keys.items():

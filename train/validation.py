@@ -7,7 +7,9 @@ through ``DreamPainterPipeline.prepare_inputs`` + ``generate`` (exactly what inf
 with prompt embeddings computed once up front, so the text encoder may be unloaded.
 
 Grid rows are samples; columns: product on blank | text-only result | (stage 2:) reference |
-text + reference result. Saved atomically as ``<output_dir>/validation/step_<step:08d>.png``.
+text + reference result. An insertion branch (data.mask_policy = "insertion") is shown inserting:
+the scene with its hole (white) | the result of ``fill_hole`` with the branch. Saved atomically as
+``<output_dir>/validation/step_<step:08d>.png``.
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ def save_grid(rows: list[list[Image.Image | None]], path: str | os.PathLike, cel
 class ValidationSet:
     """The fixed validation inputs; ``render`` makes a grid with the current model."""
 
-    def __init__(self, manifest: str | os.PathLike, buckets, num: int, with_reference: bool, embed_fn, negative_prompt: str):
-        ds = ManifestDataset(manifest, buckets, on_bad="skip", reference_prob=0.0, second_prompt_prob=0.0)
+    def __init__(self, manifest: str | os.PathLike, buckets, num: int, with_reference: bool, embed_fn, negative_prompt: str,
+                 mask_policy: str = "product"):
+        ds = ManifestDataset(manifest, buckets, on_bad="skip", reference_prob=0.0, second_prompt_prob=0.0,
+                             mask_policy=mask_policy)
+        self.insertion = mask_policy == "insertion"
         self.items = []
         for i in range(min(num, len(ds))):
             it = ds[i]
@@ -74,6 +79,7 @@ class ValidationSet:
                 a = np.asarray(loaded.reference, dtype=np.float32) / 255.0
                 ref = torch.from_numpy(a)[None]  # [1, H, W, 3]
             self.items.append({
+                "image": it["image"].permute(1, 2, 0)[None],
                 "foreground": it["foreground"].permute(1, 2, 0)[None],
                 "mask": it["mask"][0][None],
                 "prompt": it["prompt"],
@@ -91,6 +97,11 @@ class ValidationSet:
             sampling = SamplingOptions(steps=vcfg.steps, guidance_scale=vcfg.guidance_scale, seed=vcfg.seed)
             row = [_pil(it["foreground"][0])]
             with autocast():
+                if self.insertion:
+                    out = pipe.fill_hole(it["image"], 1.0 - it["mask"], it["embeds"], self.negative, sampling=sampling,
+                                         use_branch=True)
+                    rows.append(row + [_pil(out.images[0])])
+                    continue
                 req = pipe.prepare(it["foreground"], it["mask"], width=int(w), height=int(h), sampling=sampling,
                                    reference=ReferenceOptions(lora_scale=vcfg.lora_scale))
                 row.append(_pil(pipe.generate(req, it["embeds"], self.negative).images[0]))

@@ -1,7 +1,7 @@
 // ComfyUI-DreamPainter frontend extension (served through WEB_DIRECTORY = "./web").
 //
-// * DreamPainter Sampler: a before/after compare slider drawn on the node. The sampler sends
-//   (product, result) preview pairs as `dreampainter_compare`; hover moves the split, a click
+// * DreamPainter Sampler and DreamPainter Insert: a before/after compare slider drawn on the node. They send
+//   (product or photo, result) preview pairs as `dreampainter_compare`; hover moves the split, a click
 //   steps through a batch. An orange frame and a title badge warn when 0 < lora_scale < 0.4,
 //   where the paper finds the LoRA stops understanding the reference (attention_scale is the
 //   slider that stays coherent down there).
@@ -17,6 +17,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const SAMPLER = "DreamPainterSampler";
+const INSERT = "DreamPainterInsert";  // the same slider, badge and lora_scale warning
 const MASK_REFINE = "DreamPainterMaskRefine";
 const LORA_WARN_BELOW = 0.4;
 const ORANGE = "#e8912d";
@@ -339,7 +340,7 @@ app.registerExtension({
   name: "DreamPainter.UI",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     try {
-      if (nodeData?.name === SAMPLER) patchSampler(nodeType);
+      if (nodeData?.name === SAMPLER || nodeData?.name === INSERT) patchSampler(nodeType);
       else if (nodeData?.name === MASK_REFINE) patchMaskRefine(nodeType);
       else return;
       state.patched.push(nodeData.name);

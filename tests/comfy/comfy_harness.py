@@ -64,6 +64,9 @@ TINY = "[diffusers] cogview4-tiny"
 BROKEN = "[diffusers] incomplete-download"
 STAGE1 = "tiny-stage1.safetensors"
 STAGE2 = "tiny-stage2.safetensors"
+TINY_PRODUCT = "tiny-product.safetensors"  # a DreamPaint product of the tiny model (random LoRA, learned token)
+MINIATURE_PRODUCT = "miniature-product.safetensors"  # one of the embedded miniature (random LoRA)
+MINI_PREFIX = "mini_"  # the workflows' 512 px example photos at a quarter of their size, for the miniature
 SIZE = 64
 PROMPT = "a red bottle on a white marble table, green leaves, soft light"
 
@@ -210,7 +213,8 @@ def build_base_dir(base: Path) -> Path:
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from train.tiny import write_random_dreampainter_weights, write_tiny_model
+    from dreampainter_core.embedded import BASE_NAME, embedded_model
+    from train.tiny import write_random_dreampainter_weights, write_random_product_lora, write_tiny_model
 
     custom = base / "custom_nodes"
     custom.mkdir(parents=True)
@@ -221,7 +225,7 @@ def build_base_dir(base: Path) -> Path:
     shutil.copytree(HERE / "helper_pack", custom / "dreampainter_test_helpers")
 
     models = base / "models"
-    for sub in ("diffusers", "diffusion_models", "vae", "text_encoders", "dreampainter"):
+    for sub in ("diffusers", "diffusion_models", "vae", "text_encoders", "dreampainter", "dreampainter_products"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     single = base / "_single"
     tiny = write_tiny_model(models / "diffusers" / "cogview4-tiny", seed=0, single_files_dir=single)
@@ -232,6 +236,9 @@ def build_base_dir(base: Path) -> Path:
     shutil.rmtree(single)
     write_random_dreampainter_weights(tiny, models / "dreampainter" / STAGE2, seed=1, stage=2)
     write_random_dreampainter_weights(tiny, models / "dreampainter" / STAGE1, seed=2, stage=1)
+    write_random_product_lora(tiny, models / "dreampainter_products" / TINY_PRODUCT, seed=3, learn_token=True)
+    write_random_product_lora(embedded_model().base, models / "dreampainter_products" / MINIATURE_PRODUCT, seed=4,
+                              base_model=BASE_NAME)
     broken = models / "diffusers" / "incomplete-download" / "transformer"
     broken.mkdir(parents=True)
     shutil.copy(tiny / "transformer" / "config.json", broken / "config.json")  # weights never arrived
@@ -248,6 +255,10 @@ def build_base_dir(base: Path) -> Path:
     Image.fromarray(bottle_mask).save(inputs / "bottle_mask.png")
     for example in sorted((REPO / "workflows" / "input").glob("*.png")):  # what workflows/*.json load
         shutil.copy(example, inputs / example.name)
+        with Image.open(example) as im:
+            if im.width >= 512:  # a photo at CogView4's size: a quarter of it for the 128 px miniature
+                small = im.resize((im.width // 4, im.height // 4), Image.NEAREST if im.mode == "L" else Image.LANCZOS)
+                small.save(inputs / f"{MINI_PREFIX}{example.name}")
     settings = base / "user" / "default"
     settings.mkdir(parents=True)
     (settings / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS), encoding="utf-8")

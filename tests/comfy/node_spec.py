@@ -43,6 +43,14 @@ NODES = {
     "DreamPainterComposite": (
         ["generated", "product", "mask", "feather", "color_match", "color_ring"], ["matte"],
         ["IMAGE"]),
+    "DreamPainterProductLoRALoader": (
+        ["product_lora"], [],
+        ["DREAMPAINTER_PRODUCT", "STRING"]),
+    "DreamPainterInsert": (
+        ["model", "text_encoder", "vae", "context", "mask", "prompt", "negative_prompt", "seed", "steps", "cfg", "shift",
+         "product_scale", "lora_scale", "harmonize", "mode", "paste_back", "feather"],
+        ["product_lora"],
+        ["IMAGE", "LATENT", "MASK"]),
 }
 
 CATEGORY = "DreamPainter"
@@ -58,5 +66,7 @@ CATEGORIES = {
     "DreamPainterComposite": "DreamPainter/image",
     "DreamPainterMaskRefine": "DreamPainter/mask",
     "DreamPainterAutoMask": "DreamPainter/mask",
+    "DreamPainterProductLoRALoader": "DreamPainter/loaders",
+    "DreamPainterInsert": "DreamPainter/sampling",
     "DreamPainterSampler": "DreamPainter/sampling",
 }

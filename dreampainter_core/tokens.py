@@ -1,0 +1,205 @@
+"""Learned token embeddings for the frozen text encoder (GLM-4-9B), textual-inversion style.
+
+A ``LearnedToken`` is a new word of the prompt (its string, e.g. ``sks`` or ``<background>``) with one
+embedding row of its own. The text encoder and its tokenizer are never changed: a prompt is tokenized
+by a copy of the tokenizer that knows the token (``tokenizer_with``), its ids are embedded by the text
+encoder's own input embedding, the learned row replaces the embedding wherever the token occurs
+(``input_embeddings``), and the text encoder runs on those input embeddings. So training a token
+trains one vector (hidden_size numbers) and leaves GLM's 9B weights bit-identical; a prompt without
+the token encodes exactly as it does without any token.
+
+Users: the DreamPaint product identifier (``train.dreampaint --learn-token``, stored inside the
+product file) and the learned ``<background>`` token of Product2Img (issue 17).
+
+A token file (``save_learned_token`` / ``load_learned_token``) is safetensors with one tensor,
+``embedding`` ([hidden_size] float32), and string metadata:
+
+* ``format`` = "dreampainter-token", ``format_version``;
+* ``token``: the string it stands for in prompts;
+* ``init``: how it was initialised: ``word:<text>`` (the mean of that text's embedding rows, e.g. the
+  class noun) or ``random:<seed>`` (normal, with the embedding table's standard deviation);
+* ``base_model``: the model it was trained with (a name, for people);
+* ``text_encoder_hidden_size``, ``text_encoder_fingerprint``: the text encoder it belongs to (the
+  fingerprint of its first embedding rows, weights.weights_fingerprint); another one is refused.
+
+Other files carry a token under a key prefix (``token_tensors`` / ``token_metadata`` /
+``token_from``), e.g. the product file (dreampainter_core/product_lora.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import InputError, WeightFormatError
+from .weights import atomic_save_safetensors, read_safetensors, weights_fingerprint
+
+__all__ = [
+    "TOKEN_FORMAT",
+    "LearnedToken",
+    "check_token_string",
+    "text_encoder_identity",
+    "init_token",
+    "tokenizer_with",
+    "input_embeddings",
+    "token_tensors",
+    "token_metadata",
+    "token_from",
+    "save_learned_token",
+    "load_learned_token",
+]
+
+TOKEN_FORMAT = "dreampainter-token"
+TOKEN_FORMAT_VERSION = 1
+FINGERPRINT_ROWS = 256  # embedding rows the text encoder's fingerprint covers (GLM-4-9B: 2 MB in bf16)
+MAX_TOKEN_CHARS = 64
+
+
+@dataclass
+class LearnedToken:
+    """One learned word: its string and its embedding row for one text encoder."""
+
+    token: str
+    embedding: torch.Tensor  # [hidden_size] (float32; an nn.Parameter while it trains)
+    init: str  # "word:<text>" or "random:<seed>"
+    text_encoder: dict[str, str]  # text_encoder_identity() of the encoder it belongs to
+    base_model: str = ""
+
+    def check_fits(self, text_encoder, where: str = "the learned token") -> None:
+        """WeightFormatError unless this token was made for ``text_encoder``."""
+        actual = text_encoder_identity(text_encoder)
+        if self.text_encoder.get("hidden_size") != actual["hidden_size"]:
+            raise WeightFormatError(
+                f"{where} {self.token!r} has {self.text_encoder.get('hidden_size')} numbers but the loaded text "
+                f"encoder embeds words in {actual['hidden_size']}: it was made for another model "
+                f"({self.base_model or 'unknown'}). Load the text encoder it was trained with.")
+        if self.text_encoder.get("fingerprint") != actual["fingerprint"]:
+            raise WeightFormatError(
+                f"{where} {self.token!r} was made for another text encoder (fingerprint "
+                f"{self.text_encoder.get('fingerprint')}, the loaded one has {actual['fingerprint']}; made with "
+                f"{self.base_model or 'an unknown model'}). Load the text encoder it was trained with.")
+
+
+def check_token_string(token) -> str:
+    """``token`` if it can be a prompt word: a non-empty string without spaces, at most 64 characters."""
+    if not isinstance(token, str) or not token or re.search(r"\s", token) or len(token) > MAX_TOKEN_CHARS:
+        raise InputError(f"a learned token must be one word: a non-empty string without spaces, at most "
+                         f"{MAX_TOKEN_CHARS} characters (e.g. 'sks' or '<background>'), got {token!r}")
+    return token
+
+
+def _embedding_table(text_encoder) -> torch.nn.Embedding:
+    return text_encoder.get_input_embeddings()
+
+
+def text_encoder_identity(text_encoder) -> dict[str, str]:
+    """{"hidden_size", "fingerprint"} of a text encoder: what a learned token records and checks."""
+    weight = _embedding_table(text_encoder).weight
+    return {"hidden_size": str(int(weight.shape[1])), "fingerprint": weights_fingerprint([weight[:FINGERPRINT_ROWS]])}
+
+
+@torch.no_grad()
+def init_token(tokenizer, text_encoder, token: str, init_word: str | None = None, seed: int = 0,
+               base_model: str = "") -> LearnedToken:
+    """A new token's starting embedding: the mean of ``init_word``'s embedding rows (its word pieces,
+    without special tokens; e.g. the class noun), or, without one, a seeded normal draw with the
+    embedding table's standard deviation."""
+    check_token_string(token)
+    table = _embedding_table(text_encoder).weight
+    if init_word:
+        ids = tokenizer(init_word, add_special_tokens=False).input_ids
+        if not ids:
+            raise InputError(f"init_word {init_word!r} gives no tokens: give a word of the prompt's language")
+        vector = table[torch.tensor(ids, device=table.device)].float().mean(dim=0)
+        init = f"word:{init_word}"
+    else:
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        vector = torch.randn(table.shape[1], generator=generator) * table.float().std().cpu()
+        init = f"random:{int(seed)}"
+    return LearnedToken(token, vector.detach().to("cpu", torch.float32).clone(), init,
+                        text_encoder_identity(text_encoder), base_model)
+
+
+# (tokenizer, tokens) -> the tokenizer's copy that knows them; the copies live as long as the tokenizer.
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_with(tokenizer, tokens: Sequence[str]) -> tuple[object, dict[str, int]]:
+    """(a copy of ``tokenizer`` that reads each of ``tokens`` as one word, {token: its id}). The given
+    tokenizer is not changed (ComfyUI shares it between nodes). A token is matched as a whole word only
+    ("sks" in "tasks" is not the token), before the tokenizer's normalisation (case-sensitive)."""
+    from tokenizers import AddedToken
+
+    key = tuple(check_token_string(t) for t in tokens)
+    cached = _COPIES.setdefault(tokenizer, {})
+    if key not in cached:
+        copied = copy.deepcopy(tokenizer)
+        copied.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in key])
+        cached[key] = (copied, {t: int(copied.convert_tokens_to_ids(t)) for t in key})
+    return cached[key]
+
+
+def input_embeddings(text_encoder, ids: torch.Tensor, vectors: dict[int, torch.Tensor], pad_id: int) -> torch.Tensor:
+    """[B, T, D] input embeddings of ``ids`` with the row of each id in ``vectors`` replaced by its
+    vector (differentiable in the vectors; the table itself is only read)."""
+    table = _embedding_table(text_encoder)
+    learned = torch.zeros_like(ids, dtype=torch.bool)
+    for token_id in vectors:
+        learned |= ids == token_id
+    embeds = table(torch.where(learned, torch.full_like(ids, pad_id), ids))  # a new id may lie past the table
+    for token_id, vector in vectors.items():
+        where = (ids == token_id).unsqueeze(-1)
+        embeds = torch.where(where, vector.to(device=embeds.device, dtype=embeds.dtype), embeds)
+    return embeds
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+def token_tensors(token: LearnedToken, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {f"{prefix}embedding": token.embedding.detach().to("cpu", torch.float32).contiguous()}
+
+
+def token_metadata(token: LearnedToken, prefix: str = "") -> dict[str, str]:
+    return {f"{prefix}token": token.token, f"{prefix}init": token.init, f"{prefix}base_model": token.base_model,
+            f"{prefix}text_encoder_hidden_size": token.text_encoder["hidden_size"],
+            f"{prefix}text_encoder_fingerprint": token.text_encoder["fingerprint"]}
+
+
+def token_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str = "",
+               where: str = "token file") -> LearnedToken:
+    """The LearnedToken stored under ``prefix`` (WeightFormatError naming ``where`` if incomplete)."""
+    keys = ("token", "init", "text_encoder_hidden_size", "text_encoder_fingerprint")
+    missing = [prefix + k for k in keys if prefix + k not in metadata]
+    if missing or f"{prefix}embedding" not in tensors:
+        raise WeightFormatError(f"{where}: the learned token is incomplete (missing "
+                                f"{', '.join(missing + ([] if f'{prefix}embedding' in tensors else [f'{prefix}embedding']))})")
+    embedding = tensors[f"{prefix}embedding"].float()
+    hidden = metadata[f"{prefix}text_encoder_hidden_size"]
+    if embedding.dim() != 1 or str(embedding.shape[0]) != hidden:
+        raise WeightFormatError(f"{where}: the token's embedding has shape {tuple(embedding.shape)}, expected "
+                                f"[{hidden}] (its recorded text encoder width)")
+    return LearnedToken(check_token_string(metadata[f"{prefix}token"]), embedding, metadata[f"{prefix}init"],
+                        {"hidden_size": hidden, "fingerprint": metadata[f"{prefix}text_encoder_fingerprint"]},
+                        metadata.get(f"{prefix}base_model", ""))
+
+
+def save_learned_token(token: LearnedToken, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write a token file (module docstring), atomically."""
+    metadata = {"format": TOKEN_FORMAT, "format_version": str(TOKEN_FORMAT_VERSION), **token_metadata(token)}
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    return atomic_save_safetensors(token_tensors(token), path, metadata)
+
+
+def load_learned_token(path: str | os.PathLike) -> LearnedToken:
+    """Read a token file; a clear error for a missing file, another format or a newer version."""
+    tensors, metadata = read_safetensors(path, TOKEN_FORMAT, TOKEN_FORMAT_VERSION, "learned-token",
+                                         "made by train.dreampaint --learn-token or the <background> token training")
+    return token_from(tensors, metadata, where=str(path))
