@@ -328,7 +328,9 @@ def test_workflow_loads_without_errors_and_round_trips(browser, path):
         assert s["widgets_values"] == n.get("widgets_values"), (n["type"], s["widgets_values"])
         assert all(abs(a - b) <= 1 for a, b in zip(s["size"], n["size"])), (n["type"], s["size"], n["size"])
     assert sorted(map(tuple, r["links"])) == sorted(map(tuple, wf["links"]))
-    assert "DreamPainterSampler" in r["enhanced"]
+    # the web extension decorates the workflow's sampler (Sampler or Insert) and Mask Refine nodes
+    patched = {n["type"] for n in wf["nodes"]} & {"DreamPainterInsert", "DreamPainterMaskRefine", "DreamPainterSampler"}
+    assert patched & {"DreamPainterInsert", "DreamPainterSampler"} and patched <= set(r["enhanced"]), r["enhanced"]
 
 
 def test_tr2i_screenshot_kept(browser):
