@@ -32,6 +32,8 @@ TR2I = next((p for p in WORKFLOWS if "TR2I" in p.stem), None)
 AUTO_MASK = next((p for p in WORKFLOWS if "auto_mask" in p.stem), None)
 TRAINING_FREE = next((p for p in WORKFLOWS if "training_free" in p.stem), None)
 TRAINING_FREE_SCREENSHOT = REPO / "docs" / "screenshots" / "training_free_executed.png"
+INSERT = next((p for p in WORKFLOWS if "insert_product" in p.stem), None)
+INSERT_SCREENSHOT = REPO / "docs" / "screenshots" / "insert_executed.png"
 VIEW = (1600, 1000)
 
 LOAD_JS = """(async (wf, name) => {
@@ -121,14 +123,34 @@ NAMES_JS = """(() => Object.fromEntries(window.comfyAPI.app.app.graph.nodes
                       inputs: Object.fromEntries((n.inputs || []).map(i => [i.name, i.localized_name ?? i.label ?? null]))}])))()"""
 
 # Bring the Sampler (and its neighbours) into view at 100 % beside the help panel, for the screenshot.
-FRAME_SAMPLER_JS = """(() => {
+# Workflow 7 on the embedded miniature: its product file is the test host's (a random product LoRA of the
+# miniature), so the run shows the graph working, not a learned product.
+INSERT_RUN_JS = """(async (target) => {
   const app = window.comfyAPI.app.app;
-  const node = app.graph.nodes.find(n => n.type === "DreamPainterSampler");
+  const set = (type, name, f) => app.graph.nodes.filter(n => n.type === type).forEach(n => {
+    const w = n.widgets.find(w => w.name === name); w.value = f(w.value); });
+  set("DreamPainterModelLoader", "transformer", () => target.model);
+  set("DreamPainterModelLoader", "dreampainter_weights", () => "none");
+  for (const t of ["DreamPainterModelLoader", "DreamPainterTextEncoderLoader", "DreamPainterVAELoader"])
+    set(t, "weight_dtype", () => "fp32");
+  set("DreamPainterTextEncoderLoader", "text_encoder", () => target.model);
+  set("DreamPainterVAELoader", "vae", () => target.model);
+  set("DreamPainterProductLoRALoader", "product_lora", () => target.product);
+  set("DreamPainterInsert", "steps", () => target.steps);
+  window.__dreampainter.compareReady = 0;
+  await app.queuePrompt(0, 1);
+  return true;
+})"""
+
+FRAME_NODE_JS = """((type = "DreamPainterSampler") => {
+  const app = window.comfyAPI.app.app;
+  const node = app.graph.nodes.find(n => n.type === type);
   app.canvas.ds.scale = 1.0;
   app.canvas.ds.offset = [760 - node.pos[0], 90 - node.pos[1]];
   app.canvas.setDirty(true, true);
   return true;
-})()"""
+})"""
+FRAME_SAMPLER_JS = FRAME_NODE_JS + "()"
 
 
 def _external(text: str) -> bool:
@@ -203,6 +225,21 @@ async def _session(host, chromium: str) -> dict:
                 if os.environ.get("DP_SCREENSHOTS"):
                     TRAINING_FREE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(shot, TRAINING_FREE_SCREENSHOT)
+            if INSERT is not None:  # DreamPaint: a product into a photo, on the miniature
+                mark = len(page.messages)
+                wf = json.loads(INSERT.read_text(encoding="utf-8"))
+                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'insert run')")
+                await page.evaluate(f"{INSERT_RUN_JS}({json.dumps({**target, 'product': h.MINIATURE_PRODUCT})})")
+                await page.wait_for("window.__dreampainter.compareReady >= 1", 300)
+                await asyncio.sleep(0.5)
+                await page.evaluate(f"{FRAME_NODE_JS}('DreamPainterInsert')")
+                await asyncio.sleep(0.5)
+                out["insert_run_errors"] = page.errors(mark, ignore=_external)
+                shot = await page.screenshot(ARTIFACTS / "insert_executed.png")
+                out["screens"]["insert_run"] = shot
+                if os.environ.get("DP_SCREENSHOTS"):
+                    INSERT_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(shot, INSERT_SCREENSHOT)
             if TR2I is not None:  # the Sampler's compare slider, then hover to move its split
                 mark = len(page.messages)
                 wf = json.loads(TR2I.read_text(encoding="utf-8"))
@@ -239,7 +276,7 @@ def browser(request):
     t0 = time.monotonic()
     result = asyncio.run(_session(host, chromium))
     result["session_s"] = time.monotonic() - t0
-    result["history"] = host.get("/history?max_items=3")  # the prompts the browser queued
+    result["history"] = host.get("/history?max_items=4")  # the prompts the browser queued
     capmanager = request.config.pluginmanager.getplugin("capturemanager")
     with capmanager.global_and_fixture_disabled():
         shots = ", ".join(str(p) for p in result["screens"].values())
@@ -346,6 +383,15 @@ def test_training_free_workflow_runs_from_the_browser_with_no_dreampainter_file(
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
+def test_insertion_workflow_runs_from_the_browser(browser):
+    """Workflow 7 (DreamPaint) on the miniature: it completes, and Insert gets its compare slider."""
+    if INSERT is None:
+        pytest.skip("no insertion workflow")
+    assert browser["insert_run_errors"] == [], browser["insert_run_errors"]
+    shot = browser["screens"]["insert_run"]
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
 def test_compare_slider_gets_the_run_and_follows_the_mouse(browser):
     assert browser["tr2i_run_errors"] == [], browser["tr2i_run_errors"]
     before, after = browser["compare"]["before"], browser["compare"]["after"]
@@ -362,10 +408,12 @@ def test_mask_refine_caption_gets_the_run(browser):
 def test_prompts_queued_from_the_ui_carry_no_extension_widgets(browser):
     """The extension's canvas widgets stay out of the API prompt and out of the saved workflow."""
     entries = list(browser["history"].values())
-    assert len(entries) == 2 + (TRAINING_FREE is not None)
+    assert len(entries) == 2 + (TRAINING_FREE is not None) + (INSERT is not None)
+    assert all(entry["status"]["status_str"] == "success" for entry in entries), [e["status"] for e in entries]
+    with_sampler = [e for e in entries if any(n["class_type"] == "DreamPainterSampler" for n in e["prompt"][2].values())]
+    assert len(with_sampler) == 2 + (TRAINING_FREE is not None)
     required, optional, _ = NODES["DreamPainterSampler"]
-    for entry in entries:
-        assert entry["status"]["status_str"] == "success", entry["status"]
+    for entry in with_sampler:
         prompt, extra = entry["prompt"][2], entry["prompt"][3]
         sampler = next(n for n in prompt.values() if n["class_type"] == "DreamPainterSampler")
         assert set(required) <= set(sampler["inputs"]) <= set(required) | set(optional), sorted(sampler["inputs"])
