@@ -135,6 +135,16 @@ def _same_hw(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
                          "they must be the same size")
 
 
+def _one_image_and_region(image, region, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 [H, W, 3] in 0..1, bool [H, W]) of one image and one region of its size."""
+    x, single = _images(image, "image")
+    r, _ = _masks(region, "region")
+    if not single or r.shape[0] != 1:
+        raise InputError(f"{caller} takes one image and one region")
+    _same_hw("image", x, "region", r)
+    return x[0], r[0]
+
+
 def _batch(*arrays: np.ndarray) -> list[np.ndarray]:
     n = max(a.shape[0] for a in arrays)
     out = []
@@ -405,12 +415,8 @@ def region_color(image, region, trim: float = REGION_TRIM, brightest: float | No
     two, where a median would jump to whichever is more common). brightest: first keep
     only that fraction of the region's pixels with the highest luminance (a surface part
     of which lies in shadow). None if the region is empty."""
-    x, single = _images(image, "image")
-    r, _ = _masks(region, "region")
-    if not single or r.shape[0] != 1:
-        raise InputError("region_color takes one image and one region")
-    _same_hw("image", x, "region", r)
-    px = x[0][r[0]]
+    img, reg = _one_image_and_region(image, region, "region_color")
+    px = img[reg]
     if brightest is not None and px.shape[0]:
         if not 0.0 < brightest <= 1.0:
             raise InputError(f"brightest must be in (0, 1], got {brightest!r}")
@@ -550,13 +556,9 @@ def pattern_features(image, region) -> dict[str, float] | None:
     less common side of the midpoint between the 5th and 95th luminance percentiles
     (~0.5 for checkers, ~0.1-0.37 for dots).
     """
-    x, single = _images(image, "image")
-    r, _ = _masks(region, "region")
-    if not single or r.shape[0] != 1:
-        raise InputError("pattern_features takes one image and one region")
-    _same_hw("image", x, "region", r)
-    lum = x[0] @ np.array([0.299, 0.587, 0.114])
-    m = r[0]
+    img, reg = _one_image_and_region(image, region, "pattern_features")
+    lum = img @ np.array([0.299, 0.587, 0.114])
+    m = reg
     if m.sum() < 64:
         return None
     vals = lum[m]
@@ -684,15 +686,11 @@ def grid_energy(image, region, period: int = GRID_PERIOD, min_per_phase: int = 4
     to the grid averages out (its share falls with the number of pixels per phase). Measure it
     on walls that are plain in the ground truth. None when a phase has under `min_per_phase`
     pixels."""
-    x, single = _images(image, "image")
-    r, _ = _masks(region, "region")
-    if not single or r.shape[0] != 1:
-        raise InputError("grid_energy takes one image and one region")
-    _same_hw("image", x, "region", r)
-    lum = x[0] @ np.array([0.299, 0.587, 0.114])
+    img, reg = _one_image_and_region(image, region, "grid_energy")
+    lum = img @ np.array([0.299, 0.587, 0.114])
     h, w = lum.shape
     phase = (np.arange(h)[:, None] % period) * period + (np.arange(w)[None, :] % period)
-    sel = r[0]
+    sel = reg
     counts = np.bincount(phase[sel], minlength=period * period)
     if counts.min() < min_per_phase:
         return None
