@@ -546,13 +546,11 @@ def override_tables(tables: dict, item: str, flag: str = "--set", create: bool =
 
 
 def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """The (dotted) keys whose values differ between two JSON records, one level into tables."""
+    """The dotted keys whose values differ between two JSON records."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return [prefix or "value"] if old != new else []
-    keys = sorted(set(old) | set(new))
-    if prefix:  # one level deep: a differing sub-table is named, not its every key
-        return [f"{prefix}.{k}" for k in keys if old.get(k) != new.get(k)]
-    return [d for k in keys for d in _differing(old.get(k), new.get(k), k)]
+    return [d for k in sorted(set(old) | set(new))
+            for d in _differing(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
 
 
 def claim_run_dir(run_dir: str | Path, record: dict, what: str, write: bool = True) -> None:
