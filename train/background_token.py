@@ -149,6 +149,7 @@ class TextLoraSection:
 @dataclass
 class TrainSection:
     output_dir: str = "runs/background_token"
+    cache_dir: str = ""  # the latent cache ("" = <output_dir>/cache); runs on the same data may share one
     steps: int = 1000
     batch_size: int = 8  # per process; the contrastive terms need a global batch of at least 2
     seed: int = 0
@@ -355,7 +356,7 @@ def _resolve_model(cfg: BackgroundTokenConfig) -> tuple[Path, str | None, str]:
 
 def _run_record(cfg: BackgroundTokenConfig, base: Path, weights: str | None, world: int, n: int) -> dict:
     settings = explicit_values(cfg)
-    for key in ("checkpoint_every", "log_every", "on_nonfinite", "max_nonfinite_steps", "output_dir"):
+    for key in ("checkpoint_every", "log_every", "on_nonfinite", "max_nonfinite_steps", "output_dir", "cache_dir"):
         settings.get("train", {}).pop(key, None)
     settings.get("model", {}).pop("device", None)
     return {"settings": settings, "base": str(base), "weights": weights, "samples": n,
@@ -440,7 +441,8 @@ def train_background_token(cfg: BackgroundTokenConfig, echo: Callable[[str], Non
     opt = Optimization(trained, params, cfg.optim, t.steps, on_nonfinite=t.on_nonfinite,
                        max_nonfinite_steps=t.max_nonfinite_steps, any_rank=env.any, lr_scales=scales)
 
-    cache = ConditionCache(out_dir / "cache", files_identity([base / "vae"], {"dtype": str(dtype)}), "")
+    cache = ConditionCache(Path(t.cache_dir) if t.cache_dir else out_dir / "cache",
+                           files_identity([base / "vae"], {"dtype": str(dtype)}), "")
     clip_memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def latents(idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
