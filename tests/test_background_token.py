@@ -213,6 +213,14 @@ def test_a_clip_vision_tower_gives_the_image_features(tiny_model_dir, scenes, tm
     assert all(math.isfinite(r["cl_background"]) and math.isfinite(r["cl_name"]) for r in report["log"])
 
 
+def test_an_optional_text_lora_trains_and_travels_in_the_token_file(tiny_model_dir, scenes, tmp_path):
+    report = bt.train_background_token(_config(tiny_model_dir, scenes, tmp_path / "run", "text_lora.rank=2",
+                                               "train.steps=2", "text_lora.lr_scale=1.0"), echo=lambda m: None)
+    token = load_learned_token(report["token_file"])
+    assert token.text_lora_rank == 2 and len(token.text_lora) == 8  # 2 layers x (q, v) x (A, B)
+    assert any(v.abs().max() > 0 for k, v in token.text_lora.items() if k.endswith("lora_B"))  # B left zero
+
+
 def test_bad_input_is_refused_before_any_model_loads(tiny_model_dir, scenes, tmp_path, text):
     lines = Path(scenes["train"]).read_text().splitlines()
     bad = tmp_path / "bad.jsonl"
