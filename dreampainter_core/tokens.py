@@ -121,16 +121,28 @@ def text_encoder_identity(text_encoder) -> dict[str, str]:
     return {"hidden_size": str(int(weight.shape[1])), "fingerprint": weights_fingerprint([weight[:FINGERPRINT_ROWS]])}
 
 
+def _pieces_in_a_sentence(tokenizer, word: str) -> list[int]:
+    """``word``'s token ids where it follows a space in a prompt. A byte-level BPE (GLM-4's) gives a word
+    after a space other pieces (" background") than at the start of a text ("background"); a learned
+    token stands after a space, and takes that space (tokenizer_with: lstrip), so it starts as the word
+    would be read there. Word-level tokenizers give the same ids either way."""
+    head = tokenizer("a", add_special_tokens=False).input_ids
+    ids = tokenizer(f"a {word}", add_special_tokens=False).input_ids
+    if ids[:len(head)] == head and len(ids) > len(head):
+        return ids[len(head):]
+    return tokenizer(word, add_special_tokens=False).input_ids
+
+
 @torch.no_grad()
 def init_token(tokenizer, text_encoder, token: str, init_word: str | None = None, seed: int = 0,
                base_model: str = "") -> LearnedToken:
-    """A new token's starting embedding: the mean of ``init_word``'s embedding rows (its word pieces,
-    without special tokens; e.g. the class noun), or, without one, a seeded normal draw with the
-    embedding table's standard deviation."""
+    """A new token's starting embedding: the mean of ``init_word``'s embedding rows (its word pieces as
+    they stand inside a prompt, without special tokens; e.g. the class noun), or, without one, a seeded
+    normal draw with the embedding table's standard deviation."""
     check_token_string(token)
     table = _embedding_table(text_encoder).weight
     if init_word:
-        ids = tokenizer(init_word, add_special_tokens=False).input_ids
+        ids = _pieces_in_a_sentence(tokenizer, init_word)
         if not ids:
             raise InputError(f"init_word {init_word!r} gives no tokens: give a word of the prompt's language")
         vector = table[torch.tensor(ids, device=table.device)].float().mean(dim=0)
@@ -150,14 +162,16 @@ _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def tokenizer_with(tokenizer, tokens: Sequence[str]) -> tuple[object, dict[str, int]]:
     """(a copy of ``tokenizer`` that reads each of ``tokens`` as one word, {token: its id}). The given
     tokenizer is not changed (ComfyUI shares it between nodes). A token is matched as a whole word only
-    ("sks" in "tasks" is not the token), before the tokenizer's normalisation (case-sensitive)."""
+    ("sks" in "tasks" is not the token), before the tokenizer's normalisation (case-sensitive), and takes
+    the space before it (lstrip), as a byte-level BPE folds a word's leading space into the word: "a red
+    cup <background>" then reads as "a red cup background" does, the token in the last word's place."""
     from tokenizers import AddedToken
 
     key = tuple(check_token_string(t) for t in tokens)
     cached = _COPIES.setdefault(tokenizer, {})
     if key not in cached:
         copied = copy.deepcopy(tokenizer)
-        copied.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in key])
+        copied.add_tokens([AddedToken(t, single_word=True, lstrip=True, normalized=False) for t in key])
         cached[key] = (copied, {t: int(copied.convert_tokens_to_ids(t)) for t in key})
     return cached[key]
 
