@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from dreampainter_core.prompts import build_prompt
 from train import background_token_eval as ev
 from train.evaluate import load_samples
-from train.synthetic import TYPICAL_LOOKS, make_scene, write_scenes
+from train.synthetic import TYPICAL_LOOKS, write_scenes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

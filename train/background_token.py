@@ -68,7 +68,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -487,7 +487,7 @@ def train_background_token(cfg: BackgroundTokenConfig, echo: Callable[[str], Non
         batch = epochs[epoch][k]
         mine = batch[env.rank * t.batch_size:(env.rank + 1) * t.batch_size]
         texts, token_feats, name_feats, bg_feats, all_feats = [], [], [], [], []
-        x0s, controls, noises, sigmas, times = [], [], [], [], []
+        x0s, controls, noises, times = [], [], [], []
         for j, idx in enumerate(mine):
             x0, control, line = latents(idx)
             g = flow.sample_generator(t.seed, i, 0, env.rank * t.batch_size + j)

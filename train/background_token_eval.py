@@ -56,7 +56,7 @@ from dreampainter_core.prompts import build_prompt, load_presets, name_with_toke
 from dreampainter_core.tokens import init_token, load_learned_token
 
 from . import metrics as M
-from .background_token import BackgroundTokenConfig, load_token_config, train_background_token
+from .background_token import load_token_config, train_background_token
 from .config import ConfigError
 from .evaluate import TABLE_BRIGHTEST, Runner, load_samples
 from .synthetic import (PALETTE, PALETTE_ZH, PRODUCT_SHAPES, PRODUCT_ZH, STAND_WORDS, STYLES, TYPICAL_LOOKS,
