@@ -12,6 +12,7 @@ schema (whose min/max use the same constants).
     ControlOptions    mode, control_scale, mask_guidance, harmonize, region_dilate/feather
                                               -> transformer.control_residuals / pipeline.sample
     OutputOptions     paste_back, feather, placement, box_ratio, decontaminate -> product.place_product / paste_back
+    TextOptions       prompt_free, background token -> what the text encoder reads (TextOptions.prompt)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "ReferenceOptions",
     "ControlOptions",
     "OutputOptions",
+    "TextOptions",
     "options_from_keywords",
     "check_schedule",
     "MAX_STEPS",
@@ -272,6 +274,42 @@ class OutputOptions:
         # Wider ramps bring back a ring of the photo's old background (white on studio shots):
         # use them for loose masks only.
         return 1 if self.feather is None else self.feather
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How the prompt box is read (Product2Img's prompt-free mode, issue 17).
+
+    prompt_free off: the prompt as written; a learned ``token`` (dreampainter_core.tokens) is then only
+    a word the prompt may use. prompt_free on: the box holds the product's name alone and the text
+    encoder reads "<name> <token>" (prompts.name_with_token), e.g. "a red cup <background>": the
+    learned background token stands in for the scene description."""
+
+    prompt_free: bool = False
+    token: object = None  # a tokens.LearnedToken, or None
+
+    def __post_init__(self):
+        _set(self, "prompt_free", bool(self.prompt_free))
+        if self.prompt_free and self.token is None:
+            raise InputError("prompt_free needs a learned background token (a token file made by python -m "
+                             "train.background_token): connect DreamPainter Background Token Loader, or turn "
+                             "prompt_free off and write a prompt")
+
+    @property
+    def tokens(self) -> tuple:
+        """The learned words the text encoder knows for this prompt."""
+        return () if self.token is None else (self.token,)
+
+    def prompt(self, text) -> str:
+        """What the text encoder reads for the prompt box's ``text``."""
+        if not self.prompt_free:
+            return text
+        from .prompts import PromptConfigError, name_with_token
+
+        try:
+            return name_with_token(text, self.token.token)
+        except PromptConfigError as exc:  # "name is empty: ..." as an input error of the prompt box
+            raise InputError(f"prompt_free: the prompt box holds the product's name: {exc}") from None
 
 
 # pipe(...)'s flat keyword -> (group, field). Every keyword belongs to exactly one group.

@@ -31,7 +31,7 @@ from .options import (MAX_BATCH, ControlOptions, OutputOptions, ReferenceOptions
 from .product import paste_back as paste_back_product
 from .product import place_product
 from .prompts import prompt_problem
-from .tokens import LearnedToken, input_embeddings, tokenizer_with
+from .tokens import LearnedToken, input_embeddings, text_lora_weights, tokenizer_with
 from .transformer import DreamPainterTransformer
 
 logger = logging.getLogger("dreampainter")
@@ -175,20 +175,29 @@ def prompt_ids(tokenizer, prompts: Sequence[str], max_sequence_length: int = 102
 
 
 def text_hidden_states(tokenizer, text_encoder, prompts: Sequence[str], *, max_sequence_length: int = 1024,
-                       tokens: Sequence[LearnedToken] = ()) -> torch.Tensor:
+                       tokens: Sequence[LearnedToken] = (), return_ids: bool = False):
     """GLM's hidden_states[-2] of the prompts, where the text encoder is, in its dtype; differentiable
     in the learned tokens' embeddings (dreampainter_core.tokens), which replace their words' rows.
-    Without learned tokens: CogView4's own encoding, ids in."""
+    Without learned tokens: CogView4's own encoding, ids in. ``return_ids``: (hidden states, the ids
+    [B, T] they belong to, a learned token's id as the copied tokenizer gives it)."""
     if not tokens:
-        ids = prompt_ids(tokenizer, prompts, max_sequence_length)
-        return text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states[-2]
+        ids = prompt_ids(tokenizer, prompts, max_sequence_length).to(text_encoder.device)
+        hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return (hidden, ids) if return_ids else hidden
     for token in tokens:
         token.check_fits(text_encoder)
     extended, token_ids = tokenizer_with(tokenizer, [t.token for t in tokens])
     ids = prompt_ids(extended, prompts, max_sequence_length).to(text_encoder.device)
     embeds = input_embeddings(text_encoder, ids, {token_ids[t.token]: t.embedding for t in tokens},
                               tokenizer.pad_token_id)
-    return text_encoder(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-2]
+    weights = text_lora_weights(text_encoder, tokens)  # a token's LoRA on GLM, if it carries one
+    if weights:
+        out = torch.func.functional_call(text_encoder, weights, (),
+                                         {"inputs_embeds": embeds, "output_hidden_states": True}, strict=False)
+    else:
+        out = text_encoder(inputs_embeds=embeds, output_hidden_states=True)
+    hidden = out.hidden_states[-2]
+    return (hidden, ids) if return_ids else hidden
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from .errors import DreamPainterError
 
 __all__ = ["COMPONENTS", "PRODUCT_ATTRIBUTES", "Prompt", "PromptComposer", "PromptConfigError", "EXAMPLE_TOML",
-           "PromptPresets", "build_prompt", "build_prompts", "load_presets", "MAX_PROMPT_CHARS", "prompt_problem"]
+           "PromptPresets", "build_prompt", "build_prompts", "load_presets", "check_name", "name_with_token", "MAX_PROMPT_CHARS", "prompt_problem"]
 
 COMPONENTS = ("product", "stand", "environment", "background", "style")
 PRODUCT_ATTRIBUTES = ("count", "colour", "category")
@@ -515,6 +515,18 @@ def _presets(presets) -> PromptPresets:
 def build_prompts(name: str, category: str | None = None, style: str | None = None, seed: int = 0,
                   presets=None, name_zh: str | None = None) -> Prompt:
     """Both languages of ``build_prompt`` (the same draw: the Chinese is the English's parallel)."""
+    name = check_name(name)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PromptConfigError(f"seed must be an integer, got {seed!r}")
+    p = _presets(presets)
+    cat = p.category(category)
+    composer = p.composer(cat, style, seed)
+    return composer.compose(product=name, product_zh=_clean(name_zh) if name_zh else name, key=f"{cat.key}/{name}")
+
+
+def check_name(name) -> str:
+    """A product's name as the prompt builder and the prompt-free mode take it, whitespace cleaned;
+    PromptConfigError when it is empty, too long for a name (over MAX_NAME_CHARS) or not text."""
     if not isinstance(name, str) or not name.strip():
         raise PromptConfigError("name is empty: give the product's name (e.g. 'rose face serum' or '玫瑰精华液')")
     if len(name) > MAX_NAME_CHARS:
@@ -523,13 +535,13 @@ def build_prompts(name: str, category: str | None = None, style: str | None = No
     problem = prompt_problem(name)
     if problem:
         raise PromptConfigError(f"name {problem}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise PromptConfigError(f"seed must be an integer, got {seed!r}")
-    p = _presets(presets)
-    cat = p.category(category)
-    composer = p.composer(cat, style, seed)
-    name = _clean(name)
-    return composer.compose(product=name, product_zh=_clean(name_zh) if name_zh else name, key=f"{cat.key}/{name}")
+    return _clean(name)
+
+
+def name_with_token(name, token: str) -> str:
+    """The prompt-free prompt (Product2Img): the product's name, then the learned token, e.g.
+    "a red cup <background>"; the name is checked as check_name does."""
+    return f"{check_name(name)} {token}"
 
 
 def build_prompt(name: str, category: str | None = None, language: str = "en", style: str | None = None,

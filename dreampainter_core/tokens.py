@@ -22,6 +22,12 @@ A token file (``save_learned_token`` / ``load_learned_token``) is safetensors wi
 * ``text_encoder_hidden_size``, ``text_encoder_fingerprint``: the text encoder it belongs to (the
   fingerprint of its first embedding rows, weights.weights_fingerprint); another one is refused.
 
+A token may carry a LoRA on GLM's linear layers (``text_lora``, the background token's option, off
+by default): tensors ``text_lora.<module>.lora_A`` [r, in] and ``.lora_B`` [out, r], metadata
+``text_lora_rank`` and ``text_lora_alpha``. It is applied while the token is in use, without touching
+the text encoder's weights (``text_lora_weights``: each targeted weight is W + alpha / r * B A, passed to
+the forward pass in place of W); B starts at zero, so a fresh LoRA changes nothing.
+
 Other files carry a token under a key prefix (``token_tensors`` / ``token_metadata`` /
 ``token_from``), e.g. the product file (dreampainter_core/product_lora.py).
 """
@@ -54,6 +60,8 @@ __all__ = [
     "token_from",
     "save_learned_token",
     "load_learned_token",
+    "add_text_lora",
+    "text_lora_weights",
 ]
 
 TOKEN_FORMAT = "dreampainter-token"
@@ -71,6 +79,14 @@ class LearnedToken:
     init: str  # "word:<text>" or "random:<seed>"
     text_encoder: dict[str, str]  # text_encoder_identity() of the encoder it belongs to
     base_model: str = ""
+    # Optional LoRA on GLM's linear layers (module docstring): "<module>.lora_A" / "<module>.lora_B".
+    text_lora: dict[str, torch.Tensor] | None = None
+    text_lora_alpha: float = 0.0  # 0 = its rank (scale 1)
+
+    @property
+    def text_lora_rank(self) -> int:
+        """The LoRA's rank (0 without one)."""
+        return next((int(v.shape[0]) for k, v in (self.text_lora or {}).items() if k.endswith(".lora_A")), 0)
 
     def check_fits(self, text_encoder, where: str = "the learned token") -> None:
         """WeightFormatError unless this token was made for ``text_encoder``."""
@@ -105,16 +121,28 @@ def text_encoder_identity(text_encoder) -> dict[str, str]:
     return {"hidden_size": str(int(weight.shape[1])), "fingerprint": weights_fingerprint([weight[:FINGERPRINT_ROWS]])}
 
 
+def _pieces_in_a_sentence(tokenizer, word: str) -> list[int]:
+    """``word``'s token ids where it follows a space in a prompt. A byte-level BPE (GLM-4's) gives a word
+    after a space other pieces (" background") than at the start of a text ("background"); a learned
+    token stands after a space, and takes that space (tokenizer_with: lstrip), so it starts as the word
+    would be read there. Word-level tokenizers give the same ids either way."""
+    head = tokenizer("a", add_special_tokens=False).input_ids
+    ids = tokenizer(f"a {word}", add_special_tokens=False).input_ids
+    if ids[:len(head)] == head and len(ids) > len(head):
+        return ids[len(head):]
+    return tokenizer(word, add_special_tokens=False).input_ids
+
+
 @torch.no_grad()
 def init_token(tokenizer, text_encoder, token: str, init_word: str | None = None, seed: int = 0,
                base_model: str = "") -> LearnedToken:
-    """A new token's starting embedding: the mean of ``init_word``'s embedding rows (its word pieces,
-    without special tokens; e.g. the class noun), or, without one, a seeded normal draw with the
-    embedding table's standard deviation."""
+    """A new token's starting embedding: the mean of ``init_word``'s embedding rows (its word pieces as
+    they stand inside a prompt, without special tokens; e.g. the class noun), or, without one, a seeded
+    normal draw with the embedding table's standard deviation."""
     check_token_string(token)
     table = _embedding_table(text_encoder).weight
     if init_word:
-        ids = tokenizer(init_word, add_special_tokens=False).input_ids
+        ids = _pieces_in_a_sentence(tokenizer, init_word)
         if not ids:
             raise InputError(f"init_word {init_word!r} gives no tokens: give a word of the prompt's language")
         vector = table[torch.tensor(ids, device=table.device)].float().mean(dim=0)
@@ -134,14 +162,16 @@ _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def tokenizer_with(tokenizer, tokens: Sequence[str]) -> tuple[object, dict[str, int]]:
     """(a copy of ``tokenizer`` that reads each of ``tokens`` as one word, {token: its id}). The given
     tokenizer is not changed (ComfyUI shares it between nodes). A token is matched as a whole word only
-    ("sks" in "tasks" is not the token), before the tokenizer's normalisation (case-sensitive)."""
+    ("sks" in "tasks" is not the token), before the tokenizer's normalisation (case-sensitive), and takes
+    the space before it (lstrip), as a byte-level BPE folds a word's leading space into the word: "a red
+    cup <background>" then reads as "a red cup background" does, the token in the last word's place."""
     from tokenizers import AddedToken
 
     key = tuple(check_token_string(t) for t in tokens)
     cached = _COPIES.setdefault(tokenizer, {})
     if key not in cached:
         copied = copy.deepcopy(tokenizer)
-        copied.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in key])
+        copied.add_tokens([AddedToken(t, single_word=True, lstrip=True, normalized=False) for t in key])
         cached[key] = (copied, {t: int(copied.convert_tokens_to_ids(t)) for t in key})
     return cached[key]
 
@@ -160,17 +190,78 @@ def input_embeddings(text_encoder, ids: torch.Tensor, vectors: dict[int, torch.T
     return embeds
 
 
+def add_text_lora(token: LearnedToken, text_encoder, rank: int, targets: Sequence[str], alpha: float = 0.0,
+                  seed: int = 0) -> list[str]:
+    """Give ``token`` a fresh LoRA (A: seeded, Kaiming-uniform as peft draws it; B: zero) on the text
+    encoder's linear layers whose names end with one of ``targets`` (e.g. "self_attn.q_proj"); returns
+    the module names. InputError when no layer matches."""
+    import math
+
+    if rank < 1:
+        raise InputError(f"text LoRA rank must be >= 1, got {rank}")
+    names = [n for n, m in text_encoder.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise InputError(f"text LoRA targets {list(targets)} match no linear layer of the text encoder "
+                         "(GLM-4's are e.g. self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj)")
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    lora = {}
+    for name in names:
+        weight = text_encoder.get_submodule(name).weight
+        bound = 1.0 / math.sqrt(weight.shape[1])  # kaiming_uniform_(a=sqrt(5)) of an [r, in] matrix
+        lora[f"{name}.lora_A"] = (torch.rand(rank, weight.shape[1], generator=generator) * 2 - 1) * bound
+        lora[f"{name}.lora_B"] = torch.zeros(weight.shape[0], rank)
+    token.text_lora, token.text_lora_alpha = lora, float(alpha or rank)
+    return names
+
+
+def text_lora_weights(text_encoder, tokens: Sequence[LearnedToken]) -> dict[str, torch.Tensor]:
+    """{parameter name: W + alpha / r * B A} for the LoRA the tokens carry ({} without one): what the
+    text encoder's forward pass takes in place of W (torch.func.functional_call), so its own weights
+    stay as loaded. Differentiable in A and B. WeightFormatError when a LoRA does not fit the encoder."""
+    out: dict[str, torch.Tensor] = {}
+    for token in tokens:
+        if not token.text_lora:
+            continue
+        rank = token.text_lora_rank
+        scale = (token.text_lora_alpha or rank) / rank
+        for key, a in token.text_lora.items():
+            if not key.endswith(".lora_A"):
+                continue
+            module = key[: -len(".lora_A")]
+            b = token.text_lora.get(f"{module}.lora_B")
+            try:
+                weight = text_encoder.get_submodule(module).weight
+            except AttributeError:
+                weight = None
+            if b is None or weight is None or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+                raise WeightFormatError(f"the learned token {token.token!r} carries a text-encoder LoRA for "
+                                        f"{module}, which the loaded text encoder does not have in that shape: it "
+                                        "was made for another model")
+            base = out.get(f"{module}.weight", weight)
+            delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scale
+            out[f"{module}.weight"] = base + delta.to(weight.dtype)
+    return out
+
+
 # ---- files -------------------------------------------------------------------------------
 
 
 def token_tensors(token: LearnedToken, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {f"{prefix}embedding": token.embedding.detach().to("cpu", torch.float32).contiguous()}
+    out = {f"{prefix}embedding": token.embedding.detach().to("cpu", torch.float32).contiguous()}
+    for key, value in (token.text_lora or {}).items():
+        out[f"{prefix}text_lora.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
 
 
 def token_metadata(token: LearnedToken, prefix: str = "") -> dict[str, str]:
-    return {f"{prefix}token": token.token, f"{prefix}init": token.init, f"{prefix}base_model": token.base_model,
+    meta = {f"{prefix}token": token.token, f"{prefix}init": token.init, f"{prefix}base_model": token.base_model,
             f"{prefix}text_encoder_hidden_size": token.text_encoder["hidden_size"],
             f"{prefix}text_encoder_fingerprint": token.text_encoder["fingerprint"]}
+    if token.text_lora:
+        meta.update({f"{prefix}text_lora_rank": str(token.text_lora_rank),
+                     f"{prefix}text_lora_alpha": repr(float(token.text_lora_alpha or token.text_lora_rank))})
+    return meta
 
 
 def token_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str = "",
@@ -186,9 +277,26 @@ def token_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefi
     if embedding.dim() != 1 or str(embedding.shape[0]) != hidden:
         raise WeightFormatError(f"{where}: the token's embedding has shape {tuple(embedding.shape)}, expected "
                                 f"[{hidden}] (its recorded text encoder width)")
+    lora_prefix = f"{prefix}text_lora."
+    lora = {k[len(lora_prefix):]: v.float() for k, v in tensors.items() if k.startswith(lora_prefix)}
+    alpha = 0.0
+    if lora:
+        pairs = {k.rsplit(".", 1)[0] for k in lora}
+        rank = metadata.get(f"{prefix}text_lora_rank", "")
+        bad = [m for m in sorted(pairs) if f"{m}.lora_A" not in lora or f"{m}.lora_B" not in lora
+               or lora[f"{m}.lora_A"].dim() != 2 or lora[f"{m}.lora_B"].dim() != 2
+               or str(lora[f"{m}.lora_A"].shape[0]) != rank or str(lora[f"{m}.lora_B"].shape[1]) != rank]
+        try:
+            alpha = float(metadata.get(f"{prefix}text_lora_alpha", "nan"))
+        except ValueError:
+            alpha = float("nan")
+        if bad or not (alpha > 0):
+            raise WeightFormatError(f"{where}: the token's text-encoder LoRA is incomplete or inconsistent (rank "
+                                    f"{rank!r}, alpha {metadata.get(prefix + 'text_lora_alpha')!r}"
+                                    + (f", e.g. {bad[0]}" if bad else "") + ")")
     return LearnedToken(check_token_string(metadata[f"{prefix}token"]), embedding, metadata[f"{prefix}init"],
                         {"hidden_size": hidden, "fingerprint": metadata[f"{prefix}text_encoder_fingerprint"]},
-                        metadata.get(f"{prefix}base_model", ""))
+                        metadata.get(f"{prefix}base_model", ""), lora or None, alpha)
 
 
 def save_learned_token(token: LearnedToken, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:

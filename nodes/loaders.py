@@ -1,4 +1,4 @@
-"""Loader nodes: DreamPainter transformer, GLM text encoder (+ text encode), CogView4 VAE."""
+"""Loader nodes: DreamPainter transformer, GLM text encoder (+ text encode, the background token), CogView4 VAE."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from ..dreampainter_core.loading import (
     load_transformer,
     load_vae,
 )
+from ..dreampainter_core.options import TextOptions
 from ..dreampainter_core.pipeline import check_prompt, encode_prompt
 from ..dreampainter_core.prompts import prompt_problem
+from ..dreampainter_core.tokens import load_learned_token
 from ..dreampainter_core.transformer import DreamPainterTransformer
 from ..dreampainter_core.weights import build_from_weights, read_dreampainter_metadata
 from . import memory, paths
@@ -35,6 +37,7 @@ from .sockets import (
     DreamPainterModelType,
     DreamPainterTextEncoder,
     DreamPainterTextEncoderType,
+    DreamPainterTokenType,
     DreamPainterVAE,
     DreamPainterVAEType,
 )
@@ -252,6 +255,12 @@ class DreamPainterTextEncoderLoader(io.ComfyNode):
                                                      source=f"{text_encoder} ({weight_dtype})"))
 
 
+PROMPT_FREE_TIP = ("Prompt-free (Product2Img): the prompt box holds the product's name alone ('rose face serum') "
+                   "and the text encoder reads it with the learned background token appended ('rose face serum "
+                   "<background>'), so the model paints a background that suits the product without a prompt. "
+                   "Needs background_token. Off: the prompt as written.")
+
+
 class DreamPainterTextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -259,31 +268,44 @@ class DreamPainterTextEncode(io.ComfyNode):
             node_id="DreamPainterTextEncode",
             display_name="DreamPainter Text Encode",
             category=CATEGORY_CONDITIONING,
-            **search_aliases("prompt", "text encode", "background prompt", "negative prompt", "提示词"),
+            **search_aliases("prompt", "text encode", "background prompt", "negative prompt", "prompt-free",
+                             "提示词"),
             description="Encodes the background prompt and a negative prompt with GLM-4; the text encoder "
-                        "leaves the GPU afterwards.",
+                        "leaves the GPU afterwards. prompt_free: the product's name alone, with the learned "
+                        "background token.",
             inputs=[
                 DreamPainterTextEncoderType.Input("text_encoder"),
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="The new background (the product itself is kept)."),
+                                tooltip="The new background (the product itself is kept). With prompt_free: the "
+                                        "product's name alone."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Used when cfg > 1; empty is fine."),
+                io.Boolean.Input("prompt_free", default=False, optional=True, tooltip=PROMPT_FREE_TIP),
+                DreamPainterTokenType.Input("background_token", optional=True,
+                                            tooltip="From DreamPainter Background Token Loader: the learned "
+                                                    "<background> word. prompt_free appends it to the name; "
+                                                    "otherwise a prompt may use it as a word."),
             ],
             outputs=[DreamPainterConditioningType.Output(display_name="conditioning")],
         )
 
     @classmethod
-    def validate_inputs(cls, prompt=None, negative_prompt=None):
+    def validate_inputs(cls, prompt=None, negative_prompt=None, prompt_free=None):
         # An API prompt can carry what the text box cannot: an unpaired surrogate (JSON "\ud83d"), megabytes.
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             problem = None if text is None else prompt_problem(text)
             if problem:
                 return f"DreamPainter Text Encode: {name} {problem}."
+        if prompt_free and prompt is not None and not str(prompt).strip():
+            return ("DreamPainter Text Encode: prompt_free is on and the prompt box is empty: write the product's "
+                    "name there (e.g. 'rose face serum').")
         return True
 
     @classmethod
-    def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
-        positive, negative = encode_prompts(text_encoder, prompt, negative_prompt)
+    def execute(cls, text_encoder, prompt, negative_prompt, prompt_free=False, background_token=None) -> io.NodeOutput:
+        text = TextOptions(prompt_free=prompt_free, token=background_token)  # checked before GLM loads
+        prompt = text.prompt(prompt)
+        positive, negative = encode_prompts(text_encoder, prompt, negative_prompt, tokens=text.tokens)
         return io.NodeOutput(DreamPainterConditioning(positive, negative, prompt, negative_prompt or ""))
 
 
@@ -291,9 +313,12 @@ def encode_prompts(text_encoder: DreamPainterTextEncoder, prompt: str, negative_
                    tokens=()) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, negative prompt) GLM embeddings, float32 on ComfyUI's intermediate device (the samplers
     cast them to the transformer's dtype), with the text encoder on its device only meanwhile.
-    ``tokens``: learned words the prompts may use (a DreamPaint product's identifier)."""
+    ``tokens``: learned words the prompts may use (a DreamPaint product's identifier, the background
+    token); one made for another text encoder is refused before the encoder moves."""
     check_prompt(prompt, "prompt")  # linked texts (e.g. the Prompt Builder's) are only known now
     check_prompt(negative_prompt or "", "negative_prompt")
+    for token in tokens:
+        token.check_fits(text_encoder.text_encoder)
     memory.load(text_encoder.patcher)
     try:
         tok, te, out = text_encoder.tokenizer, text_encoder.text_encoder, mm.intermediate_device()
@@ -303,6 +328,38 @@ def encode_prompts(text_encoder: DreamPainterTextEncoder, prompt: str, negative_
     finally:
         memory.unload(text_encoder.patcher)  # GLM-4-9B is ~19 GB: never keep it next to the DiT
     return positive, negative
+
+
+class DreamPainterBackgroundTokenLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPainterBackgroundTokenLoader",
+            display_name="DreamPainter Background Token Loader",
+            category=CATEGORY_LOADERS,
+            **search_aliases("background token", "prompt-free", "Product2Img", "learned token", "加载背景词"),
+            description="Loads a learned <background> token from models/dreampainter_tokens (made by python -m "
+                        "train.background_token): with Text Encode's prompt_free, the product's name alone "
+                        "gives a background that suits the product.",
+            inputs=[
+                io.Combo.Input("background_token", options=paths.with_missing(
+                    paths.file_entries("dreampainter_tokens"), "background token file"),
+                    tooltip="A .safetensors token file from models/dreampainter_tokens. It belongs to the text "
+                            "encoder it was trained with; another one refuses it."),
+            ],
+            outputs=[DreamPainterTokenType.Output(display_name="background_token"),
+                     io.String.Output(display_name="token", tooltip="The token's word (e.g. <background>), for "
+                                                                    "prompts that use it by hand")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, background_token=None):
+        return True  # named to leave it to execute, whose message says where token files go
+
+    @classmethod
+    def execute(cls, background_token) -> io.NodeOutput:
+        token = load_learned_token(paths.resolve_token(background_token))
+        return io.NodeOutput(token, token.token)
 
 
 # ---------------------------------------------------------------------------------------------

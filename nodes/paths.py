@@ -56,8 +56,15 @@ PRODUCTS_HINT = (
     "ComfyUI/models/dreampainter_products/."
 )
 
+TOKENS_HINT = (
+    "Background token files (.safetensors with format=dreampainter-token metadata) are made by this pack's "
+    "python -m train.background_token --config configs/background_token.toml; put them into "
+    "ComfyUI/models/dreampainter_tokens/."
+)
+
 # folder name -> (default sub-folder of models/, extensions)
-_OWN_FOLDERS = {"dreampainter": ({".safetensors"}), "dreampainter_products": ({".safetensors"})}
+_OWN_FOLDERS = {"dreampainter": ({".safetensors"}), "dreampainter_products": ({".safetensors"}),
+                "dreampainter_tokens": ({".safetensors"})}
 
 
 def _embedded_folders() -> dict[str, str]:
@@ -199,14 +206,24 @@ def resolve_dreampainter(entry: str) -> str | None:
     return path
 
 
+def _resolve_own(kind: str, entry: str, what: str, hint: str) -> str:
+    """Path of a file named in the dropdown of one of the pack's own folders (``_OWN_FOLDERS``)."""
+    register_model_folders()
+    usable = entry not in (None, "", NONE) and inside_model_folder(entry)
+    path = folder_paths.get_full_path(kind, entry) if usable else None
+    if path is None:
+        raise ModelFilesError(f"{what}: file '{str(entry)[:200]}' not found; searched {_searched(kind)}. {hint}")
+    return path
+
+
 def resolve_product(entry: str) -> str:
     """Path of a product file named in the product loader's dropdown."""
-    register_model_folders()
-    path = folder_paths.get_full_path("dreampainter_products", entry) if entry not in (None, "", NONE) else None
-    if path is None:
-        raise ModelFilesError(f"DreamPaint product: file '{entry}' not found; searched "
-                              f"{_searched('dreampainter_products')}. {PRODUCTS_HINT}")
-    return path
+    return _resolve_own("dreampainter_products", entry, "DreamPaint product", PRODUCTS_HINT)
+
+
+def resolve_token(entry: str) -> str:
+    """Path of a background token file named in the token loader's dropdown."""
+    return _resolve_own("dreampainter_tokens", entry, "Background token", TOKENS_HINT)
 
 
 def with_missing(options: list[str], what: str) -> list[str]:

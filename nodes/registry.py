@@ -12,7 +12,13 @@ from .image_nodes import (
     DreamPainterReferenceEncode,
 )
 from .insert_nodes import DreamPainterInsert, DreamPainterProductLoRALoader
-from .loaders import DreamPainterModelLoader, DreamPainterTextEncode, DreamPainterTextEncoderLoader, DreamPainterVAELoader
+from .loaders import (
+    DreamPainterBackgroundTokenLoader,
+    DreamPainterModelLoader,
+    DreamPainterTextEncode,
+    DreamPainterTextEncoderLoader,
+    DreamPainterVAELoader,
+)
 from .paths import register_model_folders
 from .prompt_nodes import DreamPainterPromptBuilder
 from .sampler import DreamPainterSampler
@@ -21,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     DreamPainterModelLoader,
     DreamPainterTextEncoderLoader,
     DreamPainterPromptBuilder,
+    DreamPainterBackgroundTokenLoader,
     DreamPainterTextEncode,
     DreamPainterVAELoader,
     DreamPainterReferenceEncode,

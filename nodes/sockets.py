@@ -15,6 +15,7 @@ DreamPainterConditioningType = io.Custom("DREAMPAINTER_CONDITIONING")
 DreamPainterVAEType = io.Custom("DREAMPAINTER_VAE")
 DreamPainterReferenceType = io.Custom("DREAMPAINTER_REFERENCE")
 DreamPainterProductType = io.Custom("DREAMPAINTER_PRODUCT")  # a dreampainter_core.product_lora.ProductLoRA
+DreamPainterTokenType = io.Custom("DREAMPAINTER_TOKEN")  # a dreampainter_core.tokens.LearnedToken
 
 CATEGORY = "DreamPainter"
 # The Add Node menu, by role ("DreamPainter/<role>"). The role names are the core's own category

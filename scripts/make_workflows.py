@@ -35,6 +35,7 @@ BASE = "[diffusers] CogView4-6B"
 STAGE1 = "dreampainter_stage1.safetensors"
 STAGE2 = "dreampainter_stage2.safetensors"
 PRODUCT = "cup.safetensors"  # a product file the user made with train.dreampaint (models/dreampainter_products/)
+TOKEN = "background_token.safetensors"  # a background token made with train.background_token (models/dreampainter_tokens/)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +544,38 @@ def training_free(info) -> Workflow:
     return wf
 
 
+def prompt_free(info) -> Workflow:
+    wf = Workflow(info, "prompt_free")
+    model, te, vae = loaders(wf, STAGE2)
+    token = wf.add("DreamPainterBackgroundTokenLoader", (0, 540), {"background_token": TOKEN}, width=350, height=90)
+    enc = wf.add("DreamPainterTextEncode", (0, 680), {"prompt": "a red perfume bottle",
+                                                      "negative_prompt": "blurry, low quality, distorted product, "
+                                                                         "text, watermark", "prompt_free": True},
+                 width=350, height=260, title="Product name (prompt-free)")
+    wf.link(te, 0, enc, "text_encoder")
+    wf.link(token, "background_token", enc, "background_token")
+    wf.group("Models and the name", [model, te, vae, token, enc])
+    prep = product_inputs(wf)
+    s = sampler(wf, (1090, 0), model, enc, vae, prep, "foreground", prep, "mask")
+    wf.group("Generate", [s])
+    save = wf.add("SaveImage", (1500, 0), {"filename_prefix": "DreamPainter/prompt_free"}, width=520, height=560)
+    wf.link(s, "image", save, "images")
+    wf.note((1500, 620), "\n\n".join([
+        "Prompt-free (Product2Img): a product photo and its name, no prompt. Text Encode's prompt_free switch reads "
+        "the prompt box as the product's name and appends the learned background token: 'a red perfume bottle "
+        "<background>'. The token was trained so that this means 'the background that suits this product' "
+        "(the diffusion loss plus the paper's contrastive background alignment), so the scene comes from the "
+        "name alone. Turn prompt_free off to write a prompt instead (or build one with the Prompt Builder).",
+        f"Make the token first (on the DreamPainter file you generate with): python -m train.background_token "
+        f"--config configs/background_token.toml (manifest lines with \"name\": the product's name), then put "
+        f"{TOKEN} into ComfyUI/models/dreampainter_tokens/. A token belongs to the text encoder it was trained "
+        "with; another one is refused.",
+        MODELS.format(weights=f"{STAGE2} (stage 2; a stage-1 file works too: the token is trained on it)",
+                      stage="stage2"),
+        IMAGES, SLIDERS]), width=520, height=620)
+    return wf
+
+
 def insert_product(info) -> Workflow:
     wf = Workflow(info, "insert_product")
     model, te, vae = loaders(wf, "none")
@@ -597,6 +630,7 @@ WORKFLOWS = {
     "DreamPainter_3_auto_mask_refine_paste_back": auto_mask,
     "DreamPainter_4_batch_of_products": batch,
     "DreamPainter_5_training_free_CogView4": training_free,
+    "DreamPainter_6_prompt_free": prompt_free,
     "DreamPainter_7_insert_product": insert_product,
 }
 

@@ -25,6 +25,7 @@ NAMES = [p.stem for p in WORKFLOWS]
 INSERTING = [p for p in WORKFLOWS if '"DreamPainterInsert"' in p.read_text(encoding="utf-8")]
 BACKGROUNDS = [p for p in WORKFLOWS if p not in INSERTING]
 PRODUCT = "cup.safetensors"  # the product file the insertion workflow names (made by train.dreampaint)
+TOKEN = "background_token.safetensors"  # the prompt-free workflow's token file (made by train.background_token)
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 # what the shipped workflows name (README "Where the weights go"); in the tests they run on the pack's
@@ -53,7 +54,7 @@ def _load(path: Path) -> dict:
 def test_the_four_workflows_are_there_with_thumbnails():
     assert len(WORKFLOWS) >= 4, NAMES
     kinds = " ".join(NAMES).lower()
-    for kind in ("t2i", "tr2i", "auto_mask", "batch", "insert_product"):
+    for kind in ("t2i", "tr2i", "auto_mask", "batch", "insert_product", "prompt_free"):
         assert kind in kinds, (kind, NAMES)
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
@@ -111,6 +112,8 @@ def test_workflow_model_names_match_the_readme(path):
     (sampler,) = by_type.get("DreamPainterSampler", []) + by_type.get("DreamPainterInsert", [])
     for loader in by_type.get("DreamPainterProductLoRALoader", []):
         assert loader["widgets_values"][0] == PRODUCT and PRODUCT in README
+    for loader in by_type.get("DreamPainterBackgroundTokenLoader", []):
+        assert loader["widgets_values"][0] == TOKEN and TOKEN in README
     (mode,) = {"auto", "training_free", "dreampainter"} & set(sampler["widgets_values"])  # the mode combo
     if weights == "none":  # the public base alone: only the training-free mode can keep the product
         assert mode in ("auto", "training_free"), mode
@@ -185,6 +188,9 @@ def _shrink(api: dict) -> None:
         elif ct == "DreamPainterProductLoRALoader":
             assert inp["product_lora"] == PRODUCT
             inp["product_lora"] = h.MINIATURE_PRODUCT
+        elif ct == "DreamPainterBackgroundTokenLoader":
+            assert inp["background_token"] == TOKEN
+            inp["background_token"] = h.MINIATURE_TOKEN
         elif ct in ("LoadImage", "LoadImageMask") and (WORKFLOW_DIR / "input" / inp["image"]).is_file():
             with Image.open(WORKFLOW_DIR / "input" / inp["image"]) as im:
                 if im.width >= 512:  # a photo at CogView4's size: the harness's quarter-size copy
@@ -257,6 +263,11 @@ def test_workflow_runs_on_the_embedded_miniature_model(comfy, object_info, path)
         checks.append((f"{name}_c{cid}", f"{name}_c{cid}_product"))
     for sid in saves:
         _tap(api, f"{name}_save{sid}", api[sid]["inputs"]["images"])
+
+    for n in api.values():  # the prompt-free workflow: the name alone, with the learned token
+        if n["class_type"] == "DreamPainterTextEncode" and n["inputs"].get("prompt_free"):
+            assert api[n["inputs"]["background_token"][0]]["class_type"] == "DreamPainterBackgroundTokenLoader"
+            assert len(n["inputs"]["prompt"].split()) <= 6, "a product's name, not a prompt"
 
     entry = comfy.run(api, timeout=300)
     err = h.execution_error(entry)

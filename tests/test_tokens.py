@@ -64,3 +64,26 @@ def test_token_file_round_trips_and_refuses_another_text_encoder(text, tmp_path,
         load_learned_token(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(InputError, match="one word"):
         init_token(tokenizer, encoder, "two words")
+
+
+def test_in_a_byte_level_bpe_too_a_token_starts_as_its_word_reads_inside_a_prompt():
+    """GLM-4's tokenizer is a byte-level BPE: "background" after a space is another piece (" background")
+    than at the start of a text. The token takes the space before it and starts from the in-sentence
+    piece, so "a red cup <background>" at initialisation encodes exactly as "a red cup background"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GlmConfig, GlmModel, PreTrainedTokenizerFast
+
+    from train.tiny import tiny_text_encoder_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["a red cup background on a table", "background", "a blue background wall"] * 50,
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", padding_side="left")
+    assert tokenizer("background").input_ids != tokenizer("a background").input_ids[1:]  # two pieces for one word
+    encoder = GlmModel(GlmConfig(**tiny_text_encoder_config(len(tokenizer), tokenizer.pad_token_id))).eval()
+    token = init_token(tokenizer, encoder, "<background>", init_word="background")
+    assert torch.equal(_encode((tokenizer, encoder), ["a red cup <background>"], [token]),
+                       _encode((tokenizer, encoder), ["a red cup background"]))

@@ -46,7 +46,8 @@ from dreampainter_core.transformer import DEFAULT_LORA_TARGETS, REFERENCE_TIMEST
 from .buckets import DEFAULT_RATIOS
 
 __all__ = ["ConfigError", "Config", "default_config", "load_config", "apply_overrides", "config_to_dict", "dump_toml",
-           "read_table", "explicit_values"]
+           "read_table", "explicit_values", "override_tables",
+           "claim_run_dir"]
 
 
 class ConfigError(DreamPainterError, ValueError):
@@ -519,6 +520,57 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         _check_choice(section, key, value)
         setattr(getattr(cfg, section), key, value)
     return cfg
+
+
+def override_tables(tables: dict, item: str, flag: str = "--set", create: bool = False) -> None:
+    """Apply one ``section.key=value`` (value in TOML syntax; a bare word is a string) to a config
+    file's parsed tables, in place, before they are read (read_table checks the result like the file):
+    how a run varies one setting without copying its file. ``create``: a missing table is made (its
+    other keys keep their defaults); else it is an error."""
+    dotted, sep, text = item.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"{flag} {item!r}: write section.key=value (e.g. vae.steps=3000) or key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = tables
+    for part in parts[:-1]:
+        if create and part not in table:
+            table[part] = {}
+        if not isinstance(table.get(part), dict):
+            raise ConfigError(f"{flag} {item!r}: the file has no table [{'.'.join(parts[:-1])}]")
+        table = table[part]
+    table[parts[-1]] = value
+
+
+def _differing(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON records."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix or "value"] if old != new else []
+    return [d for k in sorted(set(old) | set(new))
+            for d in _differing(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
+
+
+def claim_run_dir(run_dir: str | Path, record: dict, what: str, write: bool = True) -> None:
+    """A run folder resumes only the run it was made for: ``record`` (JSON: the settings and inputs
+    that decide the result) is kept in ``run_dir/run_settings.json``; a folder holding another
+    record is refused (ConfigError naming the differing keys) instead of mixing two runs. ``write``
+    False: only check (the other ranks of a distributed run)."""
+    from dreampainter_core.fileio import atomic_write_text
+
+    run_dir = Path(run_dir)
+    path = run_dir / "run_settings.json"
+    record = json.loads(json.dumps(record))  # what the file will hold (tuples -> lists)
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != record:
+            raise ConfigError(f"{run_dir} holds a {what} run with other settings ({', '.join(_differing(old, record))}): "
+                              "give another run folder, or delete it to start afresh")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def validate(cfg: Config) -> Config:

@@ -57,7 +57,7 @@ from dreampainter_core.tokens import check_token_string, init_token
 from dreampainter_core.transformer import PRODUCT_ADAPTER
 
 from . import flow
-from .config import ConfigError, OptimConfig
+from .config import ConfigError, OptimConfig, claim_run_dir
 from .data import AUTO_MASK_MODEL, _AUX_STEM, _auto_mask, _index_by_stem, _list_images, find_masks
 from .insertion_masks import MASK_SHAPES, draw_insertion_hole
 from .manifest import ManifestError, Sample, load_sample
@@ -66,7 +66,6 @@ __all__ = ["DreamPaintSettings", "CatalogImage", "load_catalog", "train_product"
 
 MIN_IMAGES = 2
 PAPER_IMAGES = (3, 10)
-SETTINGS_FILE = "dreampaint_settings.json"
 
 
 @dataclass
@@ -216,21 +215,6 @@ def _settings_record(settings: DreamPaintSettings, catalog: list[CatalogImage], 
     return {"settings": asdict(settings), "base": str(base), "weights": weights, "catalog": images}
 
 
-def _claim(run_dir: Path, record: dict) -> None:
-    """The run folder resumes only a run with these very settings and images."""
-    path = run_dir / SETTINGS_FILE
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != record:
-            differ = sorted({k for k in set(old["settings"]) | set(record["settings"])
-                             if old["settings"].get(k) != record["settings"].get(k)}
-                            | {k for k in ("base", "weights", "catalog") if old.get(k) != record.get(k)})
-            raise ConfigError(f"{run_dir} holds a DreamPaint run with other settings ({', '.join(differ)}): give "
-                              "another --run-dir, or delete it to start afresh")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-
 def _prior_latents(pipe, settings: DreamPaintSettings, side: int, echo) -> torch.Tensor:
     """The model's own images of "a <class noun>" (latents), for prior preservation."""
     from dreampainter_core.options import SamplingOptions
@@ -259,7 +243,7 @@ def train_product(pipe, catalog: list[CatalogImage], settings: DreamPaintSetting
     settings.check()
     out = Path(out)
     run_dir = Path(run_dir) if run_dir is not None else out.with_suffix(".run")
-    _claim(run_dir, _settings_record(settings, catalog, base_source or base_model, weights))
+    claim_run_dir(run_dir, _settings_record(settings, catalog, base_source or base_model, weights), "DreamPaint")
     model, device = pipe.transformer, pipe.device
     side = int(catalog[0].image.shape[0])
     autocast = autocast or (lambda: torch.autocast(device.type, enabled=False))

@@ -253,8 +253,9 @@ class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
                  control: ControlOptions | None = None, reference_options: dict | None = None,
-                 lora_scale: float = 1.0):
+                 lora_scale: float = 1.0, tokens: tuple = ()):
         self.pipe = pipe
+        self.tokens = tuple(tokens)  # learned words the prompts use (e.g. the background token)
         self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
         self.control = control or ControlOptions(mode="dreampainter")
         self.reference_options = reference_options or {}
@@ -271,7 +272,7 @@ class Runner:
 
     def embeds(self, prompt: str) -> torch.Tensor:
         if prompt not in self._embeds:
-            self._embeds[prompt] = self.pipe.encode_prompt([prompt])
+            self._embeds[prompt] = self.pipe.encode_prompt([prompt], tokens=self.tokens)
         return self._embeds[prompt]
 
     def generate(self, s: EvalSample, reference: bool, lora_scale: float | None = None, attention_scale: float = 1.0,

@@ -74,6 +74,7 @@ __all__ = [
     "top_surface_iou",
     "composite",
     "paired_difference",
+    "mean_interval",
     "ClipScorer",
     "write_tiny_clip",
 ]
@@ -789,19 +790,39 @@ def paired_difference(a: Sequence[float | bool | None], b: Sequence[float | bool
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples!r}")
-
-    def usable(v) -> bool:
-        return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-    d = np.array([float(y) - float(x) for x, y in zip(a, b) if usable(x) and usable(y)], np.float64)
+    d = np.array([float(y) - float(x) for x, y in zip(a, b) if _usable(x) and _usable(y)], np.float64)
     if d.size == 0:
         return None
+    low, high = _bootstrap_interval(d, confidence, resamples, seed)
+    return {"n": int(d.size), "mean_difference": float(d.mean()), "ci": [low, high],
+            "confidence": confidence, "b_ahead": float((d > 0).mean()), "a_ahead": float((d < 0).mean())}
+
+
+def _usable(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _bootstrap_interval(values: np.ndarray, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
+    """The percentile-bootstrap interval of the mean of `values` (resampled over items, seeded)."""
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail])
-    return {"n": int(d.size), "mean_difference": float(d.mean()), "ci": [float(low), float(high)],
-            "confidence": confidence, "b_ahead": float((d > 0).mean()), "a_ahead": float((d < 0).mean())}
+    return float(low), float(high)
+
+
+def mean_interval(values: Sequence[float | bool | None], *, confidence: float = 0.95, resamples: int = 2000,
+                  seed: int = 0) -> dict[str, Any] | None:
+    """The mean of one run's values over items (None / NaN left out, booleans as 0/1: a rate) with its
+    percentile-bootstrap interval, as paired_difference draws it: ``{"n", "mean", "ci": [low, high],
+    "confidence"}``; None without a usable value."""
+    if not 0.0 < confidence < 1.0 or resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and resamples >= 1, got {confidence!r}, {resamples!r}")
+    v = np.array([float(x) for x in values if _usable(x)], np.float64)
+    if v.size == 0:
+        return None
+    low, high = _bootstrap_interval(v, confidence, resamples, seed)
+    return {"n": int(v.size), "mean": float(v.mean()), "ci": [low, high], "confidence": confidence}
 
 
 # ----------------------------------------------------------------------------- CLIP

@@ -65,7 +65,7 @@ import torch
 from dreampainter_core.errors import DreamPainterError
 from dreampainter_core.fileio import atomic_write_bytes, atomic_write_text
 
-from .config import ConfigError, OptimConfig, explicit_values, read_config_file, read_table
+from .config import ConfigError, OptimConfig, explicit_values, override_tables, read_config_file, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "configs" / "miniature" / "recipe.toml"
@@ -253,24 +253,12 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def recipe_override(tables: dict, item: str) -> None:
-    """Apply one ``section.key=value`` (value in TOML syntax; a bare word is a string) to a recipe's
-    tables, in place: how an experiment varies one setting without copying the recipe."""
-    import tomllib
-
-    dotted, sep, text = item.partition("=")
-    parts = dotted.strip().split(".")
-    if not sep or not all(parts):
-        raise RecipeError(f"--set {item!r}: write section.key=value (e.g. vae.steps=3000) or key=value")
+    """Apply one ``section.key=value`` to a recipe's tables, in place (config.override_tables): how an
+    experiment varies one setting without copying the recipe."""
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    table = tables
-    for part in parts[:-1]:
-        if not isinstance(table.get(part), dict):
-            raise RecipeError(f"--set {item!r}: the recipe has no table [{'.'.join(parts[:-1])}]")
-        table = table[part]
-    table[parts[-1]] = value
+        override_tables(tables, item)
+    except ConfigError as e:
+        raise RecipeError(str(e).replace("the file has no table", "the recipe has no table")) from None
 
 
 def load_recipe(path: str | os.PathLike | None = None, smoke: bool = False, overrides: list[str] = ()) -> dict:

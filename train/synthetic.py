@@ -83,6 +83,7 @@ __all__ = [
     "render_scene",
     "scene_regions",
     "scene_prompt",
+    "product_name",
     "HELD_OUT_PRODUCTS",
     "catalog_scene",
     "write_catalog",
@@ -756,17 +757,23 @@ def make_scene(seed: int, index: int, size: int | tuple[int, int] = 128,
     raise RuntimeError(f"no measurable scene for seed {seed}, index {index} at size {size}")
 
 
+def product_name(scene: dict) -> tuple[str, str]:
+    """(English, Chinese) name of a scene's product, as its prompt starts: "a red cup", "一个红色的杯子".
+    What a seller has (Product2Img): the prompt-free mode gets this alone."""
+    p = scene["product"]
+    return f"{_a(p['color'])} {p['color']} {p['shape']}", f"一个{PALETTE_ZH[p['color']]}的{PRODUCT_ZH[p['shape']]}"
+
+
 def scene_prompt(scene: dict, product: tuple[str, str] | None = None) -> tuple[str, str]:
     """(English, Chinese) prompt: product, stand, environment, background[, style]. ``product``: the
     product's words instead of its colour and shape (held-out products: "a sks vase")."""
-    p, t, b = scene["product"], scene["table"], scene["background"]
+    t, b = scene["table"], scene["background"]
     stand_en, stand_zh = STAND_WORDS[t["shape"]]
     shadow_en, shadow_zh = SHADOW_WORDS[scene["shadow"]["length"]]
     bg_en, bg_zh = PATTERN_WORDS[b["pattern"]]
-    product_en = product[0] if product else f"{_a(p['color'])} {p['color']} {p['shape']}"
+    product_en, product_zh = product or product_name(scene)
     en = f"{product_en} on {_a(t['color'])} {t['color']} {stand_en}, {shadow_en}, "
     en += bg_en.format(c=b["color"])
-    product_zh = product[1] if product else f"一个{PALETTE_ZH[p['color']]}的{PRODUCT_ZH[p['shape']]}"
     zh = f"{product_zh}放在{PALETTE_ZH[t['color']]}的{stand_zh}上，{shadow_zh}，"
     zh += bg_zh.format(c=PALETTE_ZH[b["color"]])
     if scene.get("style"):

@@ -399,6 +399,18 @@ def write_random_product_lora(base_dir, out_path, seed: int = 0, identifier: str
     return save_product_lora(product, out_path)
 
 
+def write_background_token(base_dir, out_path, base_model: str = "tiny-random-cogview4") -> Path:
+    """A background token file (dreampainter_core.tokens) for `base_dir`'s text encoder, at its
+    initialisation (the embedding of "background"), as train.background_token starts it: for tests and
+    demos ("<name> <background>" then encodes exactly as "<name> background")."""
+    from dreampainter_core.loading import load_text_encoder, load_tokenizer
+    from dreampainter_core.tokens import init_token, save_learned_token
+
+    token = init_token(load_tokenizer(Path(base_dir) / "tokenizer"), load_text_encoder(Path(base_dir) / "text_encoder"),
+                       "<background>", init_word="background", base_model=base_model)
+    return save_learned_token(token, out_path, {"trained_steps": "0", "made_by": "train.tiny.write_background_token"})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers layout)")

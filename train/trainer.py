@@ -84,7 +84,7 @@ from .logs import TrainLogger
 log = logging.getLogger("train")
 
 __all__ = ["Trainer", "TrainResult", "TrainingError", "NonFiniteError", "GlobalBatchSampler", "Optimization", "lr_lambda",
-           "write_checkpoint", "train_steps", "run", "main"]
+           "write_checkpoint", "train_steps", "condition_latents", "TrainingModule", "run", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -199,6 +199,14 @@ class TrainingModule(nn.Module):
                 err = err * g["weight"]
             losses.append(err.mean(dim=(1, 2, 3)))
         return torch.cat(losses)
+
+
+def condition_latents(pipe: DreamPainterPipeline, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset item's target latent [16, h, w] and control [Z_f, Z_m] [17, h, w] (float32), as the
+    pipeline makes them at inference. No autocast: the encoders run in their weights' dtype."""
+    x0 = pipe.encode_image(item["image"].permute(1, 2, 0)[None])
+    control = pipe.prepare_control(item["foreground"].permute(1, 2, 0)[None], item["mask"][0][None])
+    return x0[0].float(), control[0].float()
 
 
 class _ExportView:
@@ -422,35 +430,43 @@ def write_checkpoint(out: Path, step: int, optimization: Optimization, gathered:
 
 def train_steps(out: Path, opt: Optimization, steps: int, step: Callable[[int], dict], *, log_every: int,
                 row: Callable[[dict, float | None], tuple[dict, str]], checkpoint_every: int,
-                echo: Callable[[str], None], name: str, stats: dict | None = None) -> tuple[list, float]:
+                echo: Callable[[str], None], name: str, stats: dict | None = None,
+                env: DistEnv | None = None) -> tuple[list, float]:
     """Train for `steps` optimizer steps through ``opt.step`` (Optimization: its optimizer, LR schedule,
     gradient clipping and EMA), resuming exactly from the newest checkpoint in `out`: the loop of
-    models trained on tensors already in memory (the miniature's VAE and base, a DreamPaint product).
+    models trained on tensors already in memory (the miniature's VAE and base, a DreamPaint product,
+    the background token).
 
     ``step(i)`` runs step i's forward and backward passes (its randomness keyed by seed and i, so a
     resumed run draws what an uninterrupted one would) and returns the numbers to average over each log
     interval; ``row(means, grad_norm)`` makes the log row of them and its message. Checkpoints in the
     trainer's format (write_checkpoint, the newest kept) go to `out` every ``checkpoint_every`` steps
     and at the end, with the log rows, the running averages and `stats` (counters that `step` keeps,
-    restored on resume). Returns (log rows, training seconds)."""
-    from .checkpoint import load_newest_intact, remove_stale_temp
+    restored on resume). Returns (log rows, training seconds).
 
-    for stale in remove_stale_temp(out):
-        echo(f"[{name}] removed {stale}, left by a run that was killed while writing it")
+    `env` (train.distributed, torchrun): every rank runs the loop and resumes from the same checkpoint
+    (each restores its own generators); `step` does its rank's share and averages the gradients; rank 0
+    alone logs and writes the checkpoints (with every rank's generator states), the others wait for it."""
+    env = env or DistEnv()
+    say = echo if env.is_main else (lambda msg: None)
+    if env.is_main:
+        for stale in remove_stale_temp(out):
+            say(f"[{name}] removed {stale}, left by a run that was killed while writing it")
+    env.barrier()
     start, rows, acc, acc_n, seconds = 0, [], {}, 0, 0.0
-    ck = load_newest_intact(out, lambda msg: echo(f"[{name}] {msg}"))
+    ck = load_newest_intact(out, lambda msg: say(f"[{name}] {msg}"))
     if ck is not None:
-        opt.restore(ck)
+        opt.restore(ck, env.rank)
         st = ck["state"]
         start, rows, acc, acc_n, seconds = st["step"], st["log_rows"], st["acc"], st["acc_n"], st["seconds"]
         if stats is not None:
             stats.update(st["stats"])
-        echo(f"[{name}] resumed from {ck['path']} at step {start}")
+        say(f"[{name}] resumed from {ck['path']} at step {start}")
     t0 = time.perf_counter() - seconds
     for i in range(start, steps):
         values, grad_norm = opt.step(lambda: step(i))
         if opt.skipped:
-            echo(f"[{name}] {opt.skipped}")
+            say(f"[{name}] {opt.skipped}")
         for k, v in values.items():
             acc[k] = acc.get(k, 0.0) + v
         acc_n += 1
@@ -458,12 +474,15 @@ def train_steps(out: Path, opt: Optimization, steps: int, step: Callable[[int], 
             el = time.perf_counter() - t0
             body, message = row({k: v / acc_n for k, v in acc.items()}, grad_norm)
             rows.append({"step": i + 1, **body, "seconds": round(el, 1)})
-            echo(f"[{name}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
+            say(f"[{name}] step {i + 1}/{steps} {message} ({el / (i + 1):.2f} s/step)")
             acc, acc_n = {}, 0
         if (checkpoint_every > 0 and (i + 1) % checkpoint_every == 0 and opt.worth_a_checkpoint) or i + 1 == steps:
             loop = {"phase": name, "log_rows": rows, "acc": acc, "acc_n": acc_n,
                     "seconds": time.perf_counter() - t0, "stats": stats or {}}
-            write_checkpoint(out, i + 1, opt, opt.gather(), [rng_state()], loop, keep_last=1)
+            gathered, rngs = opt.gather(), env.gather_objects(rng_state())
+            if env.is_main:
+                write_checkpoint(out, i + 1, opt, gathered, rngs, loop, keep_last=1)
+            env.barrier()
     return rows, time.perf_counter() - t0
 
 
@@ -692,10 +711,7 @@ class Trainer:
 
     # ---- cache --------------------------------------------------------------------------
     def _encode_latents(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # No autocast: the encoders run exactly as at inference (weights' dtype).
-        x0 = self.pipe.encode_image(item["image"].permute(1, 2, 0)[None])
-        control = self.pipe.prepare_control(item["foreground"].permute(1, 2, 0)[None], item["mask"][0][None])
-        return x0[0].float(), control[0].float()
+        return condition_latents(self.pipe, item)
 
     def _fill_cache(self) -> None:
         if self.cache is None:

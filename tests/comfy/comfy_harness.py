@@ -66,6 +66,8 @@ STAGE1 = "tiny-stage1.safetensors"
 STAGE2 = "tiny-stage2.safetensors"
 TINY_PRODUCT = "tiny-product.safetensors"  # a DreamPaint product of the tiny model (random LoRA, learned token)
 MINIATURE_PRODUCT = "miniature-product.safetensors"  # one of the embedded miniature (random LoRA)
+TINY_TOKEN = "tiny-background.safetensors"  # a background token of the tiny model (at its initialisation)
+MINIATURE_TOKEN = "miniature-background.safetensors"  # one of the embedded miniature's text encoder
 MINI_PREFIX = "mini_"  # the workflows' 512 px example photos at a quarter of their size, for the miniature
 SIZE = 64
 PROMPT = "a red bottle on a white marble table, green leaves, soft light"
@@ -214,7 +216,8 @@ def build_base_dir(base: Path) -> Path:
 
     sys.path.insert(0, str(REPO))
     from dreampainter_core.embedded import BASE_NAME, embedded_model
-    from train.tiny import write_random_dreampainter_weights, write_random_product_lora, write_tiny_model
+    from train.tiny import (write_background_token, write_random_dreampainter_weights, write_random_product_lora,
+                            write_tiny_model)
 
     custom = base / "custom_nodes"
     custom.mkdir(parents=True)
@@ -225,7 +228,8 @@ def build_base_dir(base: Path) -> Path:
     shutil.copytree(HERE / "helper_pack", custom / "dreampainter_test_helpers")
 
     models = base / "models"
-    for sub in ("diffusers", "diffusion_models", "vae", "text_encoders", "dreampainter", "dreampainter_products"):
+    for sub in ("diffusers", "diffusion_models", "vae", "text_encoders", "dreampainter", "dreampainter_products",
+                "dreampainter_tokens"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     single = base / "_single"
     tiny = write_tiny_model(models / "diffusers" / "cogview4-tiny", seed=0, single_files_dir=single)
@@ -239,6 +243,8 @@ def build_base_dir(base: Path) -> Path:
     write_random_product_lora(tiny, models / "dreampainter_products" / TINY_PRODUCT, seed=3, learn_token=True)
     write_random_product_lora(embedded_model().base, models / "dreampainter_products" / MINIATURE_PRODUCT, seed=4,
                               base_model=BASE_NAME)
+    write_background_token(tiny, models / "dreampainter_tokens" / TINY_TOKEN)
+    write_background_token(embedded_model().base, models / "dreampainter_tokens" / MINIATURE_TOKEN, base_model=BASE_NAME)
     broken = models / "diffusers" / "incomplete-download" / "transformer"
     broken.mkdir(parents=True)
     shutil.copy(tiny / "transformer" / "config.json", broken / "config.json")  # weights never arrived

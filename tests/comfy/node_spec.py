@@ -17,8 +17,11 @@ NODES = {
         ["name", "category", "language", "style", "seed"], [],
         ["STRING"]),
     "DreamPainterTextEncode": (
-        ["text_encoder", "prompt", "negative_prompt"], [],
+        ["text_encoder", "prompt", "negative_prompt"], ["prompt_free", "background_token"],
         ["DREAMPAINTER_CONDITIONING"]),
+    "DreamPainterBackgroundTokenLoader": (
+        ["background_token"], [],
+        ["DREAMPAINTER_TOKEN", "STRING"]),
     "DreamPainterVAELoader": (
         ["vae", "weight_dtype"], [],
         ["DREAMPAINTER_VAE"]),
@@ -67,6 +70,7 @@ CATEGORIES = {
     "DreamPainterMaskRefine": "DreamPainter/mask",
     "DreamPainterAutoMask": "DreamPainter/mask",
     "DreamPainterProductLoRALoader": "DreamPainter/loaders",
+    "DreamPainterBackgroundTokenLoader": "DreamPainter/loaders",
     "DreamPainterInsert": "DreamPainter/sampling",
     "DreamPainterSampler": "DreamPainter/sampling",
 }
