@@ -64,6 +64,12 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
     assert [p["value"] for p in sweep["points"]] == [0.0, 1.0]
     assert all(p["n"] == 2 and p["reference_similarity"] is not None and p["quality"] is not None
                for p in sweep["points"])
+    # each point has its interval, and the others their paired difference from the value 1
+    sim = sweep["points"][0]["intervals"]["reference_similarity"]
+    assert sim["ci"][0] <= sweep["points"][0]["reference_similarity"] <= sim["ci"][1]
+    diff = sweep["points"][0]["vs_1"]["reference_similarity"]["mean_difference"]
+    assert diff == pytest.approx(sweep["points"][0]["reference_similarity"] - sweep["points"][1]["reference_similarity"])
+    assert "vs_1" not in sweep["points"][1]
     # attention_scale 1 is the plain TR2I run: same numbers as the tr2i mode
     assert sweep["points"][1]["reference_similarity"] == pytest.approx(
         report["modes"]["tr2i"]["summary"]["reference_similarity"])

@@ -73,7 +73,7 @@ def test_smoke_result_loads_is_bf16_small_and_evaluated(smoke_run):
     assert torch.equal(img[mask.bool()], product[mask.bool()])  # paste-back
 
     report = json.loads((smoke_run / "eval" / "report.json").read_text())
-    assert set(report["modes"]) == {"t2i", "tr2i"} and report["resolution"] == [128, 128]
+    assert set(report["modes"]) == {"vae", "t2i", "tr2i"} and report["resolution"] == [128, 128]
     for body in report["modes"].values():
         assert body["summary"]["n"] == 2 and body["summary"]["product_exact_pasted"] == 1.0
     assert (smoke_run / "eval" / "report.png").is_file()

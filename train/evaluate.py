@@ -76,6 +76,8 @@ PSNR_CAP = 100.0
 TABLE_BRIGHTEST = 0.3  # the stand probe holds the product's shadow: measure its brightest 30%
 SWEEP_VALUES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 SWEEP_PARAMS = ("lora_scale", "attention_scale", "reference_guidance")
+SWEEP_INTERVALS = ("reference_similarity", "wall_tone", "pattern_patterned", "prompt_adherence", "quality",
+                   "object_consistency")
 #: reference_guidance's own default sweep (1 = the reference in both CFG passes; see DreamPainterPipeline.sample)
 REFERENCE_GUIDANCE_VALUES = (1.0, 2.0, 3.5, 5.0)
 REPORT_VERSION = 1
@@ -472,6 +474,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         t0 = time.perf_counter()
         values = sweep_values if sweep_values is not None else \
             REFERENCE_GUIDANCE_VALUES if param == "reference_guidance" else SWEEP_VALUES
+        rows_by_value = {}
         for v in values:
             rows = []
             for s in with_refs:
@@ -480,7 +483,17 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
                 kw[param] = float(v)
                 raw, pasted, fg, mask = runner.generate(s, reference=True, **kw)
                 rows.append(runner.measure(s, raw, pasted, fg, mask))
+            rows_by_value[float(v)] = rows
             points.append({"value": float(v), **summarize(rows)})
+        # Each point's 95% interval, and its paired difference from the value 1 (as trained) on the same
+        # scenes and seeds: whether a trend is larger than the scenes' spread.
+        anchor = rows_by_value.get(1.0)
+        for point in points:
+            rows = rows_by_value[point["value"]]
+            point["intervals"] = {k: M.mean_interval([r.get(k) for r in rows], seed=seed) for k in SWEEP_INTERVALS}
+            if anchor is not None and point["value"] != 1.0:
+                point["vs_1"] = {k: M.paired_difference([r.get(k) for r in anchor], [r.get(k) for r in rows], seed=seed)
+                                 for k in SWEEP_INTERVALS}
             if progress:
                 print(f"[sweep {param}={v:g}] done", file=sys.stderr)
         timings[f"sweep_{param}"] = time.perf_counter() - t0

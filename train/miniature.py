@@ -139,6 +139,9 @@ class VaeRecipe(TrainedRecipe):
     # Decode a sample of the posterior while training (a VAE), or its mean (an autoencoder, sharper;
     # the KL term then only keeps the latents' scale in check).
     sample_posterior: bool = True
+    # Weight of the product's pixels in the reconstruction loss (1 = plain): a product is a small part
+    # of a scene, but what the pack must keep exactly; its edges are what a VAE blurs first.
+    product_loss_weight: float = 1.0
     eval_images: int
     stats_images: int
 
@@ -183,6 +186,11 @@ class EvaluateRecipe:
     sweeps: list[str] = field(default_factory=list)
     sweep_values: str = ""
     plot: str = "auto"
+    # Also measure the true test images through the VAE and back (mode "vae": every metric's ceiling).
+    roundtrip: bool = False
+    # Train-free mask guidance (seed 004) on the first N test scenes, paired with the main run's
+    # (train.compare): the overcompletion it is for shows in object consistency. 0 = not measured.
+    mask_guidance_limit: int = 0
 
 
 @dataclass(kw_only=True)
@@ -604,11 +612,18 @@ class Miniature:
             oy = rng.integers(0, h - crop + 1, size=bs)
             ox = rng.integers(0, w - crop + 1, size=bs)
             flip = rng.random(bs) < 0.5
-            batch = []
+            batch, weights = [], []
             for j in range(bs):
                 a = train[sources[src[j]]][idx[j], oy[j] : oy[j] + crop, ox[j] : ox[j] + crop]
+                m = train["mask"][idx[j], oy[j] : oy[j] + crop, ox[j] : ox[j] + crop]
+                if sources[src[j]] == "reference":  # the scene without its product
+                    m = np.zeros_like(m)
                 batch.append(a[:, ::-1] if flip[j] else a)
+                weights.append(m[:, ::-1] if flip[j] else m)
             x = torch.from_numpy(np.ascontiguousarray(np.stack(batch))).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            # per-pixel weights, mean 1 per crop (so the loss scale and the lr mean the same for any weight)
+            w8 = 1.0 + (sec.product_loss_weight - 1.0) * torch.from_numpy(np.ascontiguousarray(np.stack(weights))).float()
+            w8 = (w8 / w8.mean(dim=(1, 2), keepdim=True)).unsqueeze(1)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with _autocast(self.precision):
                 post = vae.encode(x).latent_dist
@@ -617,7 +632,11 @@ class Miniature:
             l1 = (y - x).abs().mean()
             l2 = ((y - x) ** 2).mean()
             kl = post.kl().mean()
-            (sec.l1_weight * l1 + sec.l2_weight * l2 + sec.kl_weight * kl).backward()
+            if sec.product_loss_weight != 1.0:
+                loss = sec.l1_weight * ((y - x).abs() * w8).mean() + sec.l2_weight * ((y - x) ** 2 * w8).mean()
+            else:  # (the plain mean: bit for bit what the recipe trained before the weight existed)
+                loss = sec.l1_weight * l1 + sec.l2_weight * l2
+            (loss + sec.kl_weight * kl).backward()
             return {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
 
         def row(mean: dict, grad_norm) -> tuple[dict, str]:
@@ -938,7 +957,7 @@ class Miniature:
             common += ["--reference-guidance", str(sampling["reference_guidance"])]
         t0 = time.perf_counter()
         rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(e.limit),
-                                     "--reference-mode", "both"])
+                                     "--reference-mode", "both"] + (["--roundtrip"] if e.roundtrip else []))
         if rc != 0:
             raise RecipeError(f"train.evaluate failed (exit {rc})")
         main_seconds = time.perf_counter() - t0
@@ -961,9 +980,21 @@ class Miniature:
             sw = json.loads((eval_dir / "sweep.json").read_text(encoding="utf-8"))
             metrics["sweeps"] = {
                 p: [{k: pt.get(k) for k in ("value", "reference_similarity", "quality", "prompt_adherence",
-                                            "object_consistency")} for pt in body["points"]]
+                                            "object_consistency", "wall_tone", "pattern_patterned")}
+                    for pt in body["points"]]
                 for p, body in sw["sweeps"].items()}
             metrics["seconds_sweeps"] = round(time.perf_counter() - t1, 1)
+        if e.mask_guidance_limit > 0:
+            from .compare import compare
+
+            t1 = time.perf_counter()
+            rc = evaluate_main(common + ["--out", str(eval_dir / "mask_guidance.json"), "--limit",
+                                         str(e.mask_guidance_limit), "--reference-mode", "both", "--mask-guidance"])
+            if rc != 0:
+                raise RecipeError(f"train.evaluate (mask guidance) failed (exit {rc})")
+            on = json.loads((eval_dir / "mask_guidance.json").read_text(encoding="utf-8"))
+            metrics["mask_guidance"] = {mode: compare(report, on, mode) for mode in on["modes"]}
+            metrics["seconds_mask_guidance"] = round(time.perf_counter() - t1, 1)
         return metrics
 
 
