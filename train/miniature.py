@@ -1014,8 +1014,8 @@ def _short(metrics: dict) -> dict:
 
 def _demo_inputs(data_dir: Path, demo_dir: Path) -> dict:
     """Demo inputs from the held-out test split: test scene 0's photo and mask (the product), and a
-    new background, the one of the first test scene with another background and stand colour (and a stand
-    unlike the product):
+    new background, the one of the first test scene with a patterned wall (stripes, checks or dots) and
+    another background and stand colour (and a stand unlike the product):
     its reference image (the background without product) and a prompt naming it with scene 0's product."""
     from .synthetic import scene_prompt
 
@@ -1031,7 +1031,9 @@ def _demo_inputs(data_dir: Path, demo_dir: Path) -> dict:
                 + int(sc["table"]["color"] != scene_a["table"]["color"])
                 + int(sc["table"]["color"] != scene_a["product"]["color"]))
 
-    other = max(records[1:], key=differs)  # the first scene with the most differences
+    # A reference with a visible pattern, so the demo shows whether TR2I copies more than the colour.
+    patterned = [r for r in records[1:] if r["scene"]["background"]["pattern"] in ("stripes", "checker", "dots")]
+    other = max(patterned or records[1:], key=differs)  # the first such scene with the most differences
     scene = copy.deepcopy(other["scene"])
     scene["product"] = copy.deepcopy(scene_a["product"])
     en, zh = scene_prompt(scene)
