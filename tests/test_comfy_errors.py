@@ -2,6 +2,7 @@
 POST /interrupt stops a long sampling run within a step and the next prompt runs."""
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -116,9 +117,11 @@ def test_interrupt_stops_sampling_within_a_step_and_next_prompt_runs(comfy):
     assert comfy.tensors("after_interrupt")["image"].shape == (1, h.SIZE, h.SIZE, 3)
 
 
-def _poisoned_stage2(comfy, name: str) -> Path:
+@contextlib.contextmanager
+def _poisoned_stage2(comfy, name: str):
     """models/dreampainter/<name>: the host's stage-2 file with a NaN in a gate (passes every header
-    check, so it fails only after the base transformer has loaded, in the NaN pass)."""
+    check, so it fails only after the base transformer has loaded, in the NaN pass). Removed afterwards:
+    the server is shared by the whole session, and other tests list this folder."""
     import torch
     from safetensors.torch import save_file
 
@@ -130,22 +133,25 @@ def _poisoned_stage2(comfy, name: str) -> Path:
     tensors[gate] = tensors[gate].clone()
     tensors[gate].view(-1)[0] = float("nan")
     save_file(tensors, str(folder / name), metadata=meta)
-    return folder / name
+    try:
+        yield folder / name
+    finally:
+        (folder / name).unlink(missing_ok=True)
 
 
 def test_nan_weights_are_refused_with_a_readable_error(comfy):
-    path = _poisoned_stage2(comfy, "nan-gate.safetensors")
-    err = _error(comfy, h.graph("nan_weights", weights=path.name))
+    with _poisoned_stage2(comfy, "nan-gate.safetensors") as path:
+        err = _error(comfy, h.graph("nan_weights", weights=path.name))
     assert err["node_type"] == "DreamPainterModelLoader"
     msg = err["exception_message"]
     assert "NaN or infinite" in msg and "control.gates." in msg and str(path) in msg, msg
 
 
 def test_failed_load_frees_the_model_it_had_loaded(comfy):
-    path = _poisoned_stage2(comfy, "nan-gate-2.safetensors")
-    g = {"1": {"class_type": "DPTestFailedLoad",
-               "inputs": {"name": "failed", "transformer": h.TINY, "weights": path.name}}}
-    entry = comfy.run(g)
+    with _poisoned_stage2(comfy, "nan-gate-2.safetensors") as path:
+        g = {"1": {"class_type": "DPTestFailedLoad",
+                   "inputs": {"name": "failed", "transformer": h.TINY, "weights": path.name}}}
+        entry = comfy.run(g)
     assert entry["status"]["status_str"] == "success", h.execution_error(entry)
     report = json.loads((comfy.base / "output" / "dp_failed_load" / "failed.json").read_text(encoding="utf-8"))
     released, unreleased = report["released"], report["unreleased"]
