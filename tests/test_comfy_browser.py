@@ -34,6 +34,8 @@ TRAINING_FREE = next((p for p in WORKFLOWS if "training_free" in p.stem), None)
 TRAINING_FREE_SCREENSHOT = REPO / "docs" / "screenshots" / "training_free_executed.png"
 INSERT = next((p for p in WORKFLOWS if "insert_product" in p.stem), None)
 INSERT_SCREENSHOT = REPO / "docs" / "screenshots" / "insert_executed.png"
+PROMPT_FREE = next((p for p in WORKFLOWS if "prompt_free" in p.stem), None)
+PROMPT_FREE_SCREENSHOT = REPO / "docs" / "screenshots" / "prompt_free_executed.png"
 VIEW = (1600, 1000)
 
 LOAD_JS = """(async (wf, name) => {
@@ -72,6 +74,7 @@ RUN_JS = """(async (target) => {
   set("DreamPainterReferenceEncode", "resolution", v => v / target.shrink);
   set("DreamPainterSampler", "steps", () => target.steps);
   set("DreamPainterSampler", "lora_scale", () => target.lora_scale);
+  if (target.token) set("DreamPainterBackgroundTokenLoader", "background_token", () => target.token);
   window.__dreampainter.compareReady = 0;
   window.__dreampainter.lastMaskStats = null;
   await app.queuePrompt(0, 1);
@@ -240,6 +243,21 @@ async def _session(host, chromium: str) -> dict:
                 if os.environ.get("DP_SCREENSHOTS"):
                     INSERT_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(shot, INSERT_SCREENSHOT)
+            if PROMPT_FREE is not None:  # Product2Img: the name and the background token, no prompt
+                mark = len(page.messages)
+                wf = json.loads(PROMPT_FREE.read_text(encoding="utf-8"))
+                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'prompt-free run')")
+                await page.evaluate(f"{RUN_JS}({json.dumps({**target, 'token': h.MINIATURE_TOKEN})})")
+                await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
+                await asyncio.sleep(0.5)
+                await page.evaluate(FRAME_SAMPLER_JS)
+                await asyncio.sleep(0.5)
+                out["prompt_free_run_errors"] = page.errors(mark, ignore=_external)
+                shot = await page.screenshot(ARTIFACTS / "prompt_free_executed.png")
+                out["screens"]["prompt_free_run"] = shot
+                if os.environ.get("DP_SCREENSHOTS"):
+                    PROMPT_FREE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(shot, PROMPT_FREE_SCREENSHOT)
             if TR2I is not None:  # the Sampler's compare slider, then hover to move its split
                 mark = len(page.messages)
                 wf = json.loads(TR2I.read_text(encoding="utf-8"))
@@ -389,6 +407,15 @@ def test_insertion_workflow_runs_from_the_browser(browser):
         pytest.skip("no insertion workflow")
     assert browser["insert_run_errors"] == [], browser["insert_run_errors"]
     shot = browser["screens"]["insert_run"]
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_prompt_free_workflow_runs_from_the_browser(browser):
+    """Workflow 6 (Product2Img) on the miniature with its background token: it completes from the UI."""
+    if PROMPT_FREE is None:
+        pytest.skip("no prompt-free workflow")
+    assert browser["prompt_free_run_errors"] == [], browser["prompt_free_run_errors"]
+    shot = browser["screens"]["prompt_free_run"]
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
