@@ -35,6 +35,19 @@ def test_measures_on_the_truth_and_the_paste_baseline():
     assert np.array_equal(pasted[~hole], context[~hole].astype(np.float32)) and (pasted[hole] != context[hole]).any()
 
 
+def test_too_large_mask_keeps_a_frame_of_context_around_a_large_product():
+    """The ablation's rectangle (0.9 x the product's size beyond it) around a large product would cover the
+    whole image, which insert refuses (nothing to keep): it is clipped to leave the frame."""
+    product = np.zeros((128, 128), bool)
+    product[30:110, 40:90] = True
+    grown = insertion_hole(product, "rectangle", ev.TOO_LARGE_MARGIN)
+    assert grown.all()  # what failed the first full run on the dotted lamp
+    clipped = ev._inside_frame(grown, ev.TOO_LARGE_FRAME)
+    f = ev.TOO_LARGE_FRAME
+    assert not clipped[:f].any() and not clipped[-f:].any() and not clipped[:, :f].any() and not clipped[:, -f:].any()
+    assert clipped[f:-f, f:-f].all() and clipped[product].all()
+
+
 def test_smoke_run_writes_the_report_and_the_sample_sheet(tiny_model_dir, tmp_path):
     branch = write_random_dreampainter_weights(tiny_model_dir, tmp_path / "insertion.safetensors", seed=3, stage=1,
                                                config=DreamPainterConfig(control_blocks=2, lora_rank=0,

@@ -19,7 +19,8 @@ vase, a dotted lamp, a checkered diamond jar):
    * ``paste``: catalog view 0's cut-out pasted into the mask's box (the naive baseline);
    * ``prior``: the product trained with prior preservation;
    * ``too_large``: the product LoRA with an ill-fitting mask (a rectangle 0.9 x the product's size
-     beyond it on every side);
+     beyond it on every side, clipped to leave a frame of TOO_LARGE_FRAME px of the photo: a large
+     product's rectangle would otherwise cover the whole image, which insert refuses);
 3. measured on the result (train.metrics): ``iou``, the product-coloured pixels in the mask (either
    of its two colours, metrics.ColorShapeSegmenter) against the true silhouette; ``colour``, the share
    of the true silhouette drawn in the product's colours; ``both_colours``, whether both colours are
@@ -66,10 +67,18 @@ __all__ = ["MASK_KINDS", "TOO_LARGE_MARGIN", "measure", "paste_cutout", "evaluat
 MASK_MARGINS = {"tight": 0.06, "loose": 0.2}
 MASK_KINDS = [(shape, size) for size in MASK_MARGINS for shape in MASK_SHAPES]
 TOO_LARGE_MARGIN = 0.9
+TOO_LARGE_FRAME = 8  # px of context always kept around the too-large mask (a token's half side)
 METRICS = ("iou", "colour", "both_colours", "pattern", "context_exact", "seam")
 COMPARISONS = (("class_noun", "product"), ("paste", "product"), ("product", "branch"), ("product", "prior"),
                ("product", "too_large"))
 SHEET_ROWS = 3  # scenes per product in the sample sheet
+
+
+def _inside_frame(hole: np.ndarray, frame: int) -> np.ndarray:
+    """``hole`` without its outer ``frame`` px on every side (what stays is the context insert keeps)."""
+    inner = np.zeros_like(hole)
+    inner[frame:-frame, frame:-frame] = True
+    return hole & inner
 
 
 def _product_pixels(image: np.ndarray, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -204,7 +213,7 @@ def evaluate_products(pipe, out: Path, *, products, scenes: int, settings: Dream
             silhouette = rendered["mask"]
             shape, margin = MASK_KINDS[index % len(MASK_KINDS)]
             hole = insertion_hole(silhouette, shape, MASK_MARGINS[margin])
-            too_large = insertion_hole(silhouette, "rectangle", TOO_LARGE_MARGIN)
+            too_large = _inside_frame(insertion_hole(silhouette, "rectangle", TOO_LARGE_MARGIN), TOO_LARGE_FRAME)
             run = dict(sampling=dataclasses.replace(sampling, seed=seed * 100_000 + index),
                        control=ControlOptions(mode="training_free"))
             with_id, class_only = held_out_prompt(scene, base.identifier), held_out_prompt(scene)
@@ -232,6 +241,7 @@ def evaluate_products(pipe, out: Path, *, products, scenes: int, settings: Dream
               "sampling": {"steps": sampling.steps, "guidance": sampling.guidance_scale},
               "training": dataclasses.asdict(settings), "trained": trained,
               "mask_kinds": [f"{s} {m}" for s, m in MASK_KINDS], "too_large_margin": TOO_LARGE_MARGIN,
+              "too_large_frame": TOO_LARGE_FRAME,
               "summary": summary, "paired": paired, "rows": rows}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float) + "\n")
     atomic_write_text(out / "table.md", _table(summary, paired))
