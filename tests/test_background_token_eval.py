@@ -46,6 +46,9 @@ def test_smoke_run_writes_the_report_the_table_and_the_sample_sheet(tiny_model_d
     prompts = {r["setting"]: r["prompt"] for r in report["rows"] if r["scene"] == report["rows"][0]["scene"]}
     assert prompts["token_cba"] == prompts["name"] + " <background>" and len(prompts["prompt_builder"]) > len(prompts["name"])
     assert 0 <= report["reference"]["data"]["both_typical"] <= 1
+    features = report["token_features"]
+    assert set(features) >= {"token_init", "token_diffusion", "token_cba", "name_last_word"}
+    assert all(0 < v["spread"] < 100 for k, v in features.items() if k != "names")
     assert (out / "samples.png").is_file() and "| token_cba (4) |" in (out / "table.md").read_text()
     # a rerun reuses the plan and the trained tokens
     assert ev.main(args) == 0

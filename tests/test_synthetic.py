@@ -62,6 +62,17 @@ def test_one_split_alone_is_the_same_as_in_a_full_run(scenes, tmp_path):
         syn.write_scenes(alone, 20, size=64, seed=5, only="dev")
 
 
+def test_the_command_draws_one_split_of_either_scene_version(tmp_path, capsys):
+    for version in syn.SCENE_VERSIONS:
+        cli, api = tmp_path / f"cli{version}", tmp_path / f"api{version}"
+        assert syn.main(["--out", str(cli), "--count", "10", "--size", "64", "--only", "test",
+                         "--scene-version", str(version)]) == 0
+        syn.write_scenes(api, 10, size=64, only="test", version=version)
+        assert (cli / "test.jsonl").read_bytes() == (api / "test.jsonl").read_bytes()
+        assert not (cli / "train.jsonl").exists()
+    assert (tmp_path / "cli2" / "test.jsonl").read_bytes() != (tmp_path / "cli3" / "test.jsonl").read_bytes()
+
+
 def test_splits_are_disjoint_and_sized(scenes, tmp_path):
     counts = {n: len(read_manifest(scenes / f"{n}.jsonl")) for n in ("train", "val", "test")}
     assert counts == {"train": 16, "val": 2, "test": 2}

@@ -63,7 +63,7 @@ from .synthetic import (PALETTE, PALETTE_ZH, PRODUCT_SHAPES, PRODUCT_ZH, STAND_W
                         is_typical_look, product_name, tone_palette)
 from .validation import _pil, save_grid
 
-__all__ = ["SETTINGS", "COMPARISONS", "miniature_presets", "measure", "evaluate_token", "main"]
+__all__ = ["SETTINGS", "COMPARISONS", "miniature_presets", "measure", "token_feature_spread", "evaluate_token", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "miniature" / "background_token.toml"
@@ -110,6 +110,31 @@ def measure(image: torch.Tensor, sample, quality_palette: dict) -> dict:
     return {"wall": wall.predicted, "stand": stand.predicted, "wall_typical": typical["wall"],
             "stand_typical": typical["stand"], "both_typical": typical["both"],
             "quality": float(M.palette_fit(image, quality_palette, reg["background"]))}
+
+
+def token_feature_spread(pipe, tokens: dict, colours=("red", "blue")) -> dict:
+    """Does a token's text feature depend on the product it follows? For each token, GLM's feature at the
+    token's position (the sequence's last) after "a <colour> <shape>" for every shape: ``spread``, the mean
+    distance of those features from their mean over the mean's norm, and ``between_shapes`` the same for
+    the per-shape means (colour averaged out). ``name_last_word``: the measure for the names' own last
+    word, the scale of a feature that carries the product. A token the DiT is to read per product needs
+    a feature that moves with the shape; the contrastive terms push that way."""
+
+    def spread(features: torch.Tensor) -> float:
+        mean = features.mean(0)
+        return float((features - mean).norm(dim=1).mean() / mean.norm().clamp_min(1e-12))
+
+    names = [f"a {c} {shape}" for c in colours for shape in PRODUCT_SHAPES]
+    out = {"names": names}
+    with torch.no_grad():
+        words = torch.stack([pipe.encode_prompt([n])[0, -1] for n in names])
+        out["name_last_word"] = {"spread": spread(words)}
+        for setting, token in tokens.items():
+            f = torch.stack([pipe.encode_prompt([name_with_token(n, token.token)], tokens=(token,))[0, -1]
+                             for n in names])
+            out[setting] = {"spread": spread(f),
+                            "between_shapes": spread(f.view(len(colours), len(PRODUCT_SHAPES), -1).mean(0))}
+    return out
 
 
 def _train_tokens(cfg_args: dict, out: Path, plan: dict, echo) -> dict[str, dict]:
@@ -198,6 +223,12 @@ def _table(report: dict) -> str:
     lines += ["", head.format("paired, same scenes")]
     for name, cells in report["paired"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(cells.get(m)) for m in METRICS) + " |")
+    features = report.get("token_features")
+    if features:
+        lines += ["", "| the token's text feature over the names (token_feature_spread) | spread | between shapes |",
+                  "|---|---|---|", f"| the names' own last word | {features['name_last_word']['spread']:.3f} | - |"]
+        lines += [f"| {k} | {v['spread']:.3f} | {v['between_shapes']:.3f} |" for k, v in features.items()
+                  if isinstance(v, dict) and "between_shapes" in v]
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +343,7 @@ def main(argv=None) -> int:
         tokens = {s: load_learned_token(trained[s]["token_file"]) for s in TOKENS}
         tokens["token_init"] = init_token(pipe.tokenizer, pipe.text_encoder, tokens["token_cba"].token,
                                           init_word="background")
+        features = token_feature_spread(pipe, {k: tokens[k] for k in ("token_init", "token_diffusion", "token_cba")})
         t1 = time.perf_counter()
         rows, sheet = evaluate_token(pipe, samples, out, tokens=tokens, steps=steps, guidance=guidance, seed=a.seed,
                                      presets=presets, echo=echo)
@@ -322,7 +354,7 @@ def main(argv=None) -> int:
                   "generate_seconds": round(time.perf_counter() - t1, 1), "settings": list(SETTINGS),
                   "typical_looks": {k: {"walls": list(v["walls"]), "stand": list(v["stand"])}
                                     for k, v in TYPICAL_LOOKS.items()},
-                  "reference": _reference_rates(Path(a.manifest)),
+                  "reference": _reference_rates(Path(a.manifest)), "token_features": features,
                   "summary": _summary(rows), "paired": _paired(rows), "rows": rows}
         atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float) + "\n")
         atomic_write_text(out / "table.md", _table(report))

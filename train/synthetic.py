@@ -1074,6 +1074,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-references", action="store_true", help="leave out the reference images")
     p.add_argument("--legacy", action="store_true",
                    help="write the older toy dataset (flat shapes; train.jsonl only) instead of scenes")
+    p.add_argument("--scene-version", type=int, default=SCENE_VERSION, choices=SCENE_VERSIONS,
+                   help=f"how scenes are drawn (default {SCENE_VERSION}: with the category prior; 2: without)")
+    p.add_argument("--only", choices=("train", "val", "test"), default=None,
+                   help="draw just this split (the same scenes a full run draws)")
     a = p.parse_args(argv)
     if a.legacy:
         print(write_synthetic_dataset(a.out, a.count, a.size, a.seed, not a.no_references))
@@ -1081,7 +1085,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         paths = write_scenes(a.out, a.count, a.size, a.seed, a.splits, chinese=not a.no_chinese,
-                             references=not a.no_references, progress=True)
+                             references=not a.no_references, progress=True, only=a.only, version=a.scene_version)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1090,7 +1094,8 @@ def main(argv=None) -> int:
     print(f"{a.count} scenes in {dt:.1f} s ({a.count / max(dt, 1e-9):.0f}/s): "
           f"train {n[0]}, val {n[1]}, test {n[2]}")
     for name in ("train", "val", "test"):
-        print(paths[name])
+        if name in paths:
+            print(paths[name])
     return 0
 
 
