@@ -56,7 +56,7 @@ def test_smoke_run_writes_the_report_and_the_sample_sheet(tiny_model_dir, tmp_pa
     assert ev.main(["--base", str(tiny_model_dir), "--weights", "none", "--insertion-weights", str(branch),
                     "--out", str(out), "--smoke"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["summary"]) == {"class_noun", "product", "paste", "prior", "too_large", "branch"}
+    assert set(report["summary"]) == {"class_noun", "product", "paste", "prior", "too_large", "branch", "vae_ceiling"}
     assert all(cell["n"] == 3 for cell in report["summary"].values())
     assert all(row["context_exact"] for row in report["rows"] if row["setting"] != "paste")
     assert {"product - class_noun", "product - paste", "branch - product", "prior - product",

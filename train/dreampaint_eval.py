@@ -18,6 +18,8 @@ vase, a dotted lamp, a checkered diamond jar):
    * ``branch``: the same with the insertion control branch (when --insertion-weights is given);
    * ``paste``: catalog view 0's cut-out pasted into the mask's box (the naive baseline);
    * ``prior``: the product trained with prior preservation;
+   * ``vae_ceiling``: the true scene through the VAE and back inside the mask (what the VAE can draw at
+     all: every generated setting is below it);
    * ``too_large``: the product LoRA with an ill-fitting mask (a rectangle 0.9 x the product's size
      beyond it on every side, clipped to leave a frame of TOO_LARGE_FRAME px of the photo: a large
      product's rectangle would otherwise cover the whole image, which insert refuses);
@@ -33,7 +35,7 @@ vase, a dotted lamp, a checkered diamond jar):
 
 Writes OUT/report.json (settings, training reports, every row, means, paired intervals),
 OUT/table.md and OUT/samples.png (per product, rows of: context with mask | class noun | product |
-[branch] | paste | truth). The products' files and run folders stay in OUT/<product>/ (a rerun
+[branch] | paste | VAE ceiling | truth). The products' files and run folders stay in OUT/<product>/ (a rerun
 resumes or reuses them).
 """
 
@@ -72,6 +74,15 @@ METRICS = ("iou", "colour", "both_colours", "pattern", "context_exact", "seam")
 COMPARISONS = (("class_noun", "product"), ("paste", "product"), ("product", "branch"), ("product", "prior"),
                ("product", "too_large"))
 SHEET_ROWS = 3  # scenes per product in the sample sheet
+
+
+def vae_ceiling(pipe, context: np.ndarray, truth: np.ndarray, hole: np.ndarray) -> torch.Tensor:
+    """The true scene through the model's VAE and back inside the hole, the context outside: the most any
+    insertion can draw, since a sampler draws only what its VAE decodes."""
+    with torch.no_grad():
+        decoded = pipe.decode(pipe.encode_image(torch.from_numpy(truth)[None])).float().clamp(0, 1)[0]
+    inside = torch.from_numpy(hole)[..., None]
+    return torch.where(inside, decoded, torch.from_numpy(context))
 
 
 def _inside_frame(hole: np.ndarray, frame: int) -> np.ndarray:
@@ -224,6 +235,7 @@ def evaluate_products(pipe, out: Path, *, products, scenes: int, settings: Dream
                 "paste": (paste_cutout(context, hole, cut_image, cut_mask), hole),
                 "prior": (pipe.insert(with_id, ctx, hole[None], prior, **run)[0], hole),
                 "too_large": (pipe.insert(with_id, ctx, too_large[None], product, **run)[0], too_large),
+                "vae_ceiling": (vae_ceiling(pipe, context, truth, hole), hole),
             }
             if branch_pipe is not None:
                 results["branch"] = (branch_pipe.insert(with_id, ctx, hole[None], branch_product,
@@ -232,7 +244,8 @@ def evaluate_products(pipe, out: Path, *, products, scenes: int, settings: Dream
                 rows.append({"product": name, "scene": index, "mask_shape": shape, "mask_size": margin,
                              "setting": setting, **measure(image, context, truth, silhouette, mask, name)})
             if index < SHEET_ROWS:
-                order = ["class_noun", "product"] + (["branch"] if branch_pipe is not None else []) + ["paste"]
+                order = (["class_noun", "product"] + (["branch"] if branch_pipe is not None else [])
+                         + ["paste", "vae_ceiling"])
                 sheets.append([_pil(mask_overlay(torch.from_numpy(hole).float(), ctx)[0])]
                               + [_pil(results[k][0]) for k in order] + [_pil(torch.from_numpy(truth))])
         echo(f"[{name}] {scenes} scenes inserted and measured in {time.perf_counter() - t0:.0f} s")
@@ -261,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--products", default=",".join(HELD_OUT_PRODUCTS))
     p.add_argument("--scenes", type=int, default=60, help="insertion scenes per product (>= 50 for the table)")
     p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=DreamPaintSettings.lr, help="the product LoRA's learning rate")
+    p.add_argument("--rank", type=int, default=DreamPaintSettings.rank, help="the product LoRA's rank")
     p.add_argument("--sample-steps", type=int, default=None, help="default: the embedded model's (20), else 28")
     p.add_argument("--guidance", type=float, default=None, help="default: the embedded model's (1.5), else 3.5")
     p.add_argument("--size", type=int, default=128)
@@ -286,7 +301,7 @@ def main(argv=None) -> int:
         print(f"error: unknown held-out product(s) {unknown}; known: {', '.join(HELD_OUT_PRODUCTS)}", file=sys.stderr)
         return 2
     settings = DreamPaintSettings(class_noun="-", steps=a.train_steps, resolution=a.size, learn_token=a.learn_token,
-                                  seed=a.seed, prior_guidance=guidance, prior_steps=steps)
+                                  lr=a.lr, rank=a.rank, seed=a.seed, prior_guidance=guidance, prior_steps=steps)
     scenes = a.scenes
     if a.smoke:
         products, scenes, steps = products[:1], 3, 2
