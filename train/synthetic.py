@@ -164,15 +164,21 @@ TYPICAL_LOOKS: dict[str, dict[str, Any]] = {
 # sample_scene never draws, so the base never saw them. Each is two palette colours in a pattern
 # (period: a share of the product's height) and is learned from catalog views (catalog_scene) and
 # inserted into new scenes (held_out_scene), where its true silhouette is known.
+# The pattern's period is a share of the product's height. In the insertion scenes a product is about 35 px
+# tall, and the miniature's VAE (8x down) cannot encode finer patterns: with periods of 0.16-0.22 its own
+# round trip of the true scene drew the star vase's stripes as a magenta blur (shape IoU 0.01), so no
+# insertion could have drawn them either. At 0.45 (a period of about 16 px) the round trip keeps the
+# shape (IoU 0.5-0.63) and both colours.
 HELD_OUT_PRODUCTS: dict[str, dict[str, Any]] = {
-    "star_vase": {"class_noun": "vase", "colors": ("blue", "yellow"), "pattern": "stripes", "period": 0.16,
+    "star_vase": {"class_noun": "vase", "colors": ("blue", "yellow"), "pattern": "stripes", "period": 0.45,
                   "aspect": (0.75, 0.9)},
-    "dotted_lamp": {"class_noun": "lamp", "colors": ("green", "white"), "pattern": "dots", "period": 0.22,
+    "dotted_lamp": {"class_noun": "lamp", "colors": ("green", "white"), "pattern": "dots", "period": 0.45,
                     "aspect": (0.6, 0.75)},
-    "diamond_jar": {"class_noun": "jar", "colors": ("red", "white"), "pattern": "checker", "period": 0.2,
+    "diamond_jar": {"class_noun": "jar", "colors": ("red", "white"), "pattern": "checker", "period": 0.45,
                     "aspect": (0.7, 0.85)},
 }
 HELD_OUT_SEED = 7_000_003  # the held-out scenes' and catalog views' seed namespace (apart from any run's)
+CATALOG_HEIGHT = (0.25, 0.65)  # the product's height in a catalog view, a share of the frame
 CATALOG_BACKDROPS = ("white", "grey", "pink", "yellow", "blue", "orange")  # plain studio walls, light tone
 
 # Wall tones: the wall is its named colour, or that colour moved TONE_STEP towards white
@@ -806,8 +812,8 @@ def _separable(name: str, colours: np.ndarray) -> bool:
 
 
 def catalog_scene(name: str, seed: int, view: int, size: int = 128) -> dict[str, Any]:
-    """Catalog view `view` of held-out product `name`: the product large in the frame (45-75% of its
-    height) at a drawn place, before a plain studio backdrop in a light tone of a palette colour (the
+    """Catalog view `view` of held-out product `name`: the product at a drawn size (CATALOG_HEIGHT of the
+    frame's height, a quarter of that range per view) and place, before a plain studio backdrop in a light tone of a palette colour (the
     backdrop, scale and position vary from view to view), no stand."""
     if name not in HELD_OUT_PRODUCTS:
         raise ValueError(f"unknown held-out product {name!r}; known: {', '.join(HELD_OUT_PRODUCTS)}")
@@ -819,7 +825,11 @@ def catalog_scene(name: str, seed: int, view: int, size: int = 128) -> dict[str,
     tone = "light" if "light" in WALL_TONES[backdrop] else "plain"
     wall = tone_rgb(PALETTE[backdrop], tone)
     s = float(size)
-    height = rng.uniform(0.45, 0.75) * s
+    # one view in each quarter of CATALOG_HEIGHT: from the size a product has in the insertion scenes (about
+    # 0.27 of the frame) to a close-up. Views at 0.45-0.75 alone taught the miniature's product LoRA the
+    # product at twice the size it is inserted at, and it drew a blob there.
+    low, high = CATALOG_HEIGHT
+    height = (low + (high - low) * ((view % 4) + rng.uniform(0.0, 1.0)) / 4) * s
     base_y = rng.uniform(height + 0.06 * s, 0.96 * s)
     product = _held_out_product(name, rng, height, 0.0, base_y, 0.8 * s)
     half = product["width"] / 2 + 0.04 * s
