@@ -195,8 +195,10 @@ def test_resume_after_a_kill_is_exact_and_other_settings_are_refused(tiny_model_
     assert a.embedding.numpy().tobytes() == b.embedding.numpy().tobytes()  # bit-identical
     with safe_open(straight["token_file"], framework="pt") as fa, safe_open(resumed["token_file"], framework="pt") as fb:
         assert fa.metadata() == fb.metadata()
-    assert resumed["log"] == straight["log"][:2] + resumed["log"][2:] and \
-        [r["loss"] for r in resumed["log"]] == [r["loss"] for r in straight["log"]]
+    def timeless(log):  # wall-clock seconds differ between runs (CI saw 0.0 against 0.1 under load)
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+
+    assert timeless(resumed["log"]) == timeless(straight["log"])  # the killed run's logged steps are kept
     with pytest.raises(ConfigError, match=r"other settings \(settings.contrastive.weight\)"):
         bt.train_background_token(_config(tiny_model_dir, scenes, tmp_path / "b", "contrastive.weight=0"),
                                   echo=lambda m: None)
