@@ -167,7 +167,7 @@ def test_per_token_modulation_equals_the_stock_block_when_both_timesteps_agree(b
     temb, other = torch.randn(2, base.config.time_embed_dim, generator=g), torch.randn(2, base.config.time_embed_dim, generator=g)
     rope = dreampainter_rope(base.config.attention_head_dim, (3, 4), (2, 4))
     kwargs = {"reference_tokens": 8, "modulation": None}
-    stock = block(hidden, text, temb, rope, None, kwargs)
+    stock = model._run_block(block, hidden, text, temb, rope, kwargs)  # diffusers' block, called as this version takes it
     ours = run_block_with_clean_reference(block, hidden, text, temb, temb, 8, rope, kwargs)
     torch.testing.assert_close(ours[0], stock[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[1], stock[1], rtol=0, atol=1e-6)
