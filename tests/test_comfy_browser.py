@@ -156,6 +156,27 @@ FRAME_NODE_JS = """((type = "DreamPainterSampler") => {
 FRAME_SAMPLER_JS = FRAME_NODE_JS + "()"
 
 
+async def _run_workflow(page, out: dict, path: Path, key: str, run_js: str, params: dict, timeout: float,
+                        frame_js: str, keep_as: Path) -> None:
+    """Load a workflow, queue it from the UI with ``run_js``, wait for its result, frame it and take a
+    screenshot: out["<key>_run_errors"], out["screens"]["<key>_run"] (copied to ``keep_as`` with
+    DP_SCREENSHOTS=1)."""
+    mark = len(page.messages)
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, {json.dumps(key.replace('_', '-') + ' run')})")
+    await page.evaluate(f"{run_js}({json.dumps(params)})")
+    await page.wait_for("window.__dreampainter.compareReady >= 1", timeout)
+    await asyncio.sleep(0.5)
+    await page.evaluate(frame_js)
+    await asyncio.sleep(0.5)
+    out[f"{key}_run_errors"] = page.errors(mark, ignore=_external)
+    shot = await page.screenshot(ARTIFACTS / f"{key}_executed.png")
+    out["screens"][f"{key}_run"] = shot
+    if os.environ.get("DP_SCREENSHOTS"):
+        keep_as.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, keep_as)
+
+
 def _external(text: str) -> bool:
     """Requests to other hosts (the frontend asks api.comfy.org about nodes): the test host is offline and
     the page's CSP blocks them. Not about this pack."""
@@ -210,54 +231,18 @@ async def _session(host, chromium: str) -> dict:
                 out["automask_run_errors"] = page.errors(mark, ignore=_external)
                 out["screens"]["automask_run"] = await page.screenshot(ARTIFACTS / "automask_executed.png")
             if TRAINING_FREE is not None:  # the public base alone: no DreamPainter file, the mode badge
-                mark = len(page.messages)
-                wf = json.loads(TRAINING_FREE.read_text(encoding="utf-8"))
-                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'training-free run')")
                 base_alone = {**target, "lora_scale": 1.0}  # no LoRA here: its slider stays at the default
-                await page.evaluate(f"{RUN_JS}({json.dumps(base_alone)})")
-                await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
-                await asyncio.sleep(0.5)
+                await _run_workflow(page, out, TRAINING_FREE, "training_free", RUN_JS, base_alone, 120,
+                                    FRAME_SAMPLER_JS, TRAINING_FREE_SCREENSHOT)
                 out["training_free_mode"] = await page.evaluate(
                     "window.comfyAPI.app.app.graph.nodes.find(n => n.type === 'DreamPainterSampler')"
                     ".__dreampainter.mode")
-                await page.evaluate(FRAME_SAMPLER_JS)
-                await asyncio.sleep(0.5)
-                out["training_free_run_errors"] = page.errors(mark, ignore=_external)
-                shot = await page.screenshot(ARTIFACTS / "training_free_executed.png")
-                out["screens"]["training_free_run"] = shot
-                if os.environ.get("DP_SCREENSHOTS"):
-                    TRAINING_FREE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(shot, TRAINING_FREE_SCREENSHOT)
             if INSERT is not None:  # DreamPaint: a product into a photo, on the miniature
-                mark = len(page.messages)
-                wf = json.loads(INSERT.read_text(encoding="utf-8"))
-                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'insert run')")
-                await page.evaluate(f"{INSERT_RUN_JS}({json.dumps({**target, 'product': h.MINIATURE_PRODUCT})})")
-                await page.wait_for("window.__dreampainter.compareReady >= 1", 300)
-                await asyncio.sleep(0.5)
-                await page.evaluate(f"{FRAME_NODE_JS}('DreamPainterInsert')")
-                await asyncio.sleep(0.5)
-                out["insert_run_errors"] = page.errors(mark, ignore=_external)
-                shot = await page.screenshot(ARTIFACTS / "insert_executed.png")
-                out["screens"]["insert_run"] = shot
-                if os.environ.get("DP_SCREENSHOTS"):
-                    INSERT_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(shot, INSERT_SCREENSHOT)
+                await _run_workflow(page, out, INSERT, "insert", INSERT_RUN_JS, {**target, "product": h.MINIATURE_PRODUCT},
+                                    300, f"{FRAME_NODE_JS}('DreamPainterInsert')", INSERT_SCREENSHOT)
             if PROMPT_FREE is not None:  # Product2Img: the name and the background token, no prompt
-                mark = len(page.messages)
-                wf = json.loads(PROMPT_FREE.read_text(encoding="utf-8"))
-                await page.evaluate(f"{LOAD_JS}({json.dumps(wf)}, 'prompt-free run')")
-                await page.evaluate(f"{RUN_JS}({json.dumps({**target, 'token': h.MINIATURE_TOKEN})})")
-                await page.wait_for("window.__dreampainter.compareReady >= 1", 120)
-                await asyncio.sleep(0.5)
-                await page.evaluate(FRAME_SAMPLER_JS)
-                await asyncio.sleep(0.5)
-                out["prompt_free_run_errors"] = page.errors(mark, ignore=_external)
-                shot = await page.screenshot(ARTIFACTS / "prompt_free_executed.png")
-                out["screens"]["prompt_free_run"] = shot
-                if os.environ.get("DP_SCREENSHOTS"):
-                    PROMPT_FREE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(shot, PROMPT_FREE_SCREENSHOT)
+                await _run_workflow(page, out, PROMPT_FREE, "prompt_free", RUN_JS, {**target, "token": h.MINIATURE_TOKEN},
+                                    120, FRAME_SAMPLER_JS, PROMPT_FREE_SCREENSHOT)
             if TR2I is not None:  # the Sampler's compare slider, then hover to move its split
                 mark = len(page.messages)
                 wf = json.loads(TR2I.read_text(encoding="utf-8"))
