@@ -196,3 +196,55 @@ def test_compare_pairs_two_reports_by_scene_and_refuses_unlike_runs(tmp_path):
     assert main([str(pa), str(pb), "--metrics", "wall_tone", "--json", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["wall_tone"]["n"] == 3
     assert main([str(pa), str(pb), "--metrics", "nonsense"]) == 2
+
+
+def test_compare_by_a_scene_field_pairs_within_each_group(tmp_path, capsys):
+    from train.compare import main
+
+    def report(values):
+        return {"seed": 0, "steps": 20, "guidance_scale": 1.5,
+                "modes": {"t2i": {"samples": [{"id": str(i), "wall_tone": v} for i, v in enumerate(values)]}}}
+
+    pa, pb, manifest = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.jsonl"
+    pa.write_text(json.dumps(report([False, False, True, True])))
+    pb.write_text(json.dumps(report([True, True, True, False])))
+    shapes = ["cup", "cup", "box", "box"]
+    manifest.write_text("".join(json.dumps({"id": str(i), "scene": {"product": {"shape": s}}}) + "\n"
+                                for i, s in enumerate(shapes)))
+    out = tmp_path / "c.json"
+    assert main([str(pa), str(pb), "--mode", "t2i", "--metrics", "wall_tone", "--manifest", str(manifest),
+                 "--by", "product.shape", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["wall_tone"]["mean_difference"] == pytest.approx(0.25)  # +2 on cups, -1 on boxes, over 4
+    groups = result["by"]["groups"]
+    assert groups["cup"]["wall_tone"]["mean_difference"] == 1.0 and groups["cup"]["n_items"] == 2
+    assert groups["box"]["wall_tone"]["mean_difference"] == -0.5
+    assert "product.shape = box" in capsys.readouterr().out
+    assert main([str(pa), str(pb), "--mode", "t2i", "--by", "product.shape"]) == 2  # no manifest
+    assert "--by needs --manifest" in capsys.readouterr().err
+    assert main([str(pa), str(pb), "--mode", "t2i", "--manifest", str(manifest), "--by", "product.colour"]) == 2
+    assert "no 'product.colour'" in capsys.readouterr().err
+
+
+def test_grid_probe_at_no_noise_is_the_vae_round_trip(tiny_model_dir, tiny_stage2_weights, tmp_path):
+    from train.grid_probe import grid_probe, main
+
+    root = tmp_path / "scenes"
+    manifest = syn.write_scenes(root, 12, size=64, seed=9, splits="0,0,1")["test"]
+    samples = ev.load_samples(manifest, None)
+    plain = [s for s in samples if s.scene["background"]["pattern"] == "plain"]
+    assert plain, "the seed must give at least one plain wall"
+    pipe = ev.load_pipeline(str(tiny_model_dir), str(tiny_stage2_weights))
+    result = grid_probe(pipe, samples, times=(1e-6, 0.9))
+    assert result["n"] == len(plain)
+    # At (almost) no noise the one-step prediction is the encoded truth itself: the round trip's grid.
+    assert result["times"]["1e-06"]["sigma"] < 1e-4
+    assert result["times"]["1e-06"]["grid_energy"] == pytest.approx(result["vae"], rel=0.05, abs=1e-7)
+    assert result["times"]["0.9"]["grid_energy"] != pytest.approx(result["vae"], rel=0.05)  # the random model's
+    with pytest.raises(Exception, match="no scene with a plain wall"):
+        grid_probe(pipe, [s for s in samples if s not in plain] or samples[:0])
+    assert main(["--model", str(tiny_model_dir), "--manifest", str(manifest), "--times", "0,0.5"]) == 2
+    out = tmp_path / "g.json"
+    assert main(["--model", str(tiny_model_dir), "--manifest", str(manifest), "--times", "0.5", "--dtype", "fp32",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == len(plain)

@@ -104,7 +104,7 @@ def test_second_run_skips_every_phase_and_changed_settings_are_refused(smoke_run
 def test_budget_scales_steps_and_stage_configs(tmp_path):
     recipe = load_recipe()
     full = Miniature(tmp_path, recipe)
-    half = Miniature(tmp_path, recipe, budget_minutes=45)
+    half = Miniature(tmp_path, recipe, budget_minutes=recipe["budget_minutes"] / 2)
     assert half.scale == pytest.approx(0.5)
     for phase in ("vae", "base"):
         assert half._phase_settings(phase)["steps"] == round(recipe[phase]["steps"] / 2)
@@ -174,7 +174,7 @@ def test_committed_recipe_has_the_fingerprints_of_the_committed_run():
 def test_bad_recipe_values_are_refused_naming_the_key(tmp_path):
     text = miniature.DEFAULT_RECIPE.read_text()
     for old, new, msg in (
-        ("lr = 1e-3\nwarmup_steps = 50", 'lr = "fast"\nwarmup_steps = 50', r"vae\.lr: expected a number, got 'fast'"),
+        ("lr = 1e-3\nwarmup_steps = 100", 'lr = "fast"\nwarmup_steps = 100', r"vae\.lr: expected a number, got 'fast'"),
         ("num_layers = 6", "num_layerz = 6", r"unknown key base\.num_layerz; keys of \[base\]: .*num_layers"),
         ("num_layers = 6", "", r"missing base\.num_layers"),
         ("[export]\nmax_mb = 20.0", "", r"missing \[export\]"),

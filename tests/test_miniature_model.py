@@ -20,9 +20,14 @@ from train.miniature import load_recipe
 N_SCENES = 24
 STEPS = 20
 # CI's bounds for "the reference is followed" on 24 scenes (the run's 400-scene numbers, with
-# paired 95% intervals, are in the README: wall tone +0.13, reference similarity +0.03)
-TONE_GAIN = 0.1
-SIMILARITY_GAIN = 0.03
+# paired 95% intervals, are in the README: wall tone +0.56, reference similarity +0.18; on these 24
+# scenes +0.56 / +0.19 at the recipe's cfg, +0.56 / +0.16 at cfg 1)
+TONE_GAIN = 0.3
+SIMILARITY_GAIN = 0.1
+# The raw product (paste-back off): the run measured recall 0.94 / 0.93 and 25.8 / 25.6 dB (T2I / TR2I)
+# on 400 scenes, 0.94 / 0.93 and 26.0 / 25.5 dB on these 24
+MIN_RECALL = 0.88
+MIN_PRODUCT_PSNR = 23.0
 
 
 def _guidance(recipe) -> float:
@@ -89,15 +94,17 @@ def test_t2i_keeps_the_product_and_follows_the_prompt(report):
     # the paper's object consistency, paste-back off (the raw model output)
     assert t2i["object_consistency"] >= 0.93, t2i
     assert t2i["product_exact_pasted"] == 1.0, "paste-back must return every product pixel exactly"
-    # the run: background 0.995, stand 0.973 on 400 scenes; 24 scenes allow a few misses here
-    assert t2i["background_color"] >= 0.9 and t2i["table_color"] >= 0.8, t2i
-    assert t2i["product_psnr_raw"] >= 17.0, t2i
+    # the run: background 0.998, stand 0.983 on 400 scenes; 24 scenes allow a few misses here
+    assert t2i["background_color"] >= 0.9 and t2i["table_color"] >= 0.85, t2i
+    # object consistency cannot see a missing product (it counts product pixels outside the mask): recall can
+    assert t2i["mask_recall"] >= MIN_RECALL and t2i["product_psnr_raw"] >= MIN_PRODUCT_PSNR, t2i
 
 
 def test_with_a_reference_the_text_and_the_product_are_kept(report):
     tr2i = report["modes"]["tr2i"]["summary"]
     assert tr2i["product_exact_pasted"] == 1.0
-    assert tr2i["background_color"] >= 0.85 and tr2i["table_color"] >= 0.8 and tr2i["object_consistency"] >= 0.93, tr2i
+    assert tr2i["background_color"] >= 0.9 and tr2i["table_color"] >= 0.85 and tr2i["object_consistency"] >= 0.93, tr2i
+    assert tr2i["mask_recall"] >= MIN_RECALL and tr2i["product_psnr_raw"] >= MIN_PRODUCT_PSNR, tr2i
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +132,15 @@ def test_with_guidance_a_reference_pulls_the_wall_towards_it(report):
     assert same["tr2i"] > same["t2i"], same
 
 
-def test_with_the_reference_in_both_guidance_passes_its_pull_is_weaker(pipe, test_scenes, recipe, report):
-    """reference_guidance = 1 (the reference in both CFG passes) follows the reference less than the default."""
+def test_with_the_reference_in_both_guidance_passes_it_is_still_followed(pipe, test_scenes, recipe, report):
+    """reference_guidance = 1 (the reference in both CFG passes) follows the reference too, and not more than
+    the default (on these scenes: wall tone 0.94 against 1.0; the previous, weaker model lost half its gain)."""
     rep, _ = evaluate(pipe, test_scenes, steps=STEPS, guidance=_guidance(recipe), seed=int(recipe["seed"]),
                       reference_mode="manifest", segmenter="color", reference_guidance=1.0)
     both, default = rep["modes"]["tr2i"]["summary"], report["modes"]["tr2i"]["summary"]
-    assert default["wall_tone"] > both["wall_tone"], (default, both)
+    t2i = report["modes"]["t2i"]["summary"]
+    assert both["wall_tone"] >= t2i["wall_tone"] + TONE_GAIN, (t2i, both)
+    assert default["wall_tone"] >= both["wall_tone"], (default, both)
 
 
 def test_chinese_prompts_work_too(pipe, test_split, recipe):

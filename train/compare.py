@@ -1,12 +1,15 @@
 """Paired comparison of two train.evaluate reports on the same scenes and seeds.
 
     python -m train.compare A.json B.json [--mode tr2i] [--metrics wall_tone,pattern_patterned ...] [--json OUT]
+    python -m train.compare A.json B.json --manifest test.jsonl --by product.shape     # per kind of scene
 
 For each metric, the items (scenes, matched by id) that both reports measured in `--mode` are
 paired and the mean of B - A is given with a 95% percentile-bootstrap interval
 (train.metrics.paired_difference): an experiment arm against its baseline, a setting on against
 off. Both reports must come from the same seed, steps and guidance, or the pairing would compare
-different noise; that is checked.
+different noise; that is checked. `--by FIELD` (a dotted path into each manifest line's synthetic
+`scene`, e.g. product.shape, table.shape, background.pattern) repeats the comparison within each
+group of scenes, to say where a setting helps or hurts.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ DEFAULT_METRICS = ("object_consistency", "mask_recall", "product_psnr_raw", "bac
 MUST_AGREE = ("seed", "steps", "guidance_scale")
 
 
-def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0) -> dict[str, Any]:
-    """{metric: {"a": mean, "b": mean, **paired_difference}} over the items both measured in `mode`."""
+def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0, only=None) -> dict[str, Any]:
+    """{metric: {"a": mean, "b": mean, **paired_difference}} over the items both measured in `mode`
+    (and, given `only`, whose id is in it)."""
     differ = [k for k in MUST_AGREE if a.get(k) != b.get(k)]
     if differ:
         raise ValueError("the reports were not made alike (" + ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in differ)
@@ -39,7 +43,7 @@ def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0)
         if mode not in rep.get("modes", {}):
             raise ValueError(f"report {name} has no mode {mode!r} (it has {sorted(rep.get('modes', {}))})")
         rows.append({r["id"]: r for r in rep["modes"][mode]["samples"]})
-    ids = [i for i in rows[0] if i in rows[1]]
+    ids = [i for i in rows[0] if i in rows[1] and (only is None or i in only)]
     out: dict[str, Any] = {"mode": mode, "n_items": len(ids)}
     for k in metrics:
         if k not in NUMERIC + BOOLEAN:
@@ -63,6 +67,24 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def scene_groups(manifest: Path, field: str) -> dict[str, set[str]]:
+    """{value of `field` in the line's scene: ids} for a train.synthetic manifest."""
+    groups: dict[str, set[str]] = {}
+    with open(manifest, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            value: Any = item.get("scene")
+            for key in field.split("."):
+                if not isinstance(value, dict) or key not in value:
+                    raise ValueError(f"{manifest} line {n}: its scene has no {field!r} (a synthetic manifest's "
+                                     "scene fields are e.g. product.shape, table.shape, background.pattern)")
+                value = value[key]
+            groups.setdefault(str(value), set()).add(str(item["id"]))
+    return groups
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="baseline report (train.evaluate JSON)")
@@ -70,15 +92,29 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="tr2i", help="t2i, tr2i or vae (default tr2i)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
     p.add_argument("--json", default=None, help="also write the comparison here")
+    p.add_argument("--manifest", default=None, help="the reports' manifest (for --by)")
+    p.add_argument("--by", default=None, metavar="FIELD",
+                   help="also compare within each value of this scene field, e.g. product.shape (needs --manifest)")
     a = p.parse_args(argv)
+    if a.by and not a.manifest:
+        print("error: --by needs --manifest (the manifest the reports were made from)", file=sys.stderr)
+        return 2
+    metrics = tuple(m for m in a.metrics.split(",") if m)
     try:
         reports = [json.loads(Path(x).read_text(encoding="utf-8")) for x in (a.a, a.b)]
-        result = compare(*reports, mode=a.mode, metrics=tuple(m for m in a.metrics.split(",") if m))
+        result = compare(*reports, mode=a.mode, metrics=metrics)
+        groups = scene_groups(Path(a.manifest), a.by) if a.by else {}
+        by = {value: compare(*reports, mode=a.mode, metrics=metrics, only=ids) for value, ids in sorted(groups.items())}
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["a"], result["b"] = a.a, a.b
     print(format_table(result))
+    for value, sub in by.items():
+        if sub["n_items"]:
+            print(f"\n{a.by} = {value}: " + format_table(sub))
+    if by:
+        result["by"] = {"field": a.by, "groups": {v: sub for v, sub in by.items() if sub["n_items"]}}
     if a.json:
         atomic_write_text(Path(a.json), json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,7 +1,7 @@
 """The miniature DreamEcom: synthetic data, a tiny CogView4-architecture model trained from scratch
 on CPU, both DreamPainter stages on top of it, and the paper's evaluation, in one command.
 
-    python -m train.miniature --out runs/miniature [--budget-minutes 90] [--smoke] [--until PHASE]
+    python -m train.miniature --out runs/miniature [--budget-minutes 240] [--smoke] [--until PHASE]
 
 Phases (configs/miniature/recipe.toml holds every setting, read into the typed ``Recipe`` with
 train.config's checks; stage 1 and 2 use configs/miniature/stage1.toml / stage2.toml with the
@@ -36,8 +36,8 @@ steps (dropped when the phase is done) and stage 1 / 2 the trainer's own to ``DI
 ``DIR/stage2``; an interrupted phase continues from its last one exactly, and only with the same
 settings (``miniature_fingerprint.txt``). ``DIR/summary.json`` collects timings and numbers.
 
-Budget: the step counts in the recipe are sized for ``budget_minutes`` (90) on 2 CPU cores;
-``--budget-minutes B`` scales every training phase's steps by B / 90. Steps, not the clock, decide
+Budget: the step counts in the recipe are sized for ``budget_minutes`` (240 in the committed recipe) on 2 CPU cores;
+``--budget-minutes B`` scales every training phase's steps by B / budget_minutes. Steps, not the clock, decide
 what is trained, so a seed gives the same model whatever the machine's speed.
 
 ``--smoke`` merges the recipe's ``[smoke.*]`` tables (a few samples and steps per phase): the
@@ -842,7 +842,6 @@ class Miniature:
 
         sec: StageRecipe = getattr(self.recipe, f"stage{stage}")
         path = REPO / sec.config
-        file_cfg = load_config(stage, path)
         out = self.out / f"stage{stage}"
         overrides = [
             f"model.base={self.model_dir}",
@@ -852,12 +851,13 @@ class Miniature:
             f"checkpoint.output_dir={out}",
             f"cache.dir={self.out / 'cache'}",
             f"train.seed={self.seed}",
-            f"train.max_steps={_scaled(file_cfg.train.max_steps, self.scale)}",
         ]
         if stage == 2:
             overrides.append(f"model.stage1_weights={self.out / 'stage1' / 'dreampainter_stage1.safetensors'}")
+        # The budget scales the steps the recipe asks for: the stage file's, or the recipe's own override.
         cfg = load_config(stage, path, overrides + sec.overrides)
-        steps = cfg.train.max_steps
+        steps = _scaled(cfg.train.max_steps, self.scale)
+        cfg = apply_overrides(cfg, [f"train.max_steps={steps}"])
         derived = [
             f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps // 5)}",
             f"validation.every={max(1, steps // max(1, sec.validations))}",
@@ -1085,7 +1085,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.miniature", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (phases already done there are skipped)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="scale every training phase's steps by this / the recipe's budget_minutes (90)")
+                   help="scale every training phase's steps by this / the recipe's budget_minutes (240)")
     p.add_argument("--smoke", action="store_true", help="a handful of samples and steps per phase (CI)")
     p.add_argument("--until", choices=PHASES, default=None, help="stop after this phase")
     p.add_argument("--recipe", default=None, help=f"recipe TOML (default {DEFAULT_RECIPE.relative_to(REPO)})")
