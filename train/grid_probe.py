@@ -46,11 +46,12 @@ def grid_probe(pipe, samples, times=DEFAULT_TIMES, seed: int = 0) -> dict:
     dtype = next(model.parameters()).dtype
     use_control = model.has_branch_for("background")  # the control branch sees the product, as at inference
     rows = {"vae": [], **{t: [] for t in times}}
-    first = pipe.encode_image(plain[0].image)
-    mu = flow.mu_for(pipe.scheduler, (first.shape[-2] // model.patch_size) * (first.shape[-1] // model.patch_size))
-    sigma_of = {t: flow.shift_sigma(pipe.scheduler, torch.tensor([t]), mu) for t in times}
+    sigma_of: dict[float, torch.Tensor] = {}
     for s in plain:
         x0 = pipe.encode_image(s.image)
+        if not sigma_of:  # the sampler's shift for this many image tokens (every scene has the same size)
+            mu = flow.mu_for(pipe.scheduler, (x0.shape[-2] // model.patch_size) * (x0.shape[-1] // model.patch_size))
+            sigma_of = {t: flow.shift_sigma(pipe.scheduler, torch.tensor([t]), mu) for t in times}
         region = s.regions["wall"]
         rows["vae"].append(M.grid_energy(pipe.decode(x0)[0], region))
         embeds = pipe.encode_prompt([s.prompt])
@@ -60,12 +61,12 @@ def grid_probe(pipe, samples, times=DEFAULT_TIMES, seed: int = 0) -> dict:
         control_latents = None
         if use_control:
             foreground = torch.where(s.mask[..., None] > 0.5, s.image, torch.ones_like(s.image))
-            control_latents = pipe.prepare_control(foreground, s.mask)
+            control_latents = pipe.prepare_control(foreground, s.mask).to(dtype)
         for time in times:
             sig = sigma_of[time]
             x_t, _ = flow.flow_pair(x0.float(), noise.float(), sig)
             v = model(x_t.to(dtype), embeds.to(dtype), torch.tensor([time * nt]), size, size,
-                      torch.zeros(1, 2), control_latents=None if control_latents is None else control_latents.to(dtype))
+                      torch.zeros(1, 2), control_latents=control_latents)
             pred = x_t - sig.view(-1, 1, 1, 1) * v.float()
             rows[time].append(M.grid_energy(pipe.decode(pred)[0], region))
 
