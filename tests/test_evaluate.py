@@ -57,7 +57,7 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
         entry = report["comparison"][key]
         paired = entry["paired"]
         assert paired["n"] == 2
-        assert paired["mean_difference"] == pytest.approx(entry["tr2i_minus_t2i"])
+        assert paired["mean_difference"] == pytest.approx(entry["tr2i_minus_t2i"], abs=2e-6)  # both rounded for JSON
         assert paired["ci"][0] <= paired["mean_difference"] <= paired["ci"][1]
         assert paired["b_ahead"] + paired["a_ahead"] <= 1.0
     sweep = report["sweeps"]["attention_scale"]
@@ -68,7 +68,8 @@ def test_evaluate_end_to_end_with_sweep_and_clip(tiny_model_dir, tiny_stage2_wei
     sim = sweep["points"][0]["intervals"]["reference_similarity"]
     assert sim["ci"][0] <= sweep["points"][0]["reference_similarity"] <= sim["ci"][1]
     diff = sweep["points"][0]["vs_1"]["reference_similarity"]["mean_difference"]
-    assert diff == pytest.approx(sweep["points"][0]["reference_similarity"] - sweep["points"][1]["reference_similarity"])
+    assert diff == pytest.approx(sweep["points"][0]["reference_similarity"] - sweep["points"][1]["reference_similarity"],
+                                 abs=2e-6)  # each rounded for JSON
     assert "vs_1" not in sweep["points"][1]
     # attention_scale 1 is the plain TR2I run: same numbers as the tr2i mode
     assert sweep["points"][1]["reference_similarity"] == pytest.approx(
@@ -174,6 +175,32 @@ def test_reference_probe_tells_right_none_and_wrong_references_apart(tiny_model_
                     "--times", "1.5"]) == 2
 
 
+def test_where_evaluates_a_subset_with_the_seeds_of_the_whole_run(tiny_model_dir, scenes, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--manifest", str(scenes), "--steps", "2", "--reference-mode", "none",
+              "--plot", "pil", "--sheet", "0"]
+    whole, part = tmp_path / "whole.json", tmp_path / "part.json"
+    assert ev.main(common + ["--out", str(whole)]) == 0
+    rows = {r["id"]: r for r in _strict_json(whole)["modes"]["t2i"]["samples"]}
+    lines = [json.loads(line) for line in scenes.read_text(encoding="utf-8").splitlines() if line.strip()]
+    last = lines[-1]["scene"]["table"]["shape"]
+    wanted = {str(item["id"]) for item in lines if item["scene"]["table"]["shape"] == last}
+    assert len(wanted) < len(lines) or len(lines) == 1
+    assert ev.main(common + ["--out", str(part), "--where", f"table.shape={last}"]) == 0
+    subset = _strict_json(part)["modes"]["t2i"]["samples"]
+    assert {r["id"] for r in subset} == wanted
+    for r in subset:  # the same seed as in the whole run, so the same image and numbers
+        assert r == rows[r["id"]]
+    for r in rows.values():  # plain walls carry the grid measures, patterned ones none
+        plain = "grid_energy" in r
+        assert ("grid_excess" in r) == plain and ("wall_unevenness" in r) == plain
+        if plain and r["wall_unevenness"] is not None:
+            assert r["wall_unevenness"] >= 0.0
+    assert ev.main(common + ["--out", str(part), "--where", "table.colour=red"]) == 1
+    assert "no scene field 'table.colour'" in capsys.readouterr().err
+    assert ev.main(common + ["--out", str(part), "--where", "table.shape"]) == 1
+    assert "expected FIELD=VALUE" in capsys.readouterr().err
+
+
 def test_compare_pairs_two_reports_by_scene_and_refuses_unlike_runs(tmp_path):
     from train.compare import compare, main
 
@@ -239,8 +266,9 @@ def test_grid_probe_at_no_noise_is_the_vae_round_trip(tiny_model_dir, tiny_stage
     assert result["n"] == len(plain)
     # At (almost) no noise the one-step prediction is the encoded truth itself: the round trip's grid.
     assert result["times"]["1e-06"]["sigma"] < 1e-4
-    assert result["times"]["1e-06"]["grid_energy"] == pytest.approx(result["vae"], rel=0.05, abs=1e-7)
-    assert result["times"]["0.9"]["grid_energy"] != pytest.approx(result["vae"], rel=0.05)  # the random model's
+    for k in ("grid_energy", "grid_excess", "wall_unevenness"):
+        assert result["times"]["1e-06"][k] == pytest.approx(result["vae"][k], rel=0.05, abs=1e-7)
+    assert result["times"]["0.9"]["grid_energy"] != pytest.approx(result["vae"]["grid_energy"], rel=0.05)  # the random model's
     with pytest.raises(Exception, match="no scene with a plain wall"):
         grid_probe(pipe, [s for s in samples if s not in plain] or samples[:0])
     assert main(["--model", str(tiny_model_dir), "--manifest", str(manifest), "--times", "0,0.5"]) == 2

@@ -395,6 +395,54 @@ def test_grid_energy_sees_a_token_grid_pattern_not_a_flat_or_smoothly_lit_wall()
     assert M.grid_energy(flat, np.zeros((h, w), bool)) is None
 
 
+def _blotchy_wall(h, w, seed, amplitude=0.08, scale=13):
+    """A wall with smooth random blotches about a token wide, not tied to any grid."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(0, amplitude, (h // scale + 2, w // scale + 2))
+    yy, xx = np.mgrid[0:h, 0:w] / scale
+    y0, x0 = yy.astype(int), xx.astype(int)
+    fy, fx = yy - y0, xx - x0
+    fy, fx = fy * fy * (3 - 2 * fy), fx * fx * (3 - 2 * fx)  # smoothstep: no kinks on any lattice
+    blot = ((1 - fy) * (1 - fx) * coarse[y0, x0] + (1 - fy) * fx * coarse[y0, x0 + 1]
+            + fy * (1 - fx) * coarse[y0 + 1, x0] + fy * fx * coarse[y0 + 1, x0 + 1])
+    return np.clip(0.6 + blot[..., None] * np.ones(3), 0, 1)
+
+
+def test_grid_excess_sees_the_grid_in_a_blotchy_wall_where_grid_energy_cannot_tell():
+    h = w = 128
+    region = np.ones((h, w), bool)
+    region[80:] = False
+    yy, xx = np.mgrid[0:h, 0:w]
+    lattice = np.where(((yy % 16) < 8) ^ ((xx % 16) < 8), 0.0015, -0.0015)[..., None]  # a faint 16 px checker
+    flat = np.full((h, w, 3), 0.6)
+    assert M.grid_excess(flat, region) == pytest.approx(0.0, abs=1e-12)
+    blotchy = [_blotchy_wall(h, w, seed) for seed in range(8)]
+    gridded = [np.clip(b + lattice, 0, 1) for b in blotchy]
+    # grid_energy scores the blotches alone far above the faint grid alone: it cannot tell them apart
+    assert np.mean([M.grid_energy(b, region) for b in blotchy]) > 3 * M.grid_energy(flat + lattice, region)
+    # grid_excess: blotches alone average about 0, the grid adds about its own (high-passed) power
+    excess_blotchy = np.mean([M.grid_excess(b, region) for b in blotchy])
+    excess_gridded = np.mean([M.grid_excess(g, region) for g in gridded])
+    excess_grid_alone = M.grid_excess(flat + lattice, region)
+    assert excess_grid_alone > 1e-6
+    assert abs(excess_blotchy) < 0.3 * excess_grid_alone
+    assert excess_gridded == pytest.approx(excess_grid_alone, rel=0.3)
+    with pytest.raises(InputError, match="controls"):
+        M.grid_excess(flat, region, controls=(16,))
+
+
+def test_wall_unevenness_ignores_an_even_brightness_change_and_sees_blotches():
+    h = w = 64
+    region = np.ones((h, w), bool)
+    truth = np.full((h, w, 3), 0.5)
+    assert M.wall_unevenness(truth * 1.2, truth, region) == pytest.approx(0.0, abs=1e-12)
+    blotchy = _blotchy_wall(h, w, 0, amplitude=0.05)
+    assert 0.01 < M.wall_unevenness(blotchy, truth, region) < 0.1
+    assert M.wall_unevenness(blotchy, truth, np.zeros((h, w), bool)) is None
+    with pytest.raises(InputError):
+        M.wall_unevenness(blotchy, truth[:32], region)
+
+
 def test_top_surface_iou_is_one_for_the_truth_and_falls_for_a_block():
     scene, r, reg = next((sc, r, reg) for sc, r, reg in (syn.make_scene(2, i, 128) for i in range(60))
                          if sc["table"]["shape"] == "round")

@@ -23,12 +23,12 @@ from typing import Any
 from dreampainter_core.fileio import atomic_write_text
 
 from . import metrics as M
-from .evaluate import BOOLEAN, NUMERIC
+from .evaluate import BOOLEAN, NUMERIC, scene_value
 
 DEFAULT_METRICS = ("object_consistency", "mask_recall", "product_psnr_raw", "background_color", "table_color",
                    "prompt_adherence", "pattern_patterned", "wall_tone", "reference_similarity", "quality",
-                   "grid_energy", "stand_iou")
-MUST_AGREE = ("seed", "steps", "guidance_scale")
+                   "grid_energy", "grid_excess", "wall_unevenness", "stand_iou")
+MUST_AGREE = ("seed", "steps", "guidance_scale", "shift")
 
 
 def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0, only=None) -> dict[str, Any]:
@@ -75,12 +75,11 @@ def scene_groups(manifest: Path, field: str) -> dict[str, set[str]]:
             if not line.strip():
                 continue
             item = json.loads(line)
-            value: Any = item.get("scene")
-            for key in field.split("."):
-                if not isinstance(value, dict) or key not in value:
-                    raise ValueError(f"{manifest} line {n}: its scene has no {field!r} (a synthetic manifest's "
-                                     "scene fields are e.g. product.shape, table.shape, background.pattern)")
-                value = value[key]
+            try:
+                value = scene_value(item.get("scene"), field)
+            except KeyError:
+                raise ValueError(f"{manifest} line {n}: its scene has no {field!r} (a synthetic manifest's "
+                                 "scene fields are e.g. product.shape, table.shape, background.pattern)") from None
             groups.setdefault(str(value), set()).add(str(item["id"]))
     return groups
 

@@ -102,7 +102,12 @@ DEFINITIONS = {
                          "image draw the one the prompt names and the reference shows",
     "grid_energy": "scenes with a plain wall: variance of the wall's luminance means per phase (y mod 16, x mod 16) "
                    "of the token grid (VAE 8 px x patch 2), on the raw image; the ground truth scores 0, a grid "
-                   "artifact its power (0..1 units squared)",
+                   "artifact its power (0..1 units squared); blotchy, uneven walls score too, at any period",
+    "grid_excess": "scenes with a plain wall: the part of grid_energy tied to the grid, on the high-passed "
+                   "luminance (minus a 4 px masked blur): its value at period 16 minus its mean at 14, 15, 17 and "
+                   "18 px (about 0 on average for unevenness that is not on the grid; 0..1 units squared)",
+    "wall_unevenness": "scenes with a plain wall: standard deviation over the wall of the luminance difference "
+                       "raw image - ground truth, less its mean (0 = evenly lit like the truth; 0..1 units)",
     "stand_iou": "round stands: IoU of the pixels nearest the stand-top colour (vs its front and the wall, CIELAB) "
                  "with the true top ellipse, in a box around it away from the product and its shadow",
     "prompt_adherence": "background and table colour both right",
@@ -122,7 +127,8 @@ DEFINITIONS = {
 }
 # Metrics averaged in summaries; booleans become the fraction of True.
 NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted", "seam_error",
-           "reference_similarity", "reference_pixel_similarity", "quality", "grid_energy", "stand_iou", "clip_t",
+           "reference_similarity", "reference_pixel_similarity", "quality", "grid_energy", "grid_excess",
+           "wall_unevenness", "stand_iou", "clip_t",
            "clip_i")
 BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "pattern_patterned",
            "prompt_adherence", "wall_tone")
@@ -148,7 +154,8 @@ def _finite(v):
             return None
         if math.isinf(v):
             return PSNR_CAP if v > 0 else -PSNR_CAP
-        return round(v, 6)
+        # 6 decimals, but at least 6 significant digits: grid energies are ~1e-6
+        return round(v, 6) if v == 0.0 or abs(v) >= 0.1 else round(v, 5 - math.floor(math.log10(abs(v))))
     if isinstance(v, dict):
         return {k: _finite(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -255,8 +262,9 @@ class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
                  control: ControlOptions | None = None, reference_options: dict | None = None,
-                 lora_scale: float = 1.0, tokens: tuple = ()):
+                 lora_scale: float = 1.0, tokens: tuple = (), shift: float | None = None):
         self.pipe = pipe
+        self.shift = shift  # the sampler's mu; None = CogView4's resolution-dependent one
         self.tokens = tuple(tokens)  # learned words the prompts use (e.g. the background token)
         self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
         self.control = control or ControlOptions(mode="dreampainter")
@@ -283,7 +291,8 @@ class Runner:
 
         request = self.pipe.prepare(
             s.image, s.mask,
-            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index),
+            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index,
+                                     shift=self.shift),
             reference=ReferenceOptions(
                 image=s.reference if reference else None,
                 lora_scale=self.lora_scale if lora_scale is None else lora_scale, attention_scale=attention_scale,
@@ -346,6 +355,8 @@ class Runner:
                 row["pattern_patterned"] = row["pattern"]
             else:  # the token-grid artifact shows on walls that are flat in the ground truth
                 row["grid_energy"] = M.grid_energy(raw[0], reg["wall"])
+                row["grid_excess"] = M.grid_excess(raw[0], reg["wall"])
+                row["wall_unevenness"] = M.wall_unevenness(raw[0], s.image[0], reg["wall"])
             if sc["table"]["shape"] == "round":
                 row["stand_iou"] = round_stand_iou(image, sc, reg)
         if s.reference is not None:
@@ -375,6 +386,36 @@ def round_stand_iou(image, scene: dict, regions: dict) -> float | None:
     return M.top_surface_iou(image, regions["stand_top"], domain, colours, ("top", "front"))
 
 
+def scene_value(scene: Any, field: str) -> Any:
+    """The value at dotted `field` (e.g. background.pattern) of a synthetic scene dict; KeyError if absent."""
+    value = scene
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(field)
+        value = value[key]
+    return value
+
+
+def select_samples(samples: list[EvalSample], where: str) -> list[EvalSample]:
+    """The samples whose scene has FIELD == VALUE (`where` = "FIELD=VALUE"). Each keeps its index, so it
+    is drawn with the seed it has in a run over the whole manifest and the two reports pair up."""
+    field, sep, wanted = where.partition("=")
+    if not sep or not field:
+        raise DreamPainterError(f"--where {where!r}: expected FIELD=VALUE, e.g. background.pattern=plain")
+    kept = []
+    for s in samples:
+        try:
+            value = scene_value(s.scene, field)
+        except KeyError:
+            raise DreamPainterError(f"--where: sample {s.id} has no scene field {field!r} (a synthetic manifest's "
+                                    "scene fields are e.g. product.shape, table.shape, background.pattern)") from None
+        if str(value) == wanted:
+            kept.append(s)
+    if not kept:
+        raise DreamPainterError(f"--where {where}: no sample matches")
+    return kept
+
+
 def load_pipeline(model: str, weights: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from dreampainter_core import DreamPainterPipeline
 
@@ -387,7 +428,8 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              progress: bool = False, reference_guidance: float | None = None, control_mode: str = "dreampainter",
              training_free_reference: str = "init", reference_strength: float = 0.8,
              harmonize: float | None = None, lora_scale: float = 1.0,
-             roundtrip: bool = False, mask_guidance: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
+             roundtrip: bool = False, mask_guidance: bool = False,
+             shift: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -416,7 +458,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
                                                             strength=reference_strength),
-                    lora_scale=lora_scale)
+                    lora_scale=lora_scale, shift=shift)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -509,6 +551,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "resolution": None if first is None else [int(first.image.shape[2]), int(first.image.shape[1])],
         "steps": steps,
         "guidance_scale": guidance,
+        "shift": shift,
         "reference_guidance": reference_guidance,
         "control_mode": "training_free" if training_free else "dreampainter",
         "harmonize": runner.control.harmonize if training_free else None,
@@ -746,6 +789,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="report path (.json); the PNGs go next to it")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="the sampler's time shift mu (default: CogView4's for the resolution, 0.625 at 128 px)")
     p.add_argument("--reference-guidance", type=float, default=None,
                    help="TR2I guidance towards the reference, separate from --guidance (default: = --guidance, the "
                         "reference left out of the negative pass; 1: in both passes)")
@@ -761,6 +806,9 @@ def main(argv=None) -> int:
                    help="train-free mask guidance (seed 004): the control branch acts on the product's tokens only")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first K samples")
+    p.add_argument("--where", default=None, metavar="FIELD=VALUE",
+                   help="only the synthetic scenes (of the first K) with this scene field, e.g. background.pattern=plain; "
+                        "each keeps the seed it has in a run over the whole manifest")
     p.add_argument("--reference-mode", choices=("none", "manifest", "both", "vae"), default="both",
                    help="none: T2I only; manifest: TR2I with the manifest's references; both (default); "
                         "vae: only the VAE round trip of the true images")
@@ -790,6 +838,8 @@ def main(argv=None) -> int:
         samples = load_samples(Path(a.manifest), a.limit, a.prompt_field)
         if not samples:
             raise DreamPainterError(f"{a.manifest}: no samples")
+        if a.where:
+            samples = select_samples(samples, a.where)
         segmenter = a.segmenter
         if segmenter == "color" and any(s.scene is None for s in samples):
             raise DreamPainterError("--segmenter color needs synthetic scenes (train.synthetic manifests with a "
@@ -810,7 +860,8 @@ def main(argv=None) -> int:
                                 progress=a.progress, reference_guidance=a.reference_guidance, control_mode=a.mode,
                                 training_free_reference=a.training_free_reference,
                                 reference_strength=a.reference_strength, harmonize=a.harmonize,
-                                lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance)
+                                lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance,
+                                shift=a.shift)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -678,6 +678,42 @@ def reference_pixel_similarity(generated, reference, region=None):
 GRID_PERIOD = 16
 
 
+#: Off-grid periods for grid_excess: near 16 (so broadband unevenness folds into them about as much)
+#: and sharing no harmonic with the 8 / 16 px grid.
+GRID_CONTROL_PERIODS = (14, 15, 17, 18)
+
+
+def _luminance(image: np.ndarray) -> np.ndarray:
+    return image @ np.array([0.299, 0.587, 0.114])
+
+
+def _fold_variance(lum: np.ndarray, region: np.ndarray, period: int, min_per_phase: int) -> float | None:
+    """Variance of the region's luminance means per phase (y mod period, x mod period); None when a
+    phase has under `min_per_phase` pixels."""
+    h, w = lum.shape
+    phase = (np.arange(h)[:, None] % period) * period + (np.arange(w)[None, :] % period)
+    counts = np.bincount(phase[region], minlength=period * period)
+    if counts.min() < min_per_phase:
+        return None
+    means = np.bincount(phase[region], weights=lum[region], minlength=period * period) / counts
+    return float(means.var())
+
+
+def _masked_blur(values: np.ndarray, region: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of `values` over `region` only (normalised convolution: pixels outside the region
+    do not bleed in)."""
+    radius = max(1, int(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+
+    def separable(a):
+        a = np.apply_along_axis(np.convolve, 0, a, kernel, mode="same")
+        return np.apply_along_axis(np.convolve, 1, a, kernel, mode="same")
+
+    weight = region.astype(np.float64)
+    return separable(values * weight) / np.maximum(separable(weight), 1e-9)
+
+
 def grid_energy(image, region, period: int = GRID_PERIOD, min_per_phase: int = 4) -> float | None:
     """How much of a region's luminance repeats with the latent / patch grid: the luminance is
     folded modulo `period` in both axes (a phase is (y mod p, x mod p), aligned with the grid,
@@ -686,17 +722,42 @@ def grid_energy(image, region, period: int = GRID_PERIOD, min_per_phase: int = 4
     lit; a checkerboard-like artifact tied to the token grid scores its power; noise not tied
     to the grid averages out (its share falls with the number of pixels per phase). Measure it
     on walls that are plain in the ground truth. None when a phase has under `min_per_phase`
-    pixels."""
+    pixels.
+
+    Blotchy, uneven walls score here too: broadband unevenness folds into any period (it scores
+    about the same at 15 or 17 px). `grid_excess` keeps only the part tied to the grid."""
     img, reg = _one_image_and_region(image, region, "grid_energy")
-    lum = img @ np.array([0.299, 0.587, 0.114])
-    h, w = lum.shape
-    phase = (np.arange(h)[:, None] % period) * period + (np.arange(w)[None, :] % period)
-    sel = reg
-    counts = np.bincount(phase[sel], minlength=period * period)
-    if counts.min() < min_per_phase:
+    return _fold_variance(_luminance(img), reg, period, min_per_phase)
+
+
+def grid_excess(image, region, period: int = GRID_PERIOD, controls: Sequence[int] = GRID_CONTROL_PERIODS,
+                highpass_sigma: float = 4.0, min_per_phase: int = 4) -> float | None:
+    """The grid-tied part of `grid_energy`: the fold variance at the grid's period minus its mean at
+    off-grid `controls` periods, on the region's luminance high-passed (minus its masked Gaussian blur
+    of `highpass_sigma` px: slow blotches, which fold into every period, would make the difference
+    noisy). A grid on the 8 / 16 px lattice scores about its (high-passed) power; unevenness that is
+    not tied to the grid scores about 0 on average (either sign on one image); a flat wall 0. None
+    when a phase has under `min_per_phase` pixels."""
+    img, reg = _one_image_and_region(image, region, "grid_excess")
+    if not controls or period in controls:
+        raise InputError(f"grid_excess: controls {list(controls)} must be non-empty periods other than {period}")
+    lum = _luminance(img)
+    lum = lum - _masked_blur(lum, reg, highpass_sigma)
+    on = _fold_variance(lum, reg, period, min_per_phase)
+    off = [_fold_variance(lum, reg, p, min_per_phase) for p in controls]
+    if on is None or any(v is None for v in off):
         return None
-    means = np.bincount(phase[sel], weights=lum[sel], minlength=period * period) / counts
-    return float(means.var())
+    return on - float(np.mean(off))
+
+
+def wall_unevenness(image, truth, region) -> float | None:
+    """Standard deviation of the luminance difference image - truth over `region`, after removing its
+    mean (0..1 units): 0 when the image is the truth up to an even change of brightness; blotches,
+    casts that vary across the wall, and grid lines all raise it. None for an empty region."""
+    img, reg = _one_image_and_region(image, region, "wall_unevenness")
+    tru, _ = _one_image_and_region(truth, region, "wall_unevenness")
+    d = (_luminance(img) - _luminance(tru))[reg]
+    return None if d.size == 0 else float(d.std())
 
 
 def top_surface_iou(image, truth_region, domain, colours: Mapping[str, Sequence[float]],
