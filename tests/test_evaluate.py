@@ -223,6 +223,13 @@ def test_compare_pairs_two_reports_by_scene_and_refuses_unlike_runs(tmp_path):
     assert main([str(pa), str(pb), "--metrics", "wall_tone", "--json", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["wall_tone"]["n"] == 3
     assert main([str(pa), str(pb), "--metrics", "nonsense"]) == 2
+    # one report's mode against another of its modes, scene by scene (e.g. against the VAE round trip)
+    both = {**a, "modes": {**a["modes"], "vae": {"samples": [{"id": str(i), "quality": 0.5 + 0.1 * i} for i in range(3)]}}}
+    out = compare(both, both, "tr2i", metrics=("quality",), mode_a="vae")
+    assert out["mode_a"] == "vae" and out["quality"]["n"] == 3
+    assert out["quality"]["mean_difference"] == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="no mode 'nope'"):
+        compare(both, both, "tr2i", mode_a="nope")
 
 
 def test_compare_by_a_scene_field_pairs_within_each_group(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     python -m train.compare A.json B.json [--mode tr2i] [--metrics wall_tone,pattern_patterned ...] [--json OUT]
     python -m train.compare A.json B.json --manifest test.jsonl --by product.shape     # per kind of scene
+    python -m train.compare R.json R.json --mode-a vae --mode t2i     # one report's T2I against its VAE round trip
 
 For each metric, the items (scenes, matched by id) that both reports measured in `--mode` are
 paired and the mean of B - A is given with a 95% percentile-bootstrap interval
@@ -9,7 +10,8 @@ paired and the mean of B - A is given with a 95% percentile-bootstrap interval
 off. Both reports must come from the same seed, steps and guidance, or the pairing would compare
 different noise; that is checked. `--by FIELD` (a dotted path into each manifest line's synthetic
 `scene`, e.g. product.shape, table.shape, background.pattern) repeats the comparison within each
-group of scenes, to say where a setting helps or hurts.
+group of scenes, to say where a setting helps or hurts. `--mode-a` takes A's items from another mode
+than B's: with A = B, a mode against the VAE round trip (the ceiling) on the same scenes.
 """
 
 from __future__ import annotations
@@ -31,20 +33,23 @@ DEFAULT_METRICS = ("object_consistency", "mask_recall", "product_psnr_raw", "bac
 MUST_AGREE = ("seed", "steps", "guidance_scale", "shift")
 
 
-def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0, only=None) -> dict[str, Any]:
+def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0, only=None,
+            mode_a: str | None = None) -> dict[str, Any]:
     """{metric: {"a": mean, "b": mean, **paired_difference}} over the items both measured in `mode`
-    (and, given `only`, whose id is in it)."""
+    (A in `mode_a` when given) and, given `only`, whose id is in it."""
     differ = [k for k in MUST_AGREE if a.get(k) != b.get(k)]
     if differ:
         raise ValueError("the reports were not made alike (" + ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in differ)
                          + "): a paired comparison needs the same scenes, seeds and sampler")
     rows = []
-    for name, rep in (("A", a), ("B", b)):
-        if mode not in rep.get("modes", {}):
-            raise ValueError(f"report {name} has no mode {mode!r} (it has {sorted(rep.get('modes', {}))})")
-        rows.append({r["id"]: r for r in rep["modes"][mode]["samples"]})
+    for name, rep, m in (("A", a, mode_a or mode), ("B", b, mode)):
+        if m not in rep.get("modes", {}):
+            raise ValueError(f"report {name} has no mode {m!r} (it has {sorted(rep.get('modes', {}))})")
+        rows.append({r["id"]: r for r in rep["modes"][m]["samples"]})
     ids = [i for i in rows[0] if i in rows[1] and (only is None or i in only)]
     out: dict[str, Any] = {"mode": mode, "n_items": len(ids)}
+    if mode_a and mode_a != mode:
+        out["mode_a"] = mode_a
     for k in metrics:
         if k not in NUMERIC + BOOLEAN:
             raise ValueError(f"unknown metric {k!r}; known: {', '.join(NUMERIC + BOOLEAN)}")
@@ -58,7 +63,8 @@ def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0,
 
 
 def format_table(result: dict) -> str:
-    lines = [f"mode {result['mode']}, {result['n_items']} paired items: B - A, mean [95% CI]"]
+    modes = f"B's mode {result['mode']} against A's {result['mode_a']}" if "mode_a" in result else f"mode {result['mode']}"
+    lines = [f"{modes}, {result['n_items']} paired items: B - A, mean [95% CI]"]
     for k, v in result.items():
         if isinstance(v, dict):
             lo, hi = v["ci"]
@@ -89,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("a", help="baseline report (train.evaluate JSON)")
     p.add_argument("b", help="the other report")
     p.add_argument("--mode", default="tr2i", help="t2i, tr2i or vae (default tr2i)")
+    p.add_argument("--mode-a", default=None, help="A's mode, when not --mode (e.g. vae: against the round trip)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
     p.add_argument("--json", default=None, help="also write the comparison here")
     p.add_argument("--manifest", default=None, help="the reports' manifest (for --by)")
@@ -101,9 +108,10 @@ def main(argv=None) -> int:
     metrics = tuple(m for m in a.metrics.split(",") if m)
     try:
         reports = [json.loads(Path(x).read_text(encoding="utf-8")) for x in (a.a, a.b)]
-        result = compare(*reports, mode=a.mode, metrics=metrics)
+        result = compare(*reports, mode=a.mode, metrics=metrics, mode_a=a.mode_a)
         groups = scene_groups(Path(a.manifest), a.by) if a.by else {}
-        by = {value: compare(*reports, mode=a.mode, metrics=metrics, only=ids) for value, ids in sorted(groups.items())}
+        by = {value: compare(*reports, mode=a.mode, metrics=metrics, only=ids, mode_a=a.mode_a)
+              for value, ids in sorted(groups.items())}
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
