@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -89,23 +89,60 @@ def check_modulation_scale(scale, name: str = "attention_scale", maximum: float 
 
 @dataclass(frozen=True)
 class AttentionModulation:
-    """The reference attention control, checked once here and carried to the attention processor."""
+    """The reference attention control, checked once here and carried to the attention processor.
+
+    ``shielded``: ``[B, N_target]`` bool, the target's image tokens that do not see the reference
+    at all (the product's tokens, ``ReferenceOptions.shield_product``): their rows attend over the
+    text and target keys only, as if no reference were there. The reference sits on the target's
+    own positions in some layouts, so without this the product's tokens read the background the
+    reference shows where the product stands. None = every row as ``scale`` says."""
 
     scale: float = 1.0
     renormalize: bool = False
+    shielded: Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "scale", check_modulation_scale(self.scale))
         object.__setattr__(self, "renormalize", bool(self.renormalize))
+        if self.shielded is not None:
+            if not isinstance(self.shielded, Tensor) or self.shielded.dim() != 2:
+                raise InputError(f"shielded must be a [batch, target tokens] tensor, got "
+                                 f"{getattr(self.shielded, 'shape', type(self.shielded).__name__)}")
+            object.__setattr__(self, "shielded", self.shielded.to(torch.bool))
 
     @property
     def is_plain(self) -> bool:
-        """S is all ones: plain attention, bit for bit."""
-        return self.scale == 1.0
+        """S is all ones and nothing is shielded: plain attention, bit for bit."""
+        return self.scale == 1.0 and self.shielded is None
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor, split: int) -> Tensor:
-        """``modulated_attention`` without re-checking what construction checked."""
-        return _modulated(query, key, value, split, self.scale, self.renormalize)
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, split: int, text_len: int = 0) -> Tensor:
+        """``modulated_attention`` without re-checking what construction checked; then the shielded
+        rows (target tokens, which start at ``text_len``) over the keys before ``split`` only."""
+        out = _modulated(query, key, value, split, self.scale, self.renormalize)
+        if self.shielded is not None:
+            out = _shield_rows(out, query, key, value, split, text_len, self.shielded)
+        return out
+
+
+def _shield_rows(out: Tensor, query: Tensor, key: Tensor, value: Tensor, split: int, text_len: int,
+                 shielded: Tensor) -> Tensor:
+    """``out`` with the shielded target rows recomputed over keys ``[0, split)`` (renormalised there).
+    Exact and without an N x N matrix: one SDPA call per batch row over just those query rows.
+    The batch may be the shield's repeated (classifier-free guidance stacks the passes)."""
+    batch, n_target = query.shape[0], shielded.shape[1]
+    if text_len + n_target > split:
+        raise ValueError(f"shielded covers {n_target} target tokens after {text_len} text tokens, past the "
+                         f"reference's start ({split})")
+    if batch % shielded.shape[0]:
+        raise ValueError(f"shielded has batch {shielded.shape[0]}, the attention {batch}: expected a divisor")
+    rows = shielded.to(query.device).repeat(batch // shielded.shape[0], 1)
+    out = out.clone()
+    for b in range(batch):
+        idx = rows[b].nonzero().flatten() + text_len
+        if idx.numel():
+            out[b, ..., idx, :] = F.scaled_dot_product_attention(
+                query[b, ..., idx, :], key[b, ..., :split, :], value[b, ..., :split, :])
+    return out
 
 
 def group_key_scales(

@@ -22,7 +22,7 @@ Manifest: one JSON object per line (paths relative to the manifest):
 - the prompt: ``prompt`` or ``prompt_zh`` (both: the English one is used), or ``name`` with
   an optional ``category`` and ``style`` for ``dreampainter_core.prompts.build_prompt``.
 - optional: ``reference``, ``negative_prompt``, ``seeds``, ``formats``, and per-item
-  overrides of ``steps``, ``cfg``, ``shift``, ``lora_scale``, ``attention_scale``,
+  overrides of ``steps``, ``cfg``, ``shift``, ``lora_scale``, ``attention_scale``, ``shield_product``,
   ``harmonize``, ``reference_strength``, ``mode``, ``box_ratio``, ``placement``.
 
 Formats (``FORMATS``): named canvases at 1024 px scale, scaled by ``--resolution`` and snapped to
@@ -82,7 +82,8 @@ FORMAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,31}$")  # it names outp
 FORMAT_SIDES = (64, 4096)  # at 1024 px scale
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OVERRIDES = {"steps": int, "cfg": float, "shift": float, "lora_scale": float, "attention_scale": float,
-             "harmonize": float, "reference_strength": float, "mode": str, "box_ratio": float, "placement": str}
+             "shield_product": bool, "harmonize": float, "reference_strength": float, "mode": str, "box_ratio": float,
+             "placement": str}  # shield_product only where given: recipes without it keep their hashes
 KNOWN_KEYS = {"id", "image", "mask", "prompt", "prompt_zh", "name", "category", "style", "reference",
               "negative_prompt", "seeds", "formats", *OVERRIDES}
 
@@ -163,10 +164,11 @@ def _item(line: int, rec: Any, root: Path, known_formats) -> tuple[Item | None, 
     for key, kind in OVERRIDES.items():
         if key in rec:
             value = rec[key]
-            ok = isinstance(value, str) if kind is str else (
+            ok = isinstance(value, kind) if kind in (str, bool) else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer()))
             if not ok:
-                problems.append(f"{key} must be {'a string' if kind is str else 'a number'}, got {value!r}")
+                wanted = {str: "a string", bool: "true or false"}.get(kind, "a number")
+                problems.append(f"{key} must be {wanted}, got {value!r}")
             elif key == "placement" and value not in PLACEMENTS:
                 problems.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {value!r}")
             else:
@@ -333,7 +335,8 @@ def settings_options(settings: dict, seeds=(0,), reference=None) -> dict:
         sampling=SamplingOptions(steps=s["steps"], guidance_scale=s["cfg"], shift=s.get("shift"),
                                  seed=seeds[0], image_seeds=seeds),
         reference=ReferenceOptions(image=reference, lora_scale=s["lora_scale"],
-                                   attention_scale=s["attention_scale"], strength=s["reference_strength"]),
+                                   attention_scale=s["attention_scale"], strength=s["reference_strength"],
+                                   shield_product=s.get("shield_product", False)),
         control=ControlOptions(mode=s["mode"], harmonize=s["harmonize"]),
         output=OutputOptions(placement=s.get("placement", "center"), box_ratio=(s["box_ratio"], s["box_ratio"]),
                              decontaminate=s.get("decontaminate", False)),

@@ -164,6 +164,10 @@ class ReferenceOptions:
     product_scale: float = 1.0
     attention_scale: float = 1.0
     renormalize_attention: bool = False
+    # The product's tokens do not attend to the reference (stage-2 models): the reference shapes the
+    # background only. Measured on the miniature, whose reference sits on the target's own positions:
+    # product PSNR +0.3 dB with the pattern and tone kept (train/README.md, E8). No reference: no effect.
+    shield_product: bool = False
     guidance: float | None = None  # g_r; None = the text guidance (see pipeline.sample)
     # Training-free mode only (no stage-2 weights): "init" starts from the product over the
     # reference, at `strength` (like denoise); "in_context" puts the reference's latent beside
@@ -189,6 +193,7 @@ class ReferenceOptions:
         _set(self, "product_scale", _finite("product_scale", self.product_scale, 0.0,
                                             " (1 = the product LoRA as trained, 0 = without it)", MAX_SCALE))
         _set(self, "renormalize_attention", bool(self.renormalize_attention))
+        _set(self, "shield_product", bool(self.shield_product))
         _set(self, "attention_scale", check_modulation_scale(self.attention_scale, maximum=MAX_SCALE))
         _set(self, "modulation", AttentionModulation(self.attention_scale, self.renormalize_attention))
         if self.training_free_method not in TRAINING_FREE_REFERENCE:
@@ -321,7 +326,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "reference_strength": ("reference", "strength"),
     "training_free_reference": ("reference", "training_free_method"),
     **{name: ("reference", name) for name in ("lora_scale", "product_scale", "attention_scale",
-                                              "renormalize_attention")},
+                                              "renormalize_attention", "shield_product")},
     **{name: ("control", name) for name in ("mode", "control_scale", "mask_guidance", "harmonize", "region_dilate",
                                             "region_feather")},
     **{name: ("output", name) for name in ("paste_back", "feather", "placement", "box_ratio",

@@ -404,6 +404,7 @@ class DreamPainterPipeline:
         merge_lora: bool | None = None,
         known: "KnownRegion | None" = None,
         reference_trajectory: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shielded_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow-matching Euler with CFG from ``noise`` (float32 latents) to final latents.
 
@@ -426,6 +427,9 @@ class DreamPainterPipeline:
         (blended latent diffusion for flow matching), with the same noise as the rest.
         ``reference_trajectory`` = (clean reference latents, their noise): in-context reference
         tokens, noised to each step's sigma, beside the target (same rows).
+
+        ``shielded_tokens`` ([B, N_target] bool): target tokens that do not attend to the reference
+        (``ReferenceOptions.shield_product``: the product's).
 
         ``merge_lora``: merge the scaled LoRA into the weights for the run (fast, and exact
         afterwards: the weights are backed up on the CPU and restored; see
@@ -458,7 +462,8 @@ class DreamPainterPipeline:
         extra = dict(
             control_latents=None if control_latents is None else control_latents.to(device=device, dtype=dtype),
             reference_latents=None if reference_latents is None else reference_latents.to(device=device, dtype=dtype),
-            modulation=reference.modulation,
+            modulation=reference.modulation if shielded_tokens is None else dataclasses.replace(
+                reference.modulation, shielded=shielded_tokens.to(device)),
             token_mask=token_mask,
             control_scale=control.control_scale,
         )
@@ -667,10 +672,12 @@ class DreamPainterPipeline:
             else:  # "init": the product over the reference, partly denoised
                 init_latents = self.encode_image(self.product_over_reference(foreground, canvas_mask, r.reference.image))
                 sampling = dataclasses.replace(sampling, denoise=r.reference.strength)
-        token_mask = None
+        token_mask = shielded = None
+        p = self.vae_scale_factor * self.transformer.patch_size
         if r.control.mask_guidance and control is not None:
-            p = self.vae_scale_factor * self.transformer.patch_size
             token_mask = mask_to_token_grid(canvas_mask, r.height // p, r.width // p).to(self.device)
+        if r.reference.shield_product and ref_latents is not None:  # a token with any product pixel
+            shielded = mask_to_token_grid(canvas_mask, r.height // p, r.width // p) > 0.5
         if sampling.denoise < 1.0 and init_latents is None:
             init_latents = self.encode_image(r.init_image if r.init_image is not None else foreground)
 
@@ -681,7 +688,7 @@ class DreamPainterPipeline:
             noise, prompt_embeds, negative_embeds, height=r.height, width=r.width, sampling=sampling,
             reference=r.reference, control=r.control, control_latents=control, reference_latents=ref_latents,
             init_latents=init_latents, token_mask=token_mask, callback=r.callback, merge_lora=r.merge_lora,
-            known=known, reference_trajectory=reference_trajectory,
+            known=known, reference_trajectory=reference_trajectory, shielded_tokens=shielded,
         )
         images = self.decode(latents).cpu()
         if r.output.paste_back:
@@ -914,7 +921,7 @@ class DreamPainterPipeline:
         All inputs are checked before any model runs. Keyword options (each belongs to one
         option object, ``dreampainter_core.options``): batch_size (repeats a single product),
         denoise (< 1 starts from init_image, default the product on its blank canvas),
-        init_image, shift, guidance_end, control_scale, renormalize_attention, reference_size,
+        init_image, shift, guidance_end, control_scale, renormalize_attention, shield_product, reference_size,
         reference_guidance (see ``sample``), box_ratio, feather, merge_lora.
         """
         request = self.prepare_inputs(

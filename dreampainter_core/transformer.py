@@ -206,7 +206,7 @@ class DreamPainterAttnProcessor:
 
         total = query.shape[2]
         if reference_tokens and modulation is not None and not modulation.is_plain:
-            out = modulation.attend(query, key, value, split=total - reference_tokens)
+            out = modulation.attend(query, key, value, split=total - reference_tokens, text_len=text_len)
         else:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)

@@ -62,6 +62,9 @@ REFERENCE_STRENGTH_TIP = ("training_free with a reference (init): how much of th
 TRAINING_FREE_REFERENCE_TIP = ("training_free with a reference: init = start from the product over the reference "
                                "(reference_strength); in_context = the reference beside the canvas as extra tokens, "
                                "attention_scale weighs it (experimental: in-context ability needs a large model).")
+SHIELD_PRODUCT_TIP = ("Stage-2 models with a reference: the product's tokens do not attend to the reference, so the "
+                      "reference shapes the background only (on the miniature: a sharper product, the reference's "
+                      "look kept). No effect without a reference or in training_free mode.")
 #: Before/after pairs the sampler sends to the web extension's compare slider (web/dreampainter.js).
 COMPARE_KEY = "dreampainter_compare"
 MODE_KEY = "dreampainter_mode"  # which mode ran, for the title badge
@@ -84,7 +87,7 @@ def compare_previews(product: torch.Tensor, images: torch.Tensor, limit: int = C
 def sampler_options(seed, steps, cfg, shift, denoise, lora_scale, attention_scale, mask_guidance, paste_back,
                     reference=None, reference_cfg=0.0, guidance_end=1.0, mode="auto",
                     harmonize=ControlOptions.harmonize, reference_strength=ReferenceOptions.strength,
-                    training_free_reference="init") -> dict:
+                    training_free_reference="init", shield_product=False) -> dict:
     """The node's widgets -> the core's option objects (each checks its values as it is built).
     The widgets' own conventions (0 = auto) are translated here and nowhere else."""
     image = None if reference is None else reference.image
@@ -94,7 +97,8 @@ def sampler_options(seed, steps, cfg, shift, denoise, lora_scale, attention_scal
         reference=ReferenceOptions(image=image, size=None if image is None else (image.shape[2], image.shape[1]),
                                    lora_scale=lora_scale, attention_scale=attention_scale,
                                    guidance=None if reference_cfg <= 0 else reference_cfg,
-                                   strength=reference_strength, training_free_method=training_free_reference),
+                                   strength=reference_strength, training_free_method=training_free_reference,
+                                   shield_product=shield_product),
         control=ControlOptions(mode=mode, mask_guidance=mask_guidance, harmonize=harmonize),
         output=OutputOptions(paste_back=paste_back, placement="keep"),
     )
@@ -179,6 +183,7 @@ class DreamPainterSampler(io.ComfyNode):
                                optional=True, tooltip=REFERENCE_STRENGTH_TIP),
                 io.Combo.Input("training_free_reference", options=list(TRAINING_FREE_REFERENCE), default="init",
                                optional=True, tooltip=TRAINING_FREE_REFERENCE_TIP),
+                io.Boolean.Input("shield_product", default=False, optional=True, tooltip=SHIELD_PRODUCT_TIP),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
                      io.Mask.Output(display_name="mask")],

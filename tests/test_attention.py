@@ -201,3 +201,67 @@ def test_uses_the_same_fused_kernel_as_plain_sdpa(scale, renormalize):
         pytest.skip(f"plain SDPA itself uses the math backend here: {plain}")
     ours = _sdpa_kernels(lambda: modulated_attention(q, k, v, 33, scale, renormalize=renormalize))
     assert ours == plain
+
+
+# ----------------------------------------------------------------------------- shielded rows
+
+
+def _naive_shielded(q, k, v, split, scale, renormalize, text_len, shielded):
+    """The materialised formula, then each shielded target row as softmax over keys [0, split) only."""
+    out = naive_modulated_attention(q, k, v, split, scale, renormalize=renormalize).clone()
+    work = torch.float64
+    for b in range(q.shape[0]):
+        rows = shielded[b % shielded.shape[0]].nonzero().flatten() + text_len
+        probs = (q[b][:, rows].to(work) @ k[b][:, :split].to(work).transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
+        out[b][:, rows] = (probs @ v[b][:, :split].to(work)).to(out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_shielded_target_rows_attend_without_the_reference(scale, renormalize):
+    from dreampainter_core.attention import AttentionModulation
+
+    text_len, n_target, n_ref = 5, 12, 9
+    split = text_len + n_target
+    q, k, v = _qkv(2, 3, split + n_ref, 16)
+    shielded = torch.zeros(1, n_target, dtype=torch.bool)
+    shielded[0, [1, 4, 5, 11]] = True  # one mask, repeated over the batch (the CFG passes)
+    mod = AttentionModulation(scale, renormalize, shielded=shielded)
+    assert not mod.is_plain
+    out = mod.attend(q, k, v, split, text_len=text_len)
+    torch.testing.assert_close(out, _naive_shielded(q, k, v, split, scale, renormalize, text_len, shielded),
+                               atol=1e-5, rtol=1e-5)
+    # every other row is exactly the unshielded modulation's
+    plain = AttentionModulation(scale, renormalize).attend(q, k, v, split, text_len=text_len)
+    keep = torch.ones(split + n_ref, dtype=torch.bool)
+    keep[text_len + shielded[0].nonzero().flatten()] = False
+    assert torch.equal(out[:, :, keep], plain[:, :, keep])
+    # nothing shielded: the plain path's numbers, bit for bit
+    none = AttentionModulation(scale, renormalize, shielded=torch.zeros(1, n_target, dtype=torch.bool))
+    assert torch.equal(none.attend(q, k, v, split, text_len=text_len), plain)
+
+
+def test_shielded_rows_equal_renormalised_attention_scale_zero_for_those_rows():
+    from dreampainter_core.attention import AttentionModulation
+
+    # Renormalised at scale 0 every target row ignores the reference: shielding all of them changes nothing.
+    text_len, n_target, n_ref = 3, 8, 8
+    q, k, v = _qkv(1, 2, text_len + n_target + n_ref, 8)
+    split = text_len + n_target
+    every = AttentionModulation(0.0, True, shielded=torch.ones(1, n_target, dtype=torch.bool))
+    torch.testing.assert_close(every.attend(q, k, v, split, text_len=text_len),
+                               AttentionModulation(0.0, True).attend(q, k, v, split), atol=1e-6, rtol=1e-6)
+
+
+def test_shielded_rejects_what_does_not_fit():
+    from dreampainter_core.attention import AttentionModulation
+    from dreampainter_core.errors import InputError
+
+    with pytest.raises(InputError, match="target tokens"):
+        AttentionModulation(1.0, shielded=torch.ones(4, dtype=torch.bool))
+    q, k, v = _qkv(3, 1, 20, 8)
+    with pytest.raises(ValueError, match="divisor"):
+        AttentionModulation(1.0, shielded=torch.ones(2, 4, dtype=torch.bool)).attend(q, k, v, 16, text_len=2)
+    with pytest.raises(ValueError, match="past the reference"):
+        AttentionModulation(1.0, shielded=torch.ones(1, 15, dtype=torch.bool)).attend(q, k, v, 16, text_len=2)

@@ -103,6 +103,7 @@ def test_check_lists_every_bad_line_before_any_model_loads(tmp_path, capsys):
         json.dumps({"id": "a/b", "image": "missing.png", "mask": "p.png"}),
         json.dumps({"id": "ok", "image": "p.png", "mask": "p.png", "name": "serum", "category": "garden"}),
         json.dumps({"id": "s", "image": "p.png", "mask": "p.png", "prompt": "x", "seeds": [-1], "steps": "many"}),
+        json.dumps({"id": "t", "image": "p.png", "mask": "p.png", "prompt": "x", "shield_product": "yes"}),
     ]) + "\n")
     assert B.main(["check", "--manifest", str(manifest)]) == 2
     err = capsys.readouterr().err
@@ -111,6 +112,20 @@ def test_check_lists_every_bad_line_before_any_model_loads(tmp_path, capsys):
     assert "line 3: no prompt: give 'prompt'" in err
     assert "line 4: unknown category 'garden'" in err and "line 4: id 'ok' already used on line 1" in err
     assert "line 5: seeds must be" in err and "line 5: steps must be a number" in err
+    assert "line 6: shield_product must be true or false, got 'yes'" in err
+
+
+def test_shield_product_is_a_per_item_override_that_reaches_the_reference_options(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "p.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"sku{i}", "image": "p.png", "mask": "p.png", "prompt": "x", **extra}) + "\n"
+                                for i, extra in enumerate(({"shield_product": True}, {}))))
+    shielded, plain = B.read_batch_manifest(manifest)
+    assert shielded.overrides == {"shield_product": True} and plain.overrides == {}
+    settings = B.default_settings({})
+    assert "shield_product" not in settings  # recipes made without it keep their hashes
+    assert B.settings_options({**settings, **shielded.overrides})["reference"].shield_product is True
+    assert B.settings_options(settings)["reference"].shield_product is False
 
 
 def test_a_name_gets_the_prompt_builders_prompt(tmp_path):

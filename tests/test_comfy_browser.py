@@ -430,8 +430,8 @@ def test_prompts_queued_from_the_ui_carry_no_extension_widgets(browser):
         sampler = next(n for n in prompt.values() if n["class_type"] == "DreamPainterSampler")
         assert set(required) <= set(sampler["inputs"]) <= set(required) | set(optional), sorted(sampler["inputs"])
         saved = next(n for n in extra["extra_pnginfo"]["workflow"]["nodes"] if n["type"] == "DreamPainterSampler")
-        # 16 widgets (the optional ones too) + seed's "control after generate"
-        assert len(saved["widgets_values"]) == 17
+        # 17 widgets (the optional ones too) + seed's "control after generate"
+        assert len(saved["widgets_values"]) == 18
 
 
 def test_help_page_shows_in_english(browser):

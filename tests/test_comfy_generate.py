@@ -80,6 +80,22 @@ def test_sampler_reference_cfg_reaches_the_core(comfy, pipe, inputs):
     assert not torch.equal(comfy.tensors("rcfg2")["latent"], comfy.tensors("rcfg0")["latent"])
 
 
+def test_sampler_shield_product_reaches_the_core(comfy, pipe, inputs):
+    """The optional shield_product toggle is the core's ReferenceOptions.shield_product; left out, it is off."""
+    product, mask, reference = inputs
+    ref = {"resolution": 32, "policy": "crop"}
+    direct = dict(reference=reference, negative_prompt="", steps=3, guidance_scale=3.5, seed=7, reference_size=32,
+                  return_dict=True)
+    g = h.graph("shield_on", reference=ref)
+    g["7"]["inputs"]["shield_product"] = True
+    _ok(comfy.run(g), comfy)
+    _ok(comfy.run(h.graph("shield_absent", reference=ref)), comfy)
+    on = pipe(h.PROMPT, product, mask, shield_product=True, **direct)
+    assert torch.equal(comfy.tensors("shield_on")["latent"], on.latents.float())
+    assert torch.equal(comfy.tensors("shield_absent")["latent"], pipe(h.PROMPT, product, mask, **direct).latents.float())
+    assert not torch.equal(comfy.tensors("shield_on")["latent"], comfy.tensors("shield_absent")["latent"])
+
+
 def test_paste_back_keeps_product_pixels(base_run, inputs):
     product, mask, _ = inputs
     hard = mask > 0.5

@@ -97,6 +97,39 @@ def test_reference_and_sliders_change_the_result(stage2_pipe):
     assert (guided - plain).abs().max() > 1e-4
 
 
+def test_shield_product_keeps_the_products_tokens_from_the_reference(stage2_pipe, monkeypatch):
+    from dreampainter_core.masks import mask_to_token_grid
+
+    product, mask = _product()
+    reference = _reference_image()
+    kwargs = dict(steps=2, seed=1, paste_back=False)
+    with_ref = stage2_pipe(PROMPT, product, mask, reference=reference, **kwargs)
+    # off is the old path, bit for bit; without a reference there is nothing to shield from
+    assert torch.equal(stage2_pipe(PROMPT, product, mask, reference=reference, shield_product=False, **kwargs), with_ref)
+    assert torch.equal(stage2_pipe(PROMPT, product, mask, shield_product=True, **kwargs),
+                       stage2_pipe(PROMPT, product, mask, **kwargs))
+    seen = []
+    forward = stage2_pipe.transformer.forward
+
+    def recording(*args, **kw):
+        if kw.get("reference_latents") is not None:
+            seen.append(kw["modulation"].shielded)
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(stage2_pipe.transformer, "forward", recording)
+    shielded = stage2_pipe(PROMPT, product, mask, reference=reference, shield_product=True, **kwargs)
+    assert (shielded - with_ref).abs().max() > 1e-4
+    # the shielded tokens are the product's: every token holding a product pixel, in every pass that has the reference
+    grid = SIZE // (stage2_pipe.vae_scale_factor * stage2_pipe.transformer.patch_size)
+    expected = mask_to_token_grid(mask[None], grid, grid) > 0.5
+    assert seen and all(torch.equal(t.cpu(), expected) for t in seen)
+    assert 0 < int(expected.sum()) < expected.numel()
+    # renormalised at attention_scale 0 no target token sees the reference already: shielding adds nothing
+    cut = dict(reference=reference, attention_scale=0.0, renormalize_attention=True, **kwargs)
+    torch.testing.assert_close(stage2_pipe(PROMPT, product, mask, shield_product=True, **cut),
+                               stage2_pipe(PROMPT, product, mask, **cut), atol=1e-5, rtol=1e-5)
+
+
 def _reference_image():
     return torch.rand(96, 160, 3, generator=torch.Generator().manual_seed(9))
 

@@ -262,9 +262,11 @@ class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
                  control: ControlOptions | None = None, reference_options: dict | None = None,
-                 lora_scale: float = 1.0, tokens: tuple = (), shift: float | None = None):
+                 lora_scale: float = 1.0, tokens: tuple = (), shift: float | None = None,
+                 shield_product: bool = False):
         self.pipe = pipe
         self.shift = shift  # the sampler's mu; None = CogView4's resolution-dependent one
+        self.shield_product = shield_product  # the product's tokens do not attend to the reference
         self.tokens = tuple(tokens)  # learned words the prompts use (e.g. the background token)
         self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
         self.control = control or ControlOptions(mode="dreampainter")
@@ -297,7 +299,7 @@ class Runner:
                 image=s.reference if reference else None,
                 lora_scale=self.lora_scale if lora_scale is None else lora_scale, attention_scale=attention_scale,
                 guidance=reference_guidance if reference_guidance is not None else self.reference_guidance,
-                **self.reference_options),
+                shield_product=self.shield_product, **self.reference_options),
             control=self.control,
             output=OutputOptions(paste_back=False),
         )
@@ -429,7 +431,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              training_free_reference: str = "init", reference_strength: float = 0.8,
              harmonize: float | None = None, lora_scale: float = 1.0,
              roundtrip: bool = False, mask_guidance: bool = False,
-             shift: float | None = None) -> tuple[dict[str, Any], dict[str, list]]:
+             shift: float | None = None, shield_product: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -458,7 +460,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
                                                             strength=reference_strength),
-                    lora_scale=lora_scale, shift=shift)
+                    lora_scale=lora_scale, shift=shift, shield_product=shield_product)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -552,6 +554,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "steps": steps,
         "guidance_scale": guidance,
         "shift": shift,
+        "shield_product": shield_product,
         "reference_guidance": reference_guidance,
         "control_mode": "training_free" if training_free else "dreampainter",
         "harmonize": runner.control.harmonize if training_free else None,
@@ -791,6 +794,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
     p.add_argument("--shift", type=float, default=None,
                    help="the sampler's time shift mu (default: CogView4's for the resolution, 0.625 at 128 px)")
+    p.add_argument("--shield-product", action="store_true",
+                   help="the product's tokens do not attend to the reference (ReferenceOptions.shield_product)")
     p.add_argument("--reference-guidance", type=float, default=None,
                    help="TR2I guidance towards the reference, separate from --guidance (default: = --guidance, the "
                         "reference left out of the negative pass; 1: in both passes)")
@@ -861,7 +866,7 @@ def main(argv=None) -> int:
                                 training_free_reference=a.training_free_reference,
                                 reference_strength=a.reference_strength, harmonize=a.harmonize,
                                 lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance,
-                                shift=a.shift)
+                                shift=a.shift, shield_product=a.shield_product)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
