@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--attention-scale", type=float, default=1.0)
+    parser.add_argument("--shield-product", action="store_true",
+                        help="with a stage-2 model and --reference: the product's tokens do not attend to the reference")
     parser.add_argument("--reference-guidance", type=float, default=None,
                         help="guidance towards the reference, separate from --cfg (default: = --cfg, the reference "
                              "left out of the negative pass; 1 = in both passes, follows it least; other values "
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
             reference=ReferenceOptions(image=load_image(args.reference) if args.reference else None,
                                        lora_scale=args.lora_scale, attention_scale=args.attention_scale,
                                        guidance=args.reference_guidance, strength=args.reference_strength,
-                                       training_free_method=args.training_free_reference),
+                                       training_free_method=args.training_free_reference,
+                                       shield_product=args.shield_product),
             control=ControlOptions(mode=args.mode, mask_guidance=args.mask_guidance, harmonize=args.harmonize,
                                    region_dilate=args.region_dilate, region_feather=args.region_feather),
             output=OutputOptions(placement=args.placement, paste_back=not args.no_paste_back),

@@ -193,6 +193,13 @@ def test_the_cli_with_explicit_model_paths(model, tmp_path):
     image, product = _png(result), _png(model.demo / spec["product"])
     mask = _png(model.demo / spec["mask"])[..., 0] > 0.5
     assert torch.equal(image[mask], product[mask])
+    shielded = tmp_path / "shielded.png"
+    assert main(["--base", str(model.base), "--weights", str(model.weights),
+                 "--product", str(model.demo / spec["product"]), "--mask", str(model.demo / spec["mask"]),
+                 "--reference", str(model.demo / spec["reference"]), "--prompt", spec["prompt_zh"],
+                 "--attention-scale", "0.6", "--steps", "4", "--out", str(shielded), "--dtype", "fp32",
+                 "--shield-product"]) == 0
+    assert not torch.equal(_png(shielded), image)  # the product's tokens no longer read the reference
 
 
 def test_the_cli_with_the_base_alone_runs_training_free_with_a_reference(model, tmp_path, capsys):
