@@ -41,7 +41,7 @@ NODES = {
         ["model", "conditioning", "vae", "product", "mask", "seed", "steps", "cfg", "shift", "denoise",
          "batch_size", "lora_scale", "attention_scale", "mask_guidance", "paste_back"],
         ["reference", "reference_cfg", "guidance_end", "mode", "harmonize", "reference_strength",
-         "training_free_reference"],
+         "training_free_reference", "shield_product"],
         ["IMAGE", "LATENT", "MASK"]),
     "DreamPainterComposite": (
         ["generated", "product", "mask", "feather", "color_match", "color_ring"], ["matte"],
