@@ -30,7 +30,7 @@ from .evaluate import BOOLEAN, NUMERIC, scene_value
 DEFAULT_METRICS = ("object_consistency", "mask_recall", "product_psnr_raw", "background_color", "table_color",
                    "prompt_adherence", "pattern_patterned", "wall_tone", "reference_similarity", "quality",
                    "grid_energy", "grid_excess", "wall_unevenness", "stand_iou")
-MUST_AGREE = ("seed", "steps", "guidance_scale", "shift")
+MUST_AGREE = ("seed", "steps", "guidance_scale")
 
 
 def compare(a: dict, b: dict, mode: str, metrics=DEFAULT_METRICS, seed: int = 0, only=None,

@@ -262,10 +262,8 @@ class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
                  control: ControlOptions | None = None, reference_options: dict | None = None,
-                 lora_scale: float = 1.0, tokens: tuple = (), shift: float | None = None,
-                 shield_product: bool = False):
+                 lora_scale: float = 1.0, tokens: tuple = (), shield_product: bool = False):
         self.pipe = pipe
-        self.shift = shift  # the sampler's mu; None = CogView4's resolution-dependent one
         self.shield_product = shield_product  # the product's tokens do not attend to the reference
         self.tokens = tuple(tokens)  # learned words the prompts use (e.g. the background token)
         self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
@@ -293,8 +291,7 @@ class Runner:
 
         request = self.pipe.prepare(
             s.image, s.mask,
-            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index,
-                                     shift=self.shift),
+            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index),
             reference=ReferenceOptions(
                 image=s.reference if reference else None,
                 lora_scale=self.lora_scale if lora_scale is None else lora_scale, attention_scale=attention_scale,
@@ -356,9 +353,7 @@ class Runner:
             if sc["background"]["pattern"] != "plain":
                 row["pattern_patterned"] = row["pattern"]
             else:  # the token-grid artifact shows on walls that are flat in the ground truth
-                row["grid_energy"] = M.grid_energy(raw[0], reg["wall"])
-                row["grid_excess"] = M.grid_excess(raw[0], reg["wall"])
-                row["wall_unevenness"] = M.wall_unevenness(raw[0], s.image[0], reg["wall"])
+                row.update(M.plain_wall_measures(raw[0], s.image[0], reg["wall"]))
             if sc["table"]["shape"] == "round":
                 row["stand_iou"] = round_stand_iou(image, sc, reg)
         if s.reference is not None:
@@ -431,7 +426,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              training_free_reference: str = "init", reference_strength: float = 0.8,
              harmonize: float | None = None, lora_scale: float = 1.0,
              roundtrip: bool = False, mask_guidance: bool = False,
-             shift: float | None = None, shield_product: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
+             shield_product: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -460,7 +455,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
                                                             strength=reference_strength),
-                    lora_scale=lora_scale, shift=shift, shield_product=shield_product)
+                    lora_scale=lora_scale, shield_product=shield_product)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -553,7 +548,6 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "resolution": None if first is None else [int(first.image.shape[2]), int(first.image.shape[1])],
         "steps": steps,
         "guidance_scale": guidance,
-        "shift": shift,
         "shield_product": shield_product,
         "reference_guidance": reference_guidance,
         "control_mode": "training_free" if training_free else "dreampainter",
@@ -792,8 +786,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="report path (.json); the PNGs go next to it")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
-    p.add_argument("--shift", type=float, default=None,
-                   help="the sampler's time shift mu (default: CogView4's for the resolution, 0.625 at 128 px)")
     p.add_argument("--shield-product", action="store_true",
                    help="the product's tokens do not attend to the reference (ReferenceOptions.shield_product)")
     p.add_argument("--reference-guidance", type=float, default=None,
@@ -866,7 +858,7 @@ def main(argv=None) -> int:
                                 training_free_reference=a.training_free_reference,
                                 reference_strength=a.reference_strength, harmonize=a.harmonize,
                                 lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance,
-                                shift=a.shift, shield_product=a.shield_product)
+                                shield_product=a.shield_product)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

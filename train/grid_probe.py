@@ -7,10 +7,10 @@ For each synthetic scene with a plain wall, the true image is encoded, noised to
 (sigma = the scheduler's shift of s, as the sampler and train.flow use it; flow matching: x_t =
 (1 - sigma) x0 + sigma noise, a fixed noise per scene), and the model predicts
 x0 in one step (x_t - sigma v, with the scene's prompt, no guidance). The prediction is decoded and
-metrics.grid_energy, grid_excess (its part tied to the grid) and wall_unevenness measured on the wall, as
-train.evaluate does on generated images; the VAE round trip is the floor. If the grid is already there at low noise, the model's last denoising steps draw
-it (more training at low noise is the lever); if only at high noise, the layout steps leave it and
-the low-noise steps fail to remove it.
+metrics.plain_wall_measures taken on the wall (grid energy, its part tied to the grid, unevenness), as
+train.evaluate does on generated images; the VAE round trip is the floor. If the grid is already there
+at low noise, the model's last denoising steps draw it (more training at low noise is the lever); if
+only at high noise, the layout steps leave it and the low-noise steps fail to remove it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ DEFAULT_TIMES = (0.05, 0.1, 0.2, 0.4, 0.7, 0.95)
 @torch.no_grad()
 def grid_probe(pipe, samples, times=DEFAULT_TIMES, seed: int = 0) -> dict:
     """{"vae": {measure: mean over the round trips}, "times": {s: {"sigma", measure: mean over the one-step
-    x0s}}, "n": scenes}; the measures are MEASURES."""
+    x0s}}, "n": scenes}; the measures are metrics.PLAIN_WALL_MEASURES."""
     plain = [s for s in samples if s.scene is not None and s.scene["background"]["pattern"] == "plain"]
     if not plain:
         raise DreamPainterError("no scene with a plain wall among the samples: grid_probe needs train.synthetic "
@@ -53,7 +53,7 @@ def grid_probe(pipe, samples, times=DEFAULT_TIMES, seed: int = 0) -> dict:
             mu = flow.mu_for(pipe.scheduler, (x0.shape[-2] // model.patch_size) * (x0.shape[-1] // model.patch_size))
             sigma_of = {t: flow.shift_sigma(pipe.scheduler, torch.tensor([t]), mu) for t in times}
         region = s.regions["wall"]
-        rows["vae"].append(measure(pipe.decode(x0)[0], s.image[0], region))
+        rows["vae"].append(M.plain_wall_measures(pipe.decode(x0)[0], s.image[0], region))
         embeds = pipe.encode_prompt([s.prompt])
         g = torch.Generator().manual_seed(seed + s.index)
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.dtype)
@@ -68,25 +68,17 @@ def grid_probe(pipe, samples, times=DEFAULT_TIMES, seed: int = 0) -> dict:
             v = model(x_t.to(dtype), embeds.to(dtype), torch.tensor([time * nt]), size, size,
                       torch.zeros(1, 2), control_latents=control_latents)
             pred = x_t - sig.view(-1, 1, 1, 1) * v.float()
-            rows[time].append(measure(pipe.decode(pred)[0], s.image[0], region))
+            rows[time].append(M.plain_wall_measures(pipe.decode(pred)[0], s.image[0], region))
 
     def means(measured):
         out = {}
-        for k in MEASURES:
+        for k in M.PLAIN_WALL_MEASURES:
             vals = [m[k] for m in measured if m[k] is not None]
             out[k] = float(np.mean(vals)) if vals else None
         return out
 
     return {"n": len(plain), "vae": means(rows["vae"]),
             "times": {str(t): {"sigma": round(float(sigma_of[t]), 4), **means(rows[t])} for t in times}}
-
-
-MEASURES = ("grid_energy", "grid_excess", "wall_unevenness")
-
-
-def measure(image, truth, region) -> dict:
-    return {"grid_energy": M.grid_energy(image, region), "grid_excess": M.grid_excess(image, region),
-            "wall_unevenness": M.wall_unevenness(image, truth, region)}
 
 
 def main(argv=None) -> int:
@@ -120,7 +112,7 @@ def main(argv=None) -> int:
 
 
 def _triple(m: dict) -> str:
-    return " / ".join("-" if m[k] is None else f"{m[k]:.2e}" for k in MEASURES)
+    return " / ".join("-" if m[k] is None else f"{m[k]:.2e}" for k in M.PLAIN_WALL_MEASURES)
 
 
 if __name__ == "__main__":

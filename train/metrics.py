@@ -760,6 +760,16 @@ def wall_unevenness(image, truth, region) -> float | None:
     return None if d.size == 0 else float(d.std())
 
 
+#: What train.evaluate and train.grid_probe measure on a wall that is plain in the ground truth.
+PLAIN_WALL_MEASURES = ("grid_energy", "grid_excess", "wall_unevenness")
+
+
+def plain_wall_measures(image, truth, region) -> dict[str, float | None]:
+    """PLAIN_WALL_MEASURES of `image` on `region`, a wall that is plain in `truth`."""
+    return {"grid_energy": grid_energy(image, region), "grid_excess": grid_excess(image, region),
+            "wall_unevenness": wall_unevenness(image, truth, region)}
+
+
 def top_surface_iou(image, truth_region, domain, colours: Mapping[str, Sequence[float]],
                     surface: str | Sequence[str]) -> float | None:
     """IoU of the pixels drawn in the `surface` colour(s) with where the ground truth has that
