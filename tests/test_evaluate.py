@@ -102,6 +102,25 @@ def test_reference_guidance_run_and_sweep(tiny_model_dir, tiny_stage2_weights, s
     assert len({round(p["reference_similarity"], 6) for p in sweep["points"]}) > 1  # the knob acts
 
 
+def test_guidance_end_and_the_shield_reach_the_sampler_and_the_report(tiny_model_dir, tiny_stage2_weights, scenes,
+                                                                      tmp_path):
+    """The recipe's sampler settings are what a report says it ran at, and each one changes the images."""
+    common = ["--model", str(tiny_model_dir), "--weights", str(tiny_stage2_weights), "--manifest", str(scenes),
+              "--steps", "2", "--limit", "1", "--reference-mode", "manifest", "--sheet", "0", "--plot", "pil",
+              "--guidance", "3"]
+    runs = {"plain": [], "end": ["--guidance-end", "0.5"],
+            "shield": ["--shield-product", "--sweep", "attention_scale", "--sweep-values", "1"]}
+    reports = {}
+    for name, extra in runs.items():
+        assert ev.main(common + extra + ["--out", str(tmp_path / f"{name}.json")]) == 0
+        reports[name] = _strict_json(tmp_path / f"{name}.json")
+    assert (reports["plain"]["guidance_end"], reports["end"]["guidance_end"]) == (1.0, 0.5)
+    assert reports["shield"]["shield_product"] and not reports["plain"]["shield_product"]
+    assert reports["shield"]["sweeps"]["attention_scale"]["fixed"].endswith("shield_product")
+    psnr = {k: r["modes"]["tr2i"]["samples"][0]["product_psnr_raw"] for k, r in reports.items()}
+    assert psnr["end"] != psnr["plain"] and psnr["shield"] != psnr["plain"], psnr
+
+
 def test_text_only_evaluation_of_a_plain_manifest(tiny_model_dir, tiny_stage2_weights, tmp_path):
     # The toy dataset has no scene ground truth: no adherence, no segmenter without rembg.
     manifest = syn.write_synthetic_dataset(tmp_path / "toy", num=2, size=32, seed=0)

@@ -262,8 +262,10 @@ class Runner:
     def __init__(self, pipe, steps: int, guidance: float, seed: int, segmenter: str, clip: M.ClipScorer | None,
                  palette: dict | None, quality_palette: dict | None = None, reference_guidance: float | None = None,
                  control: ControlOptions | None = None, reference_options: dict | None = None,
-                 lora_scale: float = 1.0, tokens: tuple = (), shield_product: bool = False):
+                 lora_scale: float = 1.0, tokens: tuple = (), shield_product: bool = False,
+                 guidance_end: float = 1.0):
         self.pipe = pipe
+        self.guidance_end = guidance_end  # the share of steps, from the first, that run CFG
         self.shield_product = shield_product  # the product's tokens do not attend to the reference
         self.tokens = tuple(tokens)  # learned words the prompts use (e.g. the background token)
         self.lora_scale = lora_scale  # 0 on a stage-2 file gives back its stage-1 model exactly
@@ -291,7 +293,8 @@ class Runner:
 
         request = self.pipe.prepare(
             s.image, s.mask,
-            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index),
+            sampling=SamplingOptions(steps=self.steps, guidance_scale=self.guidance, seed=self.seed + s.index,
+                                     guidance_end=self.guidance_end),
             reference=ReferenceOptions(
                 image=s.reference if reference else None,
                 lora_scale=self.lora_scale if lora_scale is None else lora_scale, attention_scale=attention_scale,
@@ -426,7 +429,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
              training_free_reference: str = "init", reference_strength: float = 0.8,
              harmonize: float | None = None, lora_scale: float = 1.0,
              roundtrip: bool = False, mask_guidance: bool = False,
-             shield_product: bool = False) -> tuple[dict[str, Any], dict[str, list]]:
+             shield_product: bool = False, guidance_end: float = 1.0) -> tuple[dict[str, Any], dict[str, list]]:
     """Run and measure; returns (report dict, {"t2i": [...images], "tr2i": [...]} for the first keep_images).
 
     control_mode: how the product is held ("dreampainter": the control branch, or on a base model
@@ -455,7 +458,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
     runner = Runner(pipe, steps, guidance, seed, segmenter, clip, PALETTE, tone_palette(), reference_guidance,
                     control=control, reference_options=dict(training_free_method=training_free_reference,
                                                             strength=reference_strength),
-                    lora_scale=lora_scale, shield_product=shield_product)
+                    lora_scale=lora_scale, shield_product=shield_product, guidance_end=guidance_end)
     report_modes: dict[str, Any] = {}
     kept: dict[str, list] = {m: [] for m in modes}
     timings: dict[str, float] = {}
@@ -539,6 +542,8 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         fixed = [f"{k}=1" for k in ("lora_scale", "attention_scale") if k != param]
         if param != "reference_guidance":
             fixed.append("reference_guidance=" + ("cfg" if reference_guidance is None else f"{reference_guidance:g}"))
+        if shield_product:
+            fixed.append("shield_product")
         sweep_report[param] = {"fixed": ", ".join(fixed), "points": points}
 
     first = samples[0] if samples else None
@@ -548,6 +553,7 @@ def evaluate(pipe, samples: list[EvalSample], *, steps: int = 20, guidance: floa
         "resolution": None if first is None else [int(first.image.shape[2]), int(first.image.shape[1])],
         "steps": steps,
         "guidance_scale": guidance,
+        "guidance_end": guidance_end,
         "shield_product": shield_product,
         "reference_guidance": reference_guidance,
         "control_mode": "training_free" if training_free else "dreampainter",
@@ -797,6 +803,8 @@ def main(argv=None) -> int:
     p.add_argument("--training-free-reference", choices=("init", "in_context"), default="init")
     p.add_argument("--reference-strength", type=float, default=0.8)
     p.add_argument("--harmonize", type=float, default=None, help="training_free: share of free last steps")
+    p.add_argument("--guidance-end", type=float, default=1.0,
+                   help="the share of the steps, from the first, that run CFG (the rest: the conditional pass alone)")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="LoRA scale outside the sweeps (0 on a stage-2 file: exactly its stage-1 model)")
     p.add_argument("--mask-guidance", action="store_true",
@@ -858,7 +866,7 @@ def main(argv=None) -> int:
                                 training_free_reference=a.training_free_reference,
                                 reference_strength=a.reference_strength, harmonize=a.harmonize,
                                 lora_scale=a.lora_scale, roundtrip=a.roundtrip, mask_guidance=a.mask_guidance,
-                                shield_product=a.shield_product)
+                                shield_product=a.shield_product, guidance_end=a.guidance_end)
     except (DreamPainterError, ManifestError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
