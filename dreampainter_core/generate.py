@@ -57,7 +57,7 @@ def run_demo(out_dir: Path, steps: int | None, seed: int, dtype: torch.dtype = t
              reference_guidance: float | None = None) -> list[Path]:
     """T2I (English and Chinese prompt) and TR2I on the embedded miniature model; returns the files written.
     steps / guidance / reference_guidance default to the settings the model was evaluated at (its
-    miniature.json)."""
+    miniature.json), which also gives lora_scale and shield_product."""
     from .embedded import embedded_model
     from .pipeline import DreamPainterPipeline
 
@@ -68,6 +68,8 @@ def run_demo(out_dir: Path, steps: int | None, seed: int, dtype: torch.dtype = t
     guidance = guidance if guidance is not None else float(measured.get("guidance", DEFAULT_GUIDANCE))
     if reference_guidance is None and "reference_guidance" in measured:
         reference_guidance = float(measured["reference_guidance"])
+    lora_scale = float(measured.get("lora_scale", 1.0))
+    shield_product = bool(measured.get("shield_product", False))
     pipe = DreamPainterPipeline.from_pretrained(model.base, dreampainter_weights=model.weights, dtype=dtype,
                                                 device=device)
     product = load_image(str(model.demo / spec["product"]))
@@ -79,7 +81,8 @@ def run_demo(out_dir: Path, steps: int | None, seed: int, dtype: torch.dtype = t
     cells = [product, reference]
     for name, prompt, ref in runs:
         image = pipe(prompt, product, mask, reference=ref, steps=steps, guidance_scale=guidance, seed=seed,
-                     placement="keep", reference_guidance=reference_guidance if ref is not None else None)[0]
+                     placement="keep", reference_guidance=reference_guidance if ref is not None else None,
+                     lora_scale=lora_scale, shield_product=shield_product)[0]
         written.append(save_image_atomic(image, out_dir / f"demo_{name}.png"))
         cells.append(image)
         print(f"{name}: {prompt}" + ("  (+ reference image)" if ref is not None else ""))

@@ -140,16 +140,21 @@ def test_embed_installs_a_finished_run_as_the_embedded_model(smoke_run, tmp_path
     written = run_demo(tmp_path / "demo", steps=2, seed=0, models_dir=models)
     assert len(written) == 6 and all(p.is_file() for p in written)
 
-    # The demo samples as the model was evaluated: the recipe's [evaluate] steps and guidance,
-    # recorded in miniature.json; an explicit guidance wins.
+    # The demo samples as the model was evaluated: the recipe's [evaluate] steps, guidance, LoRA
+    # scale and shield, recorded in miniature.json; an explicit guidance wins.
     e = load_recipe(smoke=True)["evaluate"]
     sampling = model.sampling()
     assert sampling["steps"] == int(e["steps"]) and sampling["guidance"] == float(e["guidance"])
     assert sampling.get("reference_guidance") == e.get("reference_guidance")
+    lora, shield = float(e.get("lora_scale", 1.0)), bool(e.get("shield_product", False))
+    assert (sampling.get("lora_scale", 1.0), sampling.get("shield_product", False)) == (lora, shield)
+    report = json.loads((docs / "report.json").read_text())
+    assert (report["lora_scale"], report["shield_product"]) == (lora, shield)  # measured as sampled
     seen = []
     real_call = DreamPainterPipeline.__call__
 
     def spy(self, *a, **kw):
+        assert (kw["lora_scale"], kw["shield_product"]) == (lora, shield)
         seen.append((kw["steps"], kw["guidance_scale"], kw["reference_guidance"]))
         return real_call(self, *a, **kw)
 

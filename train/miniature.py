@@ -182,6 +182,10 @@ class EvaluateRecipe:
     steps: int
     guidance: float
     reference_guidance: float | None = None
+    # The reference LoRA's scale and ReferenceOptions.shield_product at which the model is measured
+    # and the demo samples (miniature.json); the Fig. 8 sweeps vary lora_scale from 1 as trained.
+    lora_scale: float = 1.0
+    shield_product: bool = False
     sweep_limit: int = 0
     sweeps: list[str] = field(default_factory=list)
     sweep_values: str = ""
@@ -458,6 +462,10 @@ class Miniature:
         out = {"steps": e.steps, "guidance": e.guidance}
         if e.reference_guidance is not None:
             out["reference_guidance"] = e.reference_guidance
+        if e.lora_scale != 1.0:  # only when set, so that earlier recipes keep their fingerprints
+            out["lora_scale"] = e.lora_scale
+        if e.shield_product:
+            out["shield_product"] = True
         return out
 
     def fingerprint(self, phase: str) -> str:
@@ -955,6 +963,10 @@ class Miniature:
                   "--dtype", self.precision, "--plot", e.plot]
         if "reference_guidance" in sampling:
             common += ["--reference-guidance", str(sampling["reference_guidance"])]
+        if "lora_scale" in sampling:
+            common += ["--lora-scale", str(sampling["lora_scale"])]
+        if sampling.get("shield_product"):
+            common.append("--shield-product")
         t0 = time.perf_counter()
         rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(e.limit),
                                      "--reference-mode", "both"] + (["--roundtrip"] if e.roundtrip else []))
