@@ -71,12 +71,30 @@ def ensure_test_split(data: Path, count: int, size: int, seed: int) -> Path:
     return manifest
 
 
+def measured_sampling_args(model: str) -> list[str]:
+    """The DreamPainter file's sampler settings as the model was measured (its miniature.json, written by
+    train.miniature): the stage rows sample as the README's main table and the demo do. [] without one."""
+    path = Path(model) / "miniature.json"
+    if not path.is_file():
+        return []
+    sampling = json.loads(path.read_text(encoding="utf-8")).get("sampling", {})
+    args = []
+    if "lora_scale" in sampling:
+        args += ["--lora-scale", str(float(sampling["lora_scale"]))]
+    if sampling.get("shield_product"):
+        args.append("--shield-product")
+    return args
+
+
 def run_configuration(cfg: Configuration, *, model: str, weights: str, manifest: Path, out: Path, limit: int,
                       steps: int, guidance: float) -> dict:
     report = out / f"{cfg.name}.json"
     if not report.is_file():  # train.evaluate writes it atomically: present means complete
+        # A configuration's own arguments come last, so they win (stage 1 is lora_scale 0).
+        measured = measured_sampling_args(model) if cfg.stage else []
         argv = ["--model", model, "--manifest", str(manifest), "--out", str(report), "--limit", str(limit),
-                "--steps", str(steps), "--guidance", str(guidance), "--sheet", "8", "--plot", "pil", *cfg.args]
+                "--steps", str(steps), "--guidance", str(guidance), "--sheet", "8", "--plot", "pil", *measured,
+                *cfg.args]
         if cfg.stage:
             argv += ["--weights", weights]
         print(f"[modes] {cfg.name}: python -m train.evaluate {' '.join(argv)}", file=sys.stderr)
