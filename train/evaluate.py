@@ -255,6 +255,19 @@ def _rembg_segmenter():
     return _REMBG
 
 
+def sampling_args(sampling: dict) -> list[str]:
+    """The command-line arguments for a model's recorded sampler settings beyond steps and guidance
+    (miniature.json's "sampling", written by train.miniature), so it is measured as it samples."""
+    args = []
+    if "reference_guidance" in sampling:
+        args += ["--reference-guidance", str(float(sampling["reference_guidance"]))]
+    if "lora_scale" in sampling:
+        args += ["--lora-scale", str(float(sampling["lora_scale"]))]
+    if sampling.get("shield_product"):
+        args.append("--shield-product")
+    return args
+
+
 # ----------------------------------------------------------------------------- generation + measuring
 
 

@@ -952,7 +952,7 @@ class Miniature:
 
     # ---- 7. evaluate --------------------------------------------------------------------
     def phase_evaluate(self) -> dict:
-        from .evaluate import main as evaluate_main
+        from .evaluate import main as evaluate_main, sampling_args
 
         e = self.recipe.evaluate
         eval_dir = self.out / "eval"
@@ -961,12 +961,7 @@ class Miniature:
                   "--manifest", str(self.data_dir / "test.jsonl"), "--steps", str(sampling["steps"]),
                   "--guidance", str(sampling["guidance"]), "--seed", str(self.seed), "--segmenter", "color",
                   "--dtype", self.precision, "--plot", e.plot]
-        if "reference_guidance" in sampling:
-            common += ["--reference-guidance", str(sampling["reference_guidance"])]
-        if "lora_scale" in sampling:
-            common += ["--lora-scale", str(sampling["lora_scale"])]
-        if sampling.get("shield_product"):
-            common.append("--shield-product")
+        common += sampling_args(sampling)
         t0 = time.perf_counter()
         rc = evaluate_main(common + ["--out", str(eval_dir / "report.json"), "--limit", str(e.limit),
                                      "--reference-mode", "both"] + (["--roundtrip"] if e.roundtrip else []))

@@ -77,13 +77,7 @@ def measured_sampling_args(model: str) -> list[str]:
     path = Path(model) / "miniature.json"
     if not path.is_file():
         return []
-    sampling = json.loads(path.read_text(encoding="utf-8")).get("sampling", {})
-    args = []
-    if "lora_scale" in sampling:
-        args += ["--lora-scale", str(float(sampling["lora_scale"]))]
-    if sampling.get("shield_product"):
-        args.append("--shield-product")
-    return args
+    return E.sampling_args(json.loads(path.read_text(encoding="utf-8")).get("sampling", {}))
 
 
 def run_configuration(cfg: Configuration, *, model: str, weights: str, manifest: Path, out: Path, limit: int,
