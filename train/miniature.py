@@ -226,6 +226,8 @@ _NOT_FINGERPRINTED = ("checkpoint_every",)
 
 def _check(r: Recipe) -> None:
     """What each key's type allows but the recipe does not."""
+    from dreampainter_core.options import MAX_SCALE
+
     from .synthetic import SCENE_VERSIONS
 
     checks = [("budget_minutes", r.budget_minutes > 0, "> 0"),
@@ -242,6 +244,8 @@ def _check(r: Recipe) -> None:
     checks += [(f"base.{k}", 0 <= getattr(b, k) <= 1, "in [0, 1]")
                for k in ("empty_prompt_prob", "second_prompt_prob", "high_noise_prob")]
     checks += [(f"base.{k}", 0 <= getattr(b, k) < 1, "in [0, 1)") for k in ("high_noise_from", "text_warmup_from")]
+    # Checked here, not hours later when the evaluation builds its ReferenceOptions.
+    checks += [("evaluate.lora_scale", 0 <= r.evaluate.lora_scale <= MAX_SCALE, f"in [0, {MAX_SCALE:g}] (1 = as trained)")]
     problems = []
     for name, ok, what in checks:
         if not ok:
