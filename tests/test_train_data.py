@@ -26,6 +26,7 @@ from train.buckets import (
     random_shift,
     resize_crop_to_bucket,
 )
+from train.config import ConfigError, load_config
 from train.dataset import BucketBatchSampler, ManifestDataset, collate
 from train.manifest import ManifestError, binarize_mask, mask_array, parse_line, read_manifest, validate_sample
 from dreampainter_core.prompts import EXAMPLE_TOML, PromptComposer, PromptConfigError
@@ -490,6 +491,30 @@ def test_dataset_items(tmp_path):
         half.set_epoch(e)
         used += half[0]["reference"] is not None
     assert 3 <= used <= 17
+
+
+def test_reference_crop_scale_one_without_shift_serves_the_whole_reference_aligned(tmp_path):
+    manifest = dataset_manifest(tmp_path)
+    make_image(tmp_path / "ref" / "s0.png", (48, 48), 7)  # square: the largest centred square is all of it
+    whole = torch.from_numpy(np.asarray(Image.open(tmp_path / "ref" / "s0.png").convert("RGB"), np.float32) / 255.0)
+    aligned = ManifestDataset(manifest, BUCKETS, reference_prob=1.0, reference_sizes=(48,), reference_shift=0.0,
+                              reference_crop_scale=(1.0, 1.0), seed=1)
+    cropped = ManifestDataset(manifest, BUCKETS, reference_prob=1.0, reference_sizes=(48,), reference_shift=0.0,
+                              seed=1)
+    differs = False
+    for e in range(4):
+        aligned.set_epoch(e)
+        cropped.set_epoch(e)
+        assert torch.equal(aligned[0]["reference"], whole.permute(2, 0, 1))
+        differs |= not torch.equal(cropped[0]["reference"], whole.permute(2, 0, 1))
+    assert differs  # the default crop (half to all of the area) does not line up
+
+
+def test_reference_crop_scale_out_of_range_is_refused():
+    for bad in ("[0, 1]", "[0.8, 0.5]", "[0.5, 1.2]", "[1]"):
+        with pytest.raises(ConfigError, match=r"data.reference_crop_scale must be \[low, high\]"):
+            load_config(2, None, [f"data.reference_crop_scale={bad}"])
+    assert load_config(2, None, ["data.reference_crop_scale=[1, 1]"]).data.reference_crop_scale == [1, 1]
 
 
 def test_dataset_stop_raises_naming_line(tmp_path):

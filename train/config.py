@@ -92,6 +92,10 @@ class DataConfig:
     reference_prob: float = 0.0  # stage 2 default 0.5 (paper: reference used in 50% of samples)
     reference_sizes: list[int] = field(default_factory=lambda: [512, 800])  # paper: 512x512, 800x800
     reference_shift: float = 0.1  # random spatial shift, fraction of the side (ours: the paper gives none)
+    # The reference's random square crop covers this range of the image's largest centred square's
+    # area, so it never lines up with the target and the model takes its look, not its pixels.
+    # [1, 1] with reference_shift 0: the whole background, aligned (references that are the target's own).
+    reference_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     second_prompt_prob: float = 0.5  # use prompt_2 (second language) when a sample has one
     empty_prompt_prob: float = 0.0  # replace the prompt by "" (text dropout; paper silent, off)
     num_workers: int = 2  # DataLoader workers per process (0 = load in the main process)
@@ -592,6 +596,10 @@ def validate(cfg: Config) -> Config:
                     break
     if not 0.0 <= d.reference_prob <= 1.0:
         problems.append(f"data.reference_prob must be in [0, 1], got {d.reference_prob}")
+    crop = d.reference_crop_scale
+    if len(crop) != 2 or not all(isinstance(x, (int, float)) for x in crop) or not 0.0 < crop[0] <= crop[1] <= 1.0:
+        problems.append(f"data.reference_crop_scale must be [low, high] with 0 < low <= high <= 1 (shares of the "
+                        f"image's area the reference crop covers; [1, 1] = no crop), got {crop}")
     if not 0.0 <= t.high_noise_prob <= 1.0:
         problems.append(f"train.high_noise_prob must be in [0, 1], got {t.high_noise_prob}")
     if not 0.0 <= t.high_noise_from < 1.0:

@@ -73,6 +73,7 @@ class ManifestDataset(Dataset):
         reference_prob: float = 0.0,
         reference_sizes: Sequence[int] = (512, 800),
         reference_shift: float = 0.1,
+        reference_crop_scale: Sequence[float] = (0.5, 1.0),
         seed: int = 0,
         second_prompt_prob: float = 0.5,
         mask_policy: str = "product",
@@ -91,6 +92,7 @@ class ManifestDataset(Dataset):
         self.reference_prob = float(reference_prob)
         self.reference_sizes = tuple(int(s) for s in reference_sizes)
         self.reference_shift = float(reference_shift)
+        self.reference_crop_scale = (float(reference_crop_scale[0]), float(reference_crop_scale[1]))
         self.seed = int(seed)
         self.second_prompt_prob = float(second_prompt_prob)
         self.epoch = 0
@@ -180,7 +182,7 @@ class ManifestDataset(Dataset):
         reference = None
         offset = None
         if loaded.reference is not None:
-            ref = random_reference_crop(loaded.reference, self.reference_sizes, rng)
+            ref = random_reference_crop(loaded.reference, self.reference_sizes, rng, scale=self.reference_crop_scale)
             offset = (0, 0)
             if self.reference_shift > 0:
                 ref, offset = random_shift(ref, self.reference_shift, rng, return_offset=True)

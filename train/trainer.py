@@ -553,7 +553,8 @@ class Trainer:
         self.buckets = self._buckets()
         self.dataset = ManifestDataset(
             d.manifest, self.buckets, on_bad=d.on_bad, reference_prob=d.reference_prob if self.stage == 2 else 0.0,
-            reference_sizes=d.reference_sizes, reference_shift=d.reference_shift, seed=t.seed,
+            reference_sizes=d.reference_sizes, reference_shift=d.reference_shift,
+            reference_crop_scale=d.reference_crop_scale, seed=t.seed,
             second_prompt_prob=d.second_prompt_prob, mask_policy=d.mask_policy,
         )
         self.sampler = GlobalBatchSampler(self.dataset, t.batch_size, self.env.world, self.env.rank, t.seed, t.fixed_batch)
