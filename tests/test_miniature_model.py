@@ -28,6 +28,7 @@ SIMILARITY_GAIN = 0.1
 # on 400 scenes, 0.958 / 0.959 and 27.3 / 27.2 dB on these 24 (the model before: 25.8 / 25.6 dB)
 MIN_RECALL = 0.9
 MIN_PRODUCT_PSNR = 25.0
+MIN_PATTERN = 0.8  # issue 20's target for the reference's pattern in TR2I
 
 
 def _guidance(recipe) -> float:
@@ -103,7 +104,7 @@ def test_t2i_keeps_the_product_and_follows_the_prompt(report):
     # the paper's object consistency, paste-back off (the raw model output)
     assert t2i["object_consistency"] >= 0.93, t2i
     assert t2i["product_exact_pasted"] == 1.0, "paste-back must return every product pixel exactly"
-    # the run: background 0.998, stand 0.983 on 400 scenes; 24 scenes allow a few misses here
+    # the run: background 1.0, stand 0.983 on 400 scenes; 24 scenes allow a few misses here
     assert t2i["background_color"] >= 0.9 and t2i["table_color"] >= 0.85, t2i
     # object consistency cannot see a missing product (it counts product pixels outside the mask): recall can
     assert t2i["mask_recall"] >= MIN_RECALL and t2i["product_psnr_raw"] >= MIN_PRODUCT_PSNR, t2i
@@ -139,6 +140,8 @@ def test_with_guidance_a_reference_pulls_the_wall_towards_it(report):
     same = report["comparison"]["reference_similarity_same_samples"]
     assert tr2i["wall_tone"] >= t2i["wall_tone"] + TONE_GAIN, (t2i, tr2i)
     assert same["tr2i"] > same["t2i"], same
+    # The reference's stripes, dots or checks are copied (400 test scenes: 0.98 against T2I's 0.54)
+    assert tr2i["pattern_patterned"] >= MIN_PATTERN, tr2i
 
 
 def test_with_the_reference_in_both_guidance_passes_it_is_still_followed(pipe, test_scenes, recipe, report):
