@@ -187,7 +187,7 @@ def test_bad_recipe_values_are_refused_naming_the_key(tmp_path):
         ("empty_prompt_prob = 0.1", "empty_prompt_prob = 1.5", r"base\.empty_prompt_prob must be in \[0, 1\], got 1\.5"),
         ("source_probs = [0.5, 0.25, 0.25]", "source_probs = [0.5, 0.5]", r"vae\.source_probs must be three weights"),
         ("[smoke.vae]\nsteps = 2", "[smoke.vae]\nsteps = 2.5", r"vae\.steps: expected an integer, got 2\.5"),  # checked without --smoke too
-        ("lora_scale = 0.8", "lora_scale = 5.0", r"evaluate\.lora_scale must be in \[0, 2\]"),
+        ("shield_product = true", "shield_product = true\nlora_scale = 5.0", r"evaluate\.lora_scale must be in \[0, 2\]"),
         ("shield_product = true", 'shield_product = "yes"', r"evaluate\.shield_product: expected"),
     ):
         assert text.count(old) == 1, old
