@@ -125,3 +125,50 @@ def test_stage2_batch_encodes_references_per_size_as_one_by_one(tiny_model_dir, 
             torch.testing.assert_close(g["reference"][row], alone, rtol=1e-3, atol=2e-4)  # conv batching order
     assert seen == set(range(8))
     trainer.close()
+
+
+def test_shield_product_trains_as_the_sampler_shields(tiny_model_dir, tiny_stage1_weights, tmp_path):
+    """train.shield_product: the product's tokens do not attend to the reference while training, the
+    same tokens ReferenceOptions.shield_product shields when sampling (mask_to_token_grid of the pixel
+    mask); samples without a reference get no shield; off, the groups carry no modulation at all."""
+    from dreampainter_core.attention import AttentionModulation
+    from dreampainter_core.masks import mask_to_token_grid
+    from train.config import ConfigError
+    from train.dataset import collate
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=8, size=64, seed=5, references=True)
+    common = [f"model.stage1_weights={tiny_stage1_weights}", "model.lora_rank=4", "train.batch_size=8",
+              "data.reference_prob=0.75", "validation.every=0", "checkpoint.every=0"]
+    trainer = Trainer(tiny_config(2, tiny_model_dir, manifest, tmp_path / "s", common + ["train.shield_product=true"]),
+                      echo=lambda m: None).setup()
+    batch = collate([trainer.dataset[i] for i in range(8)])
+    groups = trainer._groups(batch, step=0, micro=0, probe=True)
+    cell = trainer.pipe.vae_scale_factor * trainer.model.patch_size
+    h, w = batch["mask"].shape[-2:]
+    expected = mask_to_token_grid(batch["mask"][:, 0], h // cell, w // cell) > 0.5
+    shielded_any = False
+    with torch.no_grad():
+        for g in groups:
+            if g["reference"] is None:
+                assert g["modulation"] is None
+                continue
+            shield = g["modulation"].shielded
+            assert torch.equal(shield, expected[g["index"]])
+            assert shield.any() and not shield.all(dim=1).any()  # some product tokens, never all
+            shielded_any = True
+            loss = trainer._call([g], wrapped=False)
+            args = (g["x_t"], g["text"], g["timestep"], g["size"], g["size"], g["crop"])
+            kw = {"control_latents": g["control"], "reference_latents": g["reference"]}
+            with trainer._autocast():
+                shielded = trainer.model(*args, **kw, modulation=AttentionModulation(shielded=expected[g["index"]]))
+                plain = trainer.model(*args, **kw)
+            torch.testing.assert_close(loss, ((shielded.float() - g["target"]) ** 2).mean(dim=(1, 2, 3)))
+            assert not torch.allclose(loss, ((plain.float() - g["target"]) ** 2).mean(dim=(1, 2, 3)))
+    assert shielded_any
+    trainer.close()
+
+    trainer = Trainer(tiny_config(2, tiny_model_dir, manifest, tmp_path / "p", common), echo=lambda m: None).setup()
+    assert all(g["modulation"] is None for g in trainer._groups(batch, step=0, micro=0, probe=True))
+    trainer.close()
+    with pytest.raises(ConfigError, match="shield_product"):
+        tiny_config(1, tiny_model_dir, manifest, tmp_path / "one", ["train.shield_product=true"])

@@ -128,6 +128,10 @@ class TrainConfig:
     # soft at edges; with data.mask_policy=insertion the hole, 1 - Z_m), normalised to mean 1 per sample;
     # 1 = plain MSE (ours; the paper gives none)
     mask_loss_weight: float = 1.0
+    # Stage 2 (ours): the product's tokens (any product pixel; those the control's Z_m covers) do not
+    # attend to the reference, as ReferenceOptions.shield_product samples. Off = every target token sees
+    # it, which is what sampling unshielded does; train as the model will be sampled.
+    shield_product: bool = False
     device: str = "auto"  # auto = cuda:LOCAL_RANK when CUDA is available, else cpu
     # A step whose loss or gradient is NaN or infinite is never applied (no optimizer or EMA update).
     # stop: max_nonfinite_steps of them in a row stop the run with an error (the checkpoints stay
@@ -627,6 +631,8 @@ def validate(cfg: Config) -> Config:
         problems.append("stage 1 is text-only control: data.reference_prob must be 0")
     if cfg.model.control_blocks < 1:
         problems.append("model.control_blocks must be >= 1")
+    if t.shield_product and cfg.stage != 2:
+        problems.append("train.shield_product keeps the product's tokens off the reference: only stage 2 has one")
     if d.mask_policy == "insertion" and cfg.stage != 1:
         problems.append("data.mask_policy=insertion trains an insertion control branch: that is stage 1")
     if d.mask_policy == "insertion" and cfg.cache.enabled:

@@ -43,8 +43,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
+from dreampainter_core.attention import AttentionModulation
 from dreampainter_core.errors import DreamPainterError
 from dreampainter_core.fileio import atomic_write_text
 from dreampainter_core.pipeline import DreamPainterPipeline
@@ -192,7 +194,7 @@ class TrainingModule(nn.Module):
         for g in groups:
             v = self.model(
                 g["x_t"], g["text"], g["timestep"], g["size"], g["size"], g["crop"],
-                control_latents=g["control"], reference_latents=g["reference"],
+                control_latents=g["control"], reference_latents=g["reference"], modulation=g.get("modulation"),
             )
             err = (v.float() - g["target"]) ** 2
             if g.get("weight") is not None:
@@ -1028,9 +1030,15 @@ class Trainer:
                 region = 1.0 - region
             weight = 1.0 + (t.mask_loss_weight - 1.0) * region
             weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
+        shielded = None
+        if t.shield_product:
+            # The product's tokens as the sampler shields them (a token with any product pixel,
+            # masks.mask_to_token_grid); binary masks make "any pixel" Z_m's area coverage > 0.
+            shielded = (F.max_pool2d(control[:, -1:].float(), self.model.patch_size) > 0).flatten(1)
         groups = []
         for (_, ref_shape), idx in keys.items():
             ix = torch.tensor(idx, device=self.device)
+            shield = None if shielded is None or ref_shape is None else shielded[ix]
             groups.append({
                 "x_t": x_t[ix].to(dtype),
                 "text": torch.stack([texts[i] for i in idx]),
@@ -1041,6 +1049,7 @@ class Trainer:
                 "reference": None if ref_shape is None else torch.stack([refs[i] for i in idx]).to(device=self.device),
                 "target": target[ix],
                 "weight": None if weight is None else weight[ix],
+                "modulation": None if shield is None else AttentionModulation(shielded=shield),
                 "index": idx,
             })
         return groups
@@ -1084,7 +1093,8 @@ class Trainer:
         try:
             self.model.eval()
             if self.env.is_main or fsdp:  # FSDP: every rank takes part in each sharded block's all-gather
-                out = self.validation.render(self.pipe, self.cfg.validation, path, self._autocast)
+                out = self.validation.render(self.pipe, self.cfg.validation, path, self._autocast,
+                                             shield_product=self.cfg.train.shield_product)
                 if not self.env.is_main:
                     out = None
         finally:

@@ -90,7 +90,9 @@ class ValidationSet:
         self.with_reference = with_reference
 
     @torch.no_grad()
-    def render(self, pipe, vcfg, path, autocast) -> Path:
+    def render(self, pipe, vcfg, path, autocast, shield_product: bool = False) -> Path:
+        """The grid; `shield_product` samples with the reference kept off the product's tokens, as the
+        stage was trained (train.shield_product)."""
         rows = []
         for it in self.items:
             h, w = it["mask"].shape[-2:]
@@ -109,7 +111,7 @@ class ValidationSet:
                     row.append(_pil(it["reference"][0]) if it["reference"] is not None else None)
                     if it["reference"] is not None:
                         reference = ReferenceOptions(image=it["reference"], size=vcfg.reference_size,
-                                                     lora_scale=vcfg.lora_scale)
+                                                     lora_scale=vcfg.lora_scale, shield_product=shield_product)
                         req = pipe.prepare(it["foreground"], it["mask"], width=int(w), height=int(h),
                                            sampling=sampling, reference=reference)
                         row.append(_pil(pipe.generate(req, it["embeds"], self.negative).images[0]))
