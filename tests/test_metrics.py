@@ -456,3 +456,36 @@ def test_top_surface_iou_is_one_for_the_truth_and_falls_for_a_block():
     block[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = scene["table"]["rgb"]
     block = np.where(reg["near_product"][..., None], r["image"], block)
     assert round_stand_iou(block, scene, reg) < truth - 0.1
+
+
+def test_stand_prior_is_what_round_stands_the_prompt_allows_score():
+    """redraw_round_stand keeps the scene but its stand, drawn as sample_scene draws stands; the prior
+    (round_stand_iou of such redraws) sits between a block and the truth, and is seeded."""
+    from train.evaluate import round_stand_iou, round_stand_prior
+
+    found = [(sc, r, reg) for sc, r, reg in (syn.make_scene(2, i, 128) for i in range(80)) if sc["table"]["shape"] == "round"]
+    rng = np.random.default_rng(0)
+    for scene, _, _ in found:
+        p, s = scene["product"], 128.0
+        for _ in range(20):
+            alt = syn.redraw_round_stand(scene, rng)
+            assert {k: v for k, v in alt.items() if k != "table"} == {k: v for k, v in scene.items() if k != "table"}
+            (cx, cy), (a, b) = alt["table"]["center"], alt["table"]["axes"]
+            # sample_scene's ranges: a >= 1.15 product widths and in [0.24, 0.36] * size otherwise,
+            # b / a in [0.22, 0.3], the centre within 0.15 widths, the base 0.9-1.3 b below the top
+            assert max(p["width"] * 1.15, 0.24 * s) - 1e-9 <= a <= max(p["width"] * 1.15, 0.36 * s) + 1e-9
+            assert 0.22 <= b / a <= 0.3 and abs(cx - p["center_x"]) <= 0.15 * p["width"] + 1e-9
+            assert 0.9 * b - 1e-9 <= p["base_y"] - (cy - b) <= 1.3 * b + 1e-9
+        # the true scenes satisfy the same relations (up to their rounding to 0.1 px and an integer top)
+        (cx, cy), (a, b) = scene["table"]["center"], scene["table"]["axes"]
+        assert 0.85 * b <= p["base_y"] - scene["table"]["top"] <= 1.3 * b + 1 and abs(cx - p["center_x"]) <= 0.15 * p["width"] + 0.1
+    priors = []
+    for scene, r, reg in found[:6]:
+        prior = round_stand_prior(scene, reg, seed=3)
+        assert prior == round_stand_prior(scene, reg, seed=3) and prior != round_stand_prior(scene, reg, seed=4)
+        assert 0.3 < prior < round_stand_iou(r["image"], scene, reg)
+        priors.append(prior)
+    assert 0.5 < np.mean(priors) < 0.9
+    table = next(sc for sc, _, _ in (syn.make_scene(2, i, 128) for i in range(20)) if sc["table"]["shape"] == "table")
+    with pytest.raises(ValueError, match="round stand"):
+        syn.redraw_round_stand(table, rng)

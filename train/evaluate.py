@@ -33,6 +33,9 @@ Metrics (train.metrics has the exact definitions; the report repeats them):
   (1 - RMSE) against the manifest's reference on the background away from the product and
   its shadow, measured in T2I mode too (the "without a reference" baseline).
 - quality (palette_fit): an image-quality proxy for palette-drawn scenes.
+- grid_energy / grid_excess / wall_unevenness on walls plain in the ground truth, and, on round
+  stands, stand_iou (the top against the true ellipse) beside stand_iou_prior (what a perfectly
+  round stand of a size the prompt does not fix scores; stand_iou_vs_prior pairs the two).
 - clip_t (image vs prompt) and clip_i (image vs reference with the product composited on
   it) when --clip names a local CLIP folder.
 
@@ -68,7 +71,8 @@ from dreampainter_core.options import ControlOptions, OutputOptions, ReferenceOp
 
 from . import metrics as M
 from .manifest import ManifestError, load_sample, read_manifest
-from .synthetic import FRONT_SHADE, PALETTE, WALL_TONES, scene_regions, tone_palette, wall_colours, wall_tone_colours
+from .synthetic import (FRONT_SHADE, PALETTE, WALL_TONES, redraw_round_stand, render_scene, scene_regions, tone_palette,
+                        wall_colours, wall_tone_colours)
 
 __all__ = ["evaluate", "write_report_png", "main", "DEFINITIONS", "SWEEP_VALUES", "PSNR_CAP"]
 
@@ -81,6 +85,8 @@ SWEEP_INTERVALS = ("reference_similarity", "wall_tone", "pattern_patterned", "pr
 #: reference_guidance's own default sweep (1 = the reference in both CFG passes; see DreamPainterPipeline.sample)
 REFERENCE_GUIDANCE_VALUES = (1.0, 2.0, 3.5, 5.0)
 REPORT_VERSION = 1
+STAND_PRIOR_DRAWS = 8  # round stands redrawn per scene for stand_iou_prior
+STAND_PRIOR_SEED = 20  # its own stream: the prior is the same in every mode and run
 
 DEFINITIONS = {
     "object_consistency": "1 - |M_gen ∩ ¬M_gt| / |M_gt| (paper, section 5.1): product pixels segmented in the "
@@ -110,6 +116,9 @@ DEFINITIONS = {
                        "raw image - ground truth, less its mean (0 = evenly lit like the truth; 0..1 units)",
     "stand_iou": "round stands: IoU of the pixels nearest the stand-top colour (vs its front and the wall, CIELAB) "
                  "with the true top ellipse, in a box around it away from the product and its shadow",
+    "stand_iou_prior": "stand_iou of round stands redrawn from the scene generator's distribution under the same product "
+                       "(8 draws, mean): a perfectly round stand of a size and place the prompt does not fix; "
+                       "stand_iou_vs_prior is stand_iou minus it, paired over scenes",
     "prompt_adherence": "background and table colour both right",
     "wall_tone": "the wall probe's trimmed mean colour is nearest (CIELAB) to that of the scene's own tone (light / "
                  "plain / deep) among the tones its colour can take, each drawn with the scene's pattern: the part "
@@ -128,7 +137,7 @@ DEFINITIONS = {
 # Metrics averaged in summaries; booleans become the fraction of True.
 NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted", "seam_error",
            "reference_similarity", "reference_pixel_similarity", "quality", "grid_energy", "grid_excess",
-           "wall_unevenness", "stand_iou", "clip_t",
+           "wall_unevenness", "stand_iou", "stand_iou_prior", "clip_t",
            "clip_i")
 BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "pattern_patterned",
            "prompt_adherence", "wall_tone")
@@ -178,6 +187,9 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         if vals:
             out[k] = _mean(min(v, PSNR_CAP) if k.startswith("product_psnr") else v for v in vals)
             out[f"{k}_n"] = len(vals)
+    if any(r.get("stand_iou_prior") is not None for r in rows):
+        out["stand_iou_vs_prior"] = M.paired_difference([r.get("stand_iou_prior") for r in rows],
+                                                        [r.get("stand_iou") for r in rows])
     for k in BOOLEAN:
         vals = [r.get(k) for r in rows if r.get(k) is not None]
         if vals:
@@ -293,6 +305,7 @@ class Runner:
         self.palette = palette  # named colours: what prompts say
         self.quality_palette = quality_palette or palette  # every colour a scene can hold (wall tones)
         self._embeds: dict[str, torch.Tensor] = {}
+        self._stand_priors: dict[str, float | None] = {}
         self.negative = pipe.encode_prompt([""]) if guidance > 1.0 else None
 
     def embeds(self, prompt: str) -> torch.Tensor:
@@ -322,6 +335,12 @@ class Runner:
         # (placement "keep": the photo is the canvas), not the white fill, which drew a 1 px halo.
         pasted = paste_back(raw, out.foreground, out.mask, feather=request.output.feather_radius, source=s.image)
         return raw, pasted, out.foreground, out.mask
+
+    def stand_prior(self, s: EvalSample) -> float | None:
+        """round_stand_prior of the sample's scene, once per scene (it does not depend on the mode)."""
+        if s.id not in self._stand_priors:
+            self._stand_priors[s.id] = round_stand_prior(s.scene, s.regions, seed=self.seed + s.index)
+        return self._stand_priors[s.id]
 
     def roundtrip(self, s: EvalSample):
         """The true image through the VAE and back, measured as a generation would be: the ceiling
@@ -372,6 +391,7 @@ class Runner:
                 row.update(M.plain_wall_measures(raw[0], s.image[0], reg["wall"]))
             if sc["table"]["shape"] == "round":
                 row["stand_iou"] = round_stand_iou(image, sc, reg)
+                row["stand_iou_prior"] = self.stand_prior(s)
         if s.reference is not None:
             row["reference_similarity"] = float(M.reference_similarity(image, s.reference[0], reg["background"]))
             row["reference_pixel_similarity"] = float(M.reference_pixel_similarity(image, s.reference[0], reg["background"]))
@@ -397,6 +417,22 @@ def round_stand_iou(image, scene: dict, regions: dict) -> float | None:
     domain = box & ~regions["near_product"] & (regions["stand_top"] | (rows < cy))
     colours = {"top": t["rgb"], "front": [v * FRONT_SHADE for v in t["rgb"]], **wall_colours(scene)}
     return M.top_surface_iou(image, regions["stand_top"], domain, colours, ("top", "front"))
+
+
+def round_stand_prior(scene: dict, regions: dict, draws: int = STAND_PRIOR_DRAWS, seed: int = 0) -> float | None:
+    """What a text-only model that draws perfectly round stands scores on round_stand_iou: the mean
+    over `draws` stands redrawn under the same product from the scene generator's own distribution
+    (train.synthetic.redraw_round_stand), each rendered and measured against the true one. The
+    prompt does not say a stand's size or exact place, so T2I is judged against this, not 1; a
+    reference shows them, so TR2I can reach the VAE's."""
+    rng = np.random.default_rng([STAND_PRIOR_SEED, int(seed)])
+    values = []
+    for _ in range(draws):
+        image = render_scene(redraw_round_stand(scene, rng))["image"].astype(np.float32) / 255.0
+        v = round_stand_iou(image, scene, regions)
+        if v is not None:
+            values.append(v)
+    return float(np.mean(values)) if values else None
 
 
 def scene_value(scene: Any, field: str) -> Any:

@@ -370,11 +370,9 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
         base_y = top + rng.uniform(0.4, 0.8) * (front - top)
         stand_geo = {"top": top, "front": front}
     else:
-        a = max(pw * 1.15, rng.uniform(0.24, 0.36) * s)
-        b = a * rng.uniform(0.22, 0.3)
-        stand_geo = {"top": top, "center": [_r(cx + rng.uniform(-0.15, 0.15) * pw), _r(top + b)],
-                     "axes": [_r(a), _r(b)]}
-        base_y = top + b * rng.uniform(0.9, 1.3)
+        a, b, dx, lift = _round_stand_draws(rng, pw, s)
+        stand_geo = {"top": top, "center": [_r(cx + dx), _r(top + b)], "axes": [_r(a), _r(b)]}
+        base_y = top + lift
     ph = min(ph, base_y - 0.06 * s)  # keep the product inside the canvas
     style = None
     if rng.random() < STYLE_RATIO:
@@ -398,6 +396,29 @@ def sample_scene(seed: int, index: int, size: int | tuple[int, int] = 128, attem
 
 # ---------------------------------------------------------------------------------------
 # Rendering
+
+
+def _round_stand_draws(rng: np.random.Generator, product_width: float, s: float) -> tuple[float, float, float, float]:
+    """A round stand's semi-axes (a, b), its centre's offset from the product's and how far below
+    its top the product's base sits: what no prompt says (sample_scene's draws, in its order)."""
+    a = max(product_width * 1.15, rng.uniform(0.24, 0.36) * s)
+    b = a * rng.uniform(0.22, 0.3)
+    dx = rng.uniform(-0.15, 0.15) * product_width
+    return a, b, dx, b * rng.uniform(0.9, 1.3)
+
+
+def redraw_round_stand(scene: dict, rng: np.random.Generator) -> dict:
+    """A copy of a round-stand scene with the stand drawn anew under the same product, as
+    sample_scene draws stands (the product's base fixed, the top following from it): another
+    round stand the same prompt allows. Measuring it as a generation shows what a text-only
+    model that draws perfectly round stands can score against the true one."""
+    if scene["table"]["shape"] != "round":
+        raise ValueError(f"redraw_round_stand needs a round stand, got {scene['table']['shape']!r}")
+    p = scene["product"]
+    a, b, dx, lift = _round_stand_draws(rng, p["width"], float(min(scene["size"])))
+    top = p["base_y"] - lift
+    table = {**scene["table"], "top": int(round(top)), "center": [p["center_x"] + dx, top + b], "axes": [a, b]}
+    return {**scene, "table": table}
 
 
 def _draw(size: tuple[int, int], fn) -> np.ndarray:
