@@ -214,6 +214,11 @@ def test_where_evaluates_a_subset_with_the_seeds_of_the_whole_run(tiny_model_dir
         assert ("grid_excess" in r) == plain and ("wall_unevenness" in r) == plain
         if plain and r["wall_unevenness"] is not None:
             assert r["wall_unevenness"] >= 0.0
+        # the tone mix where the wall's colour has several tones (white and black have one)
+        colour = next(item["scene"]["background"]["color"] for item in lines if str(item["id"]) == r["id"])
+        assert ("wall_tone_mix" in r) == (plain and len(syn.WALL_TONES[colour]) > 1)
+        if "wall_tone_mix" in r and r["wall_tone_mix"] is not None:
+            assert 0.0 <= r["wall_tone_mix"] <= 2 / 3
     assert ev.main(common + ["--out", str(part), "--where", "table.colour=red"]) == 1
     assert "no scene field 'table.colour'" in capsys.readouterr().err
     assert ev.main(common + ["--out", str(part), "--where", "table.shape"]) == 1

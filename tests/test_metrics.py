@@ -443,6 +443,30 @@ def test_wall_unevenness_ignores_an_even_brightness_change_and_sees_blotches():
         M.wall_unevenness(blotchy, truth[:32], region)
 
 
+def test_wall_tone_mix_counts_the_share_drawn_in_another_tone_and_ignores_grain():
+    h = w = 64
+    region = np.ones((h, w), bool)
+    tones = {t: list(syn.tone_rgb(syn.PALETTE["blue"], t)) for t in syn.WALL_TONES["blue"]}
+    light, deep = (np.array(tones[t], np.float64) / 255.0 for t in ("light", "deep"))
+    one_tone = np.broadcast_to(deep, (h, w, 3)).copy()
+    assert M.wall_tone_mix(one_tone, region, tones) == 0.0  # one tone, even if not the scene's
+    # grain and a fine grid around one tone are blurred away: not a second tone
+    rng = np.random.default_rng(0)
+    grainy = one_tone + rng.normal(0, 0.03, one_tone.shape) + 0.02 * ((np.arange(w) // 2) % 2)[None, :, None]
+    assert M.wall_tone_mix(grainy, region, tones) == 0.0
+    banded = one_tone.copy()
+    banded[: h // 4] = light  # a light band over a quarter of a deep wall
+    assert M.wall_tone_mix(banded, region, tones) == pytest.approx(0.25, abs=0.03)
+    banded[: h // 2] = light
+    assert M.wall_tone_mix(banded, region, tones) == pytest.approx(0.5, abs=0.03)
+    # only the region counts
+    assert M.wall_tone_mix(banded, np.arange(h)[:, None].repeat(w, 1) >= h // 2, tones) == 0.0
+    assert M.wall_tone_mix(banded, np.zeros((h, w), bool), tones) is None
+    assert M.wall_tone_mix(banded, region, {"plain": tones["plain"]}) is None
+    with pytest.raises(InputError):
+        M.wall_tone_mix(banded, region[:32], tones)
+
+
 def test_top_surface_iou_is_one_for_the_truth_and_falls_for_a_block():
     scene, r, reg = next((sc, r, reg) for sc, r, reg in (syn.make_scene(2, i, 128) for i in range(60))
                          if sc["table"]["shape"] == "round")

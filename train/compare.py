@@ -29,7 +29,7 @@ from .evaluate import BOOLEAN, NUMERIC, scene_value
 
 DEFAULT_METRICS = ("object_consistency", "mask_recall", "product_psnr_raw", "background_color", "table_color",
                    "prompt_adherence", "pattern_patterned", "wall_tone", "reference_similarity", "quality",
-                   "grid_energy", "grid_excess", "wall_unevenness", "stand_iou")
+                   "grid_energy", "grid_excess", "wall_unevenness", "wall_tone_mix", "stand_iou")
 MUST_AGREE = ("seed", "steps", "guidance_scale")
 
 

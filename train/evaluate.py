@@ -33,7 +33,8 @@ Metrics (train.metrics has the exact definitions; the report repeats them):
   (1 - RMSE) against the manifest's reference on the background away from the product and
   its shadow, measured in T2I mode too (the "without a reference" baseline).
 - quality (palette_fit): an image-quality proxy for palette-drawn scenes.
-- grid_energy / grid_excess / wall_unevenness on walls plain in the ground truth, and, on round
+- grid_energy / grid_excess / wall_unevenness on walls plain in the ground truth (and
+  wall_tone_mix, the share drawn in another of the colour's tones, where it has several), and, on round
   stands, stand_iou (the top against the true ellipse) beside stand_iou_prior (what a perfectly
   round stand of a size the prompt does not fix scores; stand_iou_vs_prior pairs the two).
 - clip_t (image vs prompt) and clip_i (image vs reference with the product composited on
@@ -114,6 +115,9 @@ DEFINITIONS = {
                    "18 px (about 0 on average for unevenness that is not on the grid; 0..1 units squared)",
     "wall_unevenness": "scenes with a plain wall: standard deviation over the wall of the luminance difference "
                        "raw image - ground truth, less its mean (0 = evenly lit like the truth; 0..1 units)",
+    "wall_tone_mix": "scenes with a plain wall whose colour has several tones: the share of the wall (colours "
+                     "blurred 3 px) nearest (CIELAB) another of those tones than the one most of it is in (0 = one "
+                     "tone, right or wrong; a model mixing the tones no input names scores high)",
     "stand_iou": "round stands: IoU of the pixels nearest the stand-top colour (vs its front and the wall, CIELAB) "
                  "with the true top ellipse, in a box around it away from the product and its shadow",
     "stand_iou_prior": "stand_iou of round stands redrawn from the scene generator's distribution under the same product "
@@ -137,7 +141,7 @@ DEFINITIONS = {
 # Metrics averaged in summaries; booleans become the fraction of True.
 NUMERIC = ("object_consistency", "mask_iou", "mask_recall", "product_psnr_raw", "product_psnr_pasted", "seam_error",
            "reference_similarity", "reference_pixel_similarity", "quality", "grid_energy", "grid_excess",
-           "wall_unevenness", "stand_iou", "stand_iou_prior", "clip_t",
+           "wall_unevenness", "wall_tone_mix", "stand_iou", "stand_iou_prior", "clip_t",
            "clip_i")
 BOOLEAN = ("product_exact_pasted", "background_color", "table_color", "pattern", "pattern_patterned",
            "prompt_adherence", "wall_tone")
@@ -389,6 +393,8 @@ class Runner:
                 row["pattern_patterned"] = row["pattern"]
             else:  # the token-grid artifact shows on walls that are flat in the ground truth
                 row.update(M.plain_wall_measures(raw[0], s.image[0], reg["wall"]))
+                if len(WALL_TONES.get(sc["background"]["color"], ())) > 1:
+                    row["wall_tone_mix"] = M.wall_tone_mix(raw[0], reg["wall"], wall_tone_colours(sc, reg["wall"]))
             if sc["table"]["shape"] == "round":
                 row["stand_iou"] = round_stand_iou(image, sc, reg)
                 row["stand_iou_prior"] = self.stand_prior(s)

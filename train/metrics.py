@@ -70,6 +70,9 @@ __all__ = [
     "reference_pixel_similarity",
     "palette_fit",
     "grid_energy",
+    "grid_excess",
+    "wall_unevenness",
+    "wall_tone_mix",
     "GRID_PERIOD",
     "top_surface_iou",
     "composite",
@@ -758,6 +761,23 @@ def wall_unevenness(image, truth, region) -> float | None:
     tru, _ = _one_image_and_region(truth, region, "wall_unevenness")
     d = (_luminance(img) - _luminance(tru))[reg]
     return None if d.size == 0 else float(d.std())
+
+
+def wall_tone_mix(image, region, tones: Mapping[str, Sequence[float]], blur_sigma: float = 3.0) -> float | None:
+    """How much of a plain wall is drawn in a tone other than its main one: each region pixel's colour,
+    blurred over the region (`blur_sigma` px, so noise and a grid do not count), goes to the nearest of
+    `tones` (name -> 0..255 RGB: the shades the wall's named colour may take, e.g.
+    synthetic.wall_tone_colours; CIELAB); returns 1 - the largest share. 0 for a wall in one tone
+    (right or wrong); 0.5 for two tones half and half. A model that must pick a tone no input names
+    and mixes them scores high here, and its blotches score in grid_energy and wall_unevenness too.
+    None for an empty region or fewer than two tones."""
+    img, reg = _one_image_and_region(image, region, "wall_tone_mix")
+    if len(tones) < 2 or not reg.any():
+        return None
+    blurred = np.stack([_masked_blur(img[..., c], reg, blur_sigma) for c in range(3)], axis=-1)
+    lab = srgb_to_lab(np.array([tones[n] for n in tones], np.float64))
+    nearest = np.argmin(np.linalg.norm(srgb_to_lab(blurred[reg] * 255.0)[:, None, :] - lab[None], axis=2), axis=1)
+    return float(1.0 - np.bincount(nearest, minlength=len(lab)).max() / nearest.size)
 
 
 #: What train.evaluate and train.grid_probe measure on a wall that is plain in the ground truth.
